@@ -1,0 +1,255 @@
+r"""Mixture of experts placed after the MLP of a Phi-2 block.
+
+For a block input :math:`x` (Phi-2's parallel attention + MLP with one shared LayerNorm), litgpt-mm computes
+
+.. math::
+
+    h = x + \mathrm{Attn}(\mathrm{LN}_1(x)) + \mathrm{MLP}(\mathrm{LN}_1(x)) \\
+    u = \mathrm{LN}_{moe}(h), \quad p = \mathrm{softmax}(W_r u) \ \text{(fp32)} \\
+    \mathcal{T} = \mathrm{TopK}(p, k), \quad g_e = p_e / \textstyle\sum_{j \in \mathcal{T}} p_j \\
+    y = h + \textstyle\sum_{e \in \mathcal{T}} g_e \, E_e(u), \quad
+    E_e(u) = W^{(2)}_e \, \mathrm{GELU}_{tanh}(W^{(1)}_e u + b^{(1)}_e) + b^{(2)}_e
+
+Routing is dropless: every token reaches its k experts, there is no capacity factor. Two auxiliary losses are exposed:
+
+* load balancing (Switch Transformer, normalised so that perfect balance gives 1):
+  :math:`L_{bal} = E \sum_e f_e P_e`, with :math:`f_e` the fraction of the N·k routing slots sent to expert e and
+  :math:`P_e` the mean router probability of expert e. Total collapse on one expert gives E / k.
+* router z-loss (ST-MoE): :math:`L_z = \frac{1}{N} \sum_t (\log \sum_e \exp(z_{te}))^2` on the router logits z.
+
+Expert weights are stored stacked (`w1`: E×H×D, `w2`: E×D×H, like `nn.Linear.weight` per expert), so the reference
+loop and the grouped path share one state dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from litgpt_mm.config import Config
+
+
+@dataclass
+class MoEStats:
+    """Per-layer routing statistics of the last forward pass, kept on the device (no host sync)."""
+
+    tokens_per_expert: torch.Tensor  # (E,) routing slots per expert
+    cv: torch.Tensor  # coefficient of variation of `tokens_per_expert`
+    entropy: torch.Tensor  # mean router entropy in nats
+
+
+def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor, k: int) -> torch.Tensor:
+    """Switch-style balance loss `E * sum_e f_e * P_e`; equals 1 under perfect balance.
+
+    Args:
+        probs: router probabilities, shape (N, E), fp32.
+        tokens_per_expert: routing slots per expert, shape (E,).
+        k: experts per token.
+    """
+    n_tokens, n_expert = probs.shape
+    f = tokens_per_expert / (n_tokens * k)
+    return n_expert * torch.sum(f * probs.mean(dim=0))
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean squared log-partition of the router logits, shape (N, E)."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's when it is on, else the input's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def _grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    if not hasattr(torch, "_grouped_mm") or device.type != "cuda":
+        return False
+    return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+class MoE(nn.Module):
+    """Top-k routed experts (Phi-2-style GELU MLPs) with a fp32 router and dropless routing."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        E, D, H = config.n_expert, config.n_embd, config.moe_intermediate_size
+        self.router = nn.Linear(D, E, bias=False)
+        self.w1 = nn.Parameter(torch.empty(E, H, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, H))
+        if config.bias:
+            self.b1 = nn.Parameter(torch.empty(E, H))
+            self.b2 = nn.Parameter(torch.empty(E, D))
+        else:
+            self.register_parameter("b1", None)
+            self.register_parameter("b2", None)
+        self.aux_loss: torch.Tensor | None = None
+        self.z_loss: torch.Tensor | None = None
+        self.stats: MoEStats | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        """Normal init like litgpt's `_init_weights`; `out_std` for the second projection if given."""
+        nn.init.normal_(self.router.weight, std=std)
+        nn.init.normal_(self.w1, std=std)
+        nn.init.normal_(self.w2, std=std if out_std is None else out_std)
+        if self.b1 is not None:
+            nn.init.zeros_(self.b1)
+            nn.init.zeros_(self.b2)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router in fp32: returns (gates (N, k) renormalised, expert ids (N, k)) and records losses and stats."""
+        k, E = self.config.n_expert_per_token, self.config.n_expert
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.router.weight.float())
+        probs = logits.softmax(dim=-1)
+        top_p, top_idx = probs.topk(k, dim=-1)
+        gates = top_p / top_p.sum(dim=-1, keepdim=True)
+
+        ones = torch.ones(top_idx.numel(), device=x.device, dtype=torch.float32)
+        tokens_per_expert = torch.zeros(E, device=x.device, dtype=torch.float32)
+        tokens_per_expert.index_add_(0, top_idx.reshape(-1), ones)
+        if self.training and torch.is_grad_enabled():
+            self.aux_loss = load_balancing_loss(probs, tokens_per_expert, k)
+            self.z_loss = router_z_loss(logits)
+        else:
+            self.aux_loss = self.z_loss = None
+        with torch.no_grad():
+            entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
+            cv = tokens_per_expert.std(unbiased=False) / tokens_per_expert.mean().clamp_min(1e-9)
+            self.stats = MoEStats(tokens_per_expert.detach(), cv, entropy)
+        return gates, top_idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        gates, top_idx = self.route(x)
+        impl = self.config.moe_impl
+        y = self._forward_loop(x, gates, top_idx) if impl == "loop" else self._forward_grouped(x, gates, top_idx)
+        return y.reshape(shape)
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        return F.gelu(h, approximate=self.config.gelu_approximate)
+
+    def _forward_loop(self, x: torch.Tensor, gates: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+        """Reference path: one masked gather/scatter per expert."""
+        y = torch.zeros(x.shape, device=x.device, dtype=_compute_dtype(x))
+        for e in range(self.config.n_expert):
+            tok, slot = torch.where(top_idx == e)
+            h = self._act(F.linear(x.index_select(0, tok), self.w1[e], None if self.b1 is None else self.b1[e]))
+            out = F.linear(h, self.w2[e], None if self.b2 is None else self.b2[e])
+            y.index_add_(0, tok, (out * gates[tok, slot, None].to(out.dtype)).to(y.dtype))
+        return y
+
+    def _forward_grouped(self, x: torch.Tensor, gates: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+        """Sort the N·k routing slots by expert, run one grouped matmul per projection, scatter back."""
+        k = self.config.n_expert_per_token
+        flat_expert = top_idx.reshape(-1)
+        order = torch.argsort(flat_expert, stable=True)
+        inv_order = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        sorted_expert = flat_expert.index_select(0, order)
+        counts = torch.zeros(self.config.n_expert, device=x.device, dtype=torch.int64)
+        counts.index_add_(0, flat_expert, torch.ones_like(flat_expert))
+        dtype = _compute_dtype(x)
+
+        xs = _GatherSlots.apply(x, order, inv_order, k)
+        h = self._act(grouped_linear(xs, self.w1, self.b1, counts, sorted_expert, dtype))
+        out = grouped_linear(h, self.w2, self.b2, counts, sorted_expert, dtype)
+        out = _Permute.apply(out, inv_order, order).view(x.size(0), k, -1)
+        return (out * gates.unsqueeze(-1).to(out.dtype)).sum(dim=1)
+
+
+def grouped_linear(
+    xs: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    counts: torch.Tensor,
+    sorted_expert: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """`xs[rows of group e] @ weight[e].T + bias[e]` for contiguous row groups of sizes `counts`.
+
+    Uses `torch._grouped_mm` (one kernel, no host sync) on CUDA devices and dtypes that support it, and a loop over
+    contiguous segments elsewhere. `sorted_expert` gives each row's group (used for the bias on the grouped path).
+    """
+    xs, weight = xs.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    if _grouped_mm_available(xs.device, dtype):
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        out = torch._grouped_mm(xs, weight.transpose(-2, -1), offs=offs)
+        return out if bias is None else _ExpertBias.apply(out, bias, sorted_expert)
+    segments = xs.split(counts.tolist())
+    return torch.cat(
+        [F.linear(seg, weight[e], None if bias is None else bias[e]) for e, seg in enumerate(segments)], dim=0
+    )
+
+
+class _Permute(torch.autograd.Function):
+    """`x[perm]` for a permutation `perm`; the backward is the inverse gather (no atomic adds)."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inv_perm):
+        ctx.save_for_backward(inv_perm)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inv_perm,) = ctx.saved_tensors
+        return grad.index_select(0, inv_perm), None, None
+
+
+class _GatherSlots(torch.autograd.Function):
+    """Rows of `x` (N, D) for the N·k routing slots in expert order: `x[order // k]`.
+
+    The backward gathers each token's k slot gradients back (through `inv_order`) and sums them, instead of autograd's
+    atomic `index_add_`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, order, inv_order, k):
+        ctx.save_for_backward(inv_order)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inv_order,) = ctx.saved_tensors
+        return grad.index_select(0, inv_order).view(-1, ctx.k, grad.size(-1)).sum(dim=1), None, None, None
+
+
+class _ExpertBias(torch.autograd.Function):
+    """`out + bias[sorted_expert]` whose bias gradient is one small matmul with the one-hot expert matrix.
+
+    Autograd's own backward for the gather is an atomic `index_add_` into only E rows, which serialises on GPUs.
+    """
+
+    @staticmethod
+    def forward(ctx, out, bias, sorted_expert):
+        ctx.save_for_backward(sorted_expert)
+        ctx.n_expert = bias.size(0)
+        return out + bias.index_select(0, sorted_expert)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (sorted_expert,) = ctx.saved_tensors
+        experts = torch.arange(ctx.n_expert, device=grad.device)
+        one_hot = (experts[:, None] == sorted_expert[None, :]).to(grad.dtype)  # (E, N·k), no host sync
+        return grad, one_hot @ grad, None
+
+
+def moe_flops_per_token(config: Config) -> int:
+    """Active forward FLOPs of one MoE sub-layer per token (router + k experts, 2 FLOPs per MAC)."""
+    D, H, E, k = config.n_embd, config.moe_intermediate_size, config.n_expert, config.n_expert_per_token
+    return 2 * D * E + k * 2 * (2 * D * H)
+
+
+def expert_param_count(config: Config) -> int:
+    """Parameters of one MoE sub-layer (router, all experts, pre-norm excluded)."""
+    D, H, E = config.n_embd, config.moe_intermediate_size, config.n_expert
+    return D * E + E * 2 * D * H + (E * (H + D) if config.bias else 0)
+
+
+__all__ = ["MoE", "MoEStats", "load_balancing_loss", "router_z_loss", "grouped_linear", "moe_flops_per_token"]
