@@ -88,6 +88,12 @@ class Config(LitConfig):
             raise ValueError("moe_aux_loss_coef and moe_z_loss_coef must be >= 0")
         super().__post_init__()
 
+    def replace(self, **kwargs: Any) -> Self:
+        """A copy with some fields changed (derived attributes are recomputed)."""
+        from dataclasses import fields
+
+        return type(self)(**{f.name: getattr(self, f.name) for f in fields(self)} | kwargs)
+
     @property
     def moe_layer_indices(self) -> list[int]:
         """Indices of the blocks that carry a MoE sub-layer."""

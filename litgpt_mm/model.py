@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from litgpt import model as lit_model
 from litgpt.model import batched_index_select, do_softcapping
+from torch.utils.checkpoint import checkpoint
 
 from litgpt_mm.config import Config
 from litgpt_mm.moe import MoE, MoEStats
@@ -62,6 +63,7 @@ class GPT(lit_model.GPT):
         )
         self.mask_cache: torch.Tensor | None = None
         self.max_seq_length = self.config.block_size
+        self.activation_checkpointing = False
 
     @classmethod
     def from_name(cls, name: str, **kwargs) -> GPT:
@@ -117,12 +119,16 @@ class GPT(lit_model.GPT):
             cos, sin = self.cos[:T].unsqueeze(0), self.sin[:T].unsqueeze(0)
             mask, input_pos_maxp1 = None, None
 
+        checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block_idx, block in enumerate(self.transformer.h):
+            c, s = cos, sin
             if self.config.rope_indices is not None:
                 r = self.config.rope_indices[block_idx]
-                x = block(x, cos[..., r], sin[..., r], mask, input_pos, input_pos_maxp1)
+                c, s = cos[..., r], sin[..., r]
+            if checkpointed:
+                x = checkpoint(block, x, c, s, mask, input_pos, input_pos_maxp1, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, input_pos, input_pos_maxp1)
+                x = block(x, c, s, mask, input_pos, input_pos_maxp1)
         x = self.transformer.ln_f(x)
         clamp_head = (
             partial(do_softcapping, thresh=self.config.final_logit_softcapping)

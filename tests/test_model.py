@@ -99,3 +99,18 @@ def test_tiny_moe_overfits_a_batch_of_gutenberg_text(gutenberg_dir):
         losses.append(loss.item())
     assert losses[0] > 5.0  # ~ln(256) at init
     assert losses[-1] < 0.25 * losses[0]
+
+
+def test_activation_checkpointing_gives_same_loss_and_gradients():
+    model = _tiny_moe().train()
+    idx = torch.randint(0, 4096, (2, 32))
+    grads = []
+    for ac in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = ac
+        logits = model(idx)
+        loss = logits.float().square().mean() + model.moe_aux_objective()
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

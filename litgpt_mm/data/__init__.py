@@ -1,0 +1,1 @@
+"""Data preparation and loading for pretraining, alignment and instruction tuning."""

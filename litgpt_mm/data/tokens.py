@@ -1,0 +1,280 @@
+"""Tokenizers and streamable token shards (litdata's `TokensLoader` format, as litgpt's pretraining data uses).
+
+Preparation scripts produce `<out>/train` and `<out>/val` shard directories plus `<out>/tokenizer`, and
+`TokenShards` serves fixed-length blocks from them to `recipes/pretrain_moe.py` and to `litgpt.pretrain`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from litgpt.data import DataModule
+from litgpt.tokenizer import Tokenizer
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+EOS = "<|endoftext|>"
+
+
+@dataclass
+class PrepSummary:
+    """What a preparation run read, wrote and skipped (skips carry the file name and the reason)."""
+
+    documents: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
+    characters: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
+    tokens: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def skip(self, name: str, reason: str) -> None:
+        self.skipped.append((name, reason))
+        tqdm.write(f"skipped {name}: {reason}")
+
+    def report(self) -> str:
+        lines = [
+            f"{'split':<6}{'docs':>8}{'characters':>14}{'tokens':>12}",
+            *(
+                f"{s:<6}{self.documents[s]:>8}{self.characters[s]:>14,}{self.tokens[s]:>12,}"
+                for s in ("train", "val")
+            ),
+            f"skipped: {len(self.skipped)}",
+            *(f"  - {name}: {reason}" for name, reason in self.skipped),
+        ]
+        return "\n".join(lines)
+
+    def save(self, path: Path) -> None:
+        payload = {k: getattr(self, k) for k in ("documents", "characters", "tokens")}
+        payload["skipped"] = [{"name": n, "reason": r} for n, r in self.skipped]
+        Path(path).write_text(json.dumps(payload, indent=2))
+
+
+def split_by_document(names: list[str], val_fraction: float, seed: int) -> tuple[set[str], set[str]]:
+    """Seeded split of whole documents: no document lands in both splits; at least one each when possible."""
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    n_val = min(len(order) - 1, max(1, round(val_fraction * len(order)))) if len(order) > 1 else 0
+    return set(order[n_val:]), set(order[:n_val])
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path, length: int | None = None) -> Tokenizer:
+    """Train a byte-level BPE tokenizer with the `tokenizers` library and save it so `litgpt.Tokenizer` loads it."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOS, "eos_token": EOS, "add_bos_token": False}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return Tokenizer(out_dir)
+
+
+def copy_tokenizer(src: Path, out_dir: Path) -> Tokenizer:
+    """Reuse an existing tokenizer directory (e.g. phi-2's checkpoint dir): copy its tokenizer files."""
+    src, out_dir = Path(src), Path(out_dir)
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json")
+    found = [n for n in names if (src / n).is_file()]
+    if not any(n in found for n in ("tokenizer.json", "tokenizer.model")):
+        raise FileNotFoundError(f"{src} has no tokenizer.json or tokenizer.model: pass a litgpt checkpoint directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for n in found:
+        shutil.copy2(src / n, out_dir / n)
+    return Tokenizer(out_dir)
+
+
+def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of whole documents, each followed by EOS; batched through the Rust tokenizer when available."""
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    if tokenizer.backend == "huggingface":
+        return [enc.ids + eos for enc in tokenizer.processor.encode_batch(texts, add_special_tokens=False)]
+    return [tokenizer.encode(t).tolist() + eos for t in texts]
+
+
+class ShardWriter:
+    """Append token sequences to a litdata `TokensLoader` dataset directory."""
+
+    def __init__(self, out_dir: Path, chunk_bytes: str = "64MB") -> None:
+        from litdata.streaming.item_loader import TokensLoader
+        from litdata.streaming.writer import BinaryWriter
+
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists():
+            shutil.rmtree(self.out_dir)
+        self.out_dir.mkdir(parents=True)
+        self._writer = BinaryWriter(str(self.out_dir), chunk_bytes=chunk_bytes, item_loader=TokensLoader())
+        self._n = 0
+
+    def add(self, ids: list[int]) -> None:
+        self._writer.add_item(self._n, torch.tensor(ids, dtype=torch.int32))
+        self._n += 1
+
+    def close(self) -> None:
+        self._writer.done()
+        self._writer.merge()
+
+
+def num_blocks(shard_dir: Path, block_size: int) -> int:
+    """Number of non-overlapping `block_size` windows litdata's `TokensLoader` serves (blocks never span chunks)."""
+    index = Path(shard_dir) / "index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} not found: run the matching scripts/prepare_*.py first")
+    chunks = json.loads(index.read_text())["chunks"]
+    return sum(c["dim"] // block_size for c in chunks)
+
+
+class TokenBlocks(Dataset):
+    """Fixed-length token blocks (inputs and targets overlap by one: `block_size = max_seq_length + 1`)."""
+
+    def __init__(self, shard_dir: Path, block_size: int) -> None:
+        self.shard_dir, self.block_size = Path(shard_dir), block_size
+        self.length = num_blocks(shard_dir, block_size)
+        if self.length == 0:
+            raise ValueError(f"{shard_dir} holds fewer than {block_size} tokens per chunk: lower max_seq_length")
+        self._ds = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self._ds is None:  # opened lazily so each DataLoader worker has its own reader
+            from litdata import StreamingDataset
+            from litdata.streaming.item_loader import TokensLoader
+
+            self._ds = StreamingDataset(
+                str(self.shard_dir), item_loader=TokensLoader(block_size=self.block_size), shuffle=False
+            )
+        return self._ds[index].long()
+
+
+class ResumableSampler(Sampler[int]):
+    """Seeded per-epoch permutation, strided over ranks, that resumes at an exact position."""
+
+    def __init__(self, length: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+        self.length, self.seed, self.shuffle, self.rank, self.world_size = length, seed, shuffle, rank, world_size
+        self.epoch, self.position = 0, 0  # position: samples of this rank already consumed in `epoch`
+
+    def __len__(self) -> int:
+        return self.length // self.world_size
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.length, generator=g) if self.shuffle else torch.arange(self.length)
+            mine = order[self.rank : len(self) * self.world_size : self.world_size].tolist()
+            for i in mine[self.position :]:
+                self.position += 1
+                yield i
+            self.epoch, self.position = self.epoch + 1, 0
+            if not self.shuffle:
+                return
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position survives checkpoints: `state_dict()` counts the batches handed out."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, sampler: ResumableSampler, **kwargs) -> None:
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
+        self.batches_served = 0
+        self._resume_from = 0
+
+    def __iter__(self):
+        # batches that workers prefetched are not consumed: restart the sampler at what was really served
+        sampler: ResumableSampler = self.sampler
+        epoch_len = len(sampler) // self.batch_size
+        sampler.epoch, sampler.position = divmod(self.batches_served, epoch_len)
+        sampler.position *= self.batch_size
+        for batch in super().__iter__():
+            self.batches_served += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"batches_served": self.batches_served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches_served = state["batches_served"]
+
+
+class TokenShards(DataModule):
+    """litgpt `DataModule` over prepared token shards; works with `recipes/pretrain_moe.py` and `litgpt.pretrain`.
+
+    Args:
+        data_path: directory with `train/`, `val/` (and `tokenizer/`) from a `scripts/prepare_*.py` run.
+        seed: shuffling seed.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(self, data_path: Path = Path("data/prepared/gutenberg"), seed: int = 42, num_workers: int = 0):
+        super().__init__()
+        self.data_path, self.seed, self.num_workers = Path(data_path), seed, num_workers
+        self.batch_size, self.max_seq_length = 1, 2048
+        self.rank, self.world_size = 0, 1
+
+    def connect(self, tokenizer: Tokenizer | None = None, batch_size: int = 1, max_seq_length: int = -1) -> None:
+        self.batch_size = batch_size
+        self.max_seq_length = max_seq_length if max_seq_length > 0 else 2048
+
+    def set_rank(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def prepare_data(self) -> None:
+        for split in ("train", "val"):
+            num_blocks(self.data_path / split, 1)  # clear error if the data was not prepared
+
+    def _loader(self, split: str, shuffle: bool) -> ResumableLoader:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        ds = TokenBlocks(self.data_path / split, self.max_seq_length + 1)
+        sampler = ResumableSampler(len(ds), self.seed, shuffle, self.rank, self.world_size)
+        if len(sampler) < self.batch_size:
+            raise ValueError(
+                f"{self.data_path / split} gives {len(sampler)} blocks of {self.max_seq_length + 1} tokens per rank, "
+                f"fewer than the micro batch size {self.batch_size}: prepare more data or lower the sequence length"
+            )
+        return ResumableLoader(ds, self.batch_size, sampler, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> ResumableLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> ResumableLoader:
+        return self._loader("val", shuffle=False)
+
+
+def unigram_entropy(shard_dir: Path, vocab_size: int) -> float:
+    """Entropy (nats/token) of the unigram distribution of a shard set: the loss of a model that ignores context."""
+    from litdata import StreamingDataset
+    from litdata.streaming.item_loader import TokensLoader
+
+    total = num_blocks(shard_dir, 1)
+    ds = StreamingDataset(str(shard_dir), item_loader=TokensLoader(block_size=min(total, 4096)), shuffle=False)
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for block in ds:
+        counts += torch.bincount(block.long(), minlength=vocab_size).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+__all__ = ["TokenShards", "ShardWriter", "PrepSummary", "train_bpe_tokenizer", "copy_tokenizer", "math"]

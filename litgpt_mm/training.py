@@ -1,0 +1,293 @@
+"""The training loop every stage shares: accumulation, schedule, logs, atomic checkpoints and exact resume.
+
+A stage (pretraining, alignment, instruction tuning) supplies a `loss_fn(batch) -> (loss, metrics)` and a
+`save_fn(dir)` that writes its artefacts; `fit` does the rest:
+
+* gradient accumulation over micro-batches (`no_backward_sync` between them), clipping, warmup + cosine LR;
+* a progress bar, `train_log.csv` / `val_log.csv` / `expert_load.csv` and TensorBoard events under `out_dir/logs`;
+* checkpoints `out_dir/step-XXXXXX/` written to a temporary directory and renamed into place, holding the stage's
+  artefacts plus `training_state.pth` (optimizer, data position, counters, RNG), and `out_dir/final/` at the end;
+* `resume="auto"` picks the newest complete checkpoint and continues the same run: same data order, same RNG, same
+  optimizer state, so the loss curve continues as if never interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from litgpt.args import EvalArgs, TrainArgs
+from litgpt.pretrain import get_lr
+from tqdm import tqdm
+
+from litgpt_mm.flops import peak_flops
+
+CHECKPOINT_PREFIX = "step-"
+STATE_FILE = "training_state.pth"
+
+
+@dataclass
+class Stage:
+    """What a stage plugs into `fit`.
+
+    Attributes:
+        loss_fn: micro-batch -> (loss to backpropagate, metrics of scalar tensors; `loss` is the logged main loss).
+        save_fn: writes the stage's artefacts (e.g. `lit_model.pth`, config, tokenizer) into a directory.
+        tokens_fn: micro-batch -> number of tokens it holds (throughput and MFU).
+        flops_per_token: training FLOPs per token on active parameters, for MFU (None: not logged).
+        on_eval: optional callback `(step) -> dict` for extra evaluation outputs (e.g. generated captions).
+    """
+
+    loss_fn: Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    save_fn: Callable[[Path], None]
+    tokens_fn: Callable[[Any], int]
+    flops_per_token: float | None = None
+    on_eval: Callable[[int], dict[str, Any]] | None = None
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """Newest complete `step-*` checkpoint in `out_dir` (incomplete ones never get their final name)."""
+    found = sorted(p for p in Path(out_dir).glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file())
+    return found[-1] if found else None
+
+
+def resolve_resume(resume: bool | str | Path, out_dir: Path) -> Path | None:
+    """`False` -> None; `True`/`"auto"` -> newest checkpoint in `out_dir` (None if there is none); a path -> it."""
+    if resume is False or resume is None:
+        return None
+    if resume is True or resume == "auto":
+        return latest_checkpoint(out_dir)
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume {path}: no {STATE_FILE} there; pass a step-* directory or 'auto'")
+    return path
+
+
+class CSVLog:
+    """Append-only CSV with a fixed header; on resume, rows past the resumed step are dropped first."""
+
+    def __init__(self, path: Path, truncate_after: int | None = None) -> None:
+        self.path = path
+        self.fields: list[str] | None = None
+        if path.exists():
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+                self.fields = list(rows[0].keys()) if rows else None
+            if truncate_after is not None and self.fields:
+                kept = [r for r in rows if int(r["step"]) <= truncate_after]
+                with open(path, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=self.fields)
+                    w.writeheader()
+                    w.writerows(kept)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.fields is None:
+            self.fields = list(row)
+            with open(self.path, "w", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.fields).writeheader()
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore").writerow(row)
+
+
+class Logs:
+    """CSV files and TensorBoard events under `out_dir/logs` (rank 0 only)."""
+
+    def __init__(self, fabric: L.Fabric, out_dir: Path, resumed_step: int | None) -> None:
+        self.enabled = fabric.global_rank == 0
+        self.dir = Path(out_dir) / "logs"
+        if not self.enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.csv = {
+            name: CSVLog(self.dir / f"{name}.csv", resumed_step) for name in ("train_log", "val_log", "expert_load")
+        }
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=resumed_step + 1 if resumed_step else None)
+
+    def log(self, name: str, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.csv[name].write(row)
+        step = int(row["step"])
+        for key, value in row.items():
+            if key not in ("step",) and isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(f"{name.split('_')[0]}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+
+
+def save_checkpoint(fabric: L.Fabric, stage: Stage, state: dict, ckpt_dir: Path) -> None:
+    """Write the stage's artefacts and the training state into `ckpt_dir` atomically (temp dir, then rename)."""
+    tmp = ckpt_dir.with_name(f".{ckpt_dir.name}.tmp")
+    if fabric.global_rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        tmp.mkdir(parents=True)
+    fabric.barrier()
+    stage.save_fn(tmp)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    training_state = {k: v for k, v in state.items() if k != "model"}
+    fabric.save(tmp / STATE_FILE, {**training_state, "rng": rng})
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        if ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        tmp.replace(ckpt_dir)
+    fabric.barrier()
+
+
+def load_training_state(fabric: L.Fabric, state: dict, ckpt_dir: Path) -> None:
+    """Restore optimizer, data position, counters and RNG from a checkpoint (the model is loaded by the stage)."""
+    training_state = {k: v for k, v in state.items() if k != "model"}
+    remainder = fabric.load(ckpt_dir / STATE_FILE, training_state)
+    state.update({k: v for k, v in training_state.items()})
+    rng = remainder.get("rng") if remainder else None
+    if rng:
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _batches(loader) -> Iterator:
+    while True:
+        yield from loader
+
+
+@torch.no_grad()
+def validate(fabric: L.Fabric, stage: Stage, model: torch.nn.Module, val_loader, max_iters: int) -> float:
+    """Mean main loss over up to `max_iters` validation batches (all ranks reduced)."""
+    model.eval()
+    losses = []
+    for i, batch in enumerate(val_loader):
+        if i >= max_iters:
+            break
+        _, metrics = stage.loss_fn(batch)
+        losses.append(metrics["loss"].detach().float())
+    model.train()
+    mean = torch.stack(losses).mean() if losses else torch.tensor(float("nan"))
+    return fabric.all_reduce(mean.to(fabric.device), reduce_op="mean").item()
+
+
+def fit(
+    fabric: L.Fabric,
+    stage: Stage,
+    state: dict,
+    *,
+    out_dir: Path,
+    train: TrainArgs,
+    eval: EvalArgs,
+    max_steps: int,
+    learning_rate: float,
+    val_loader=None,
+    resumed_from: Path | None = None,
+) -> dict[str, float]:
+    """Run optimizer steps until `max_steps`. `state` holds `model`, `optimizer`, `train_dataloader`, `step`.
+
+    Returns the final train and validation loss.
+    """
+    model, optimizer, loader = state["model"], state["optimizer"], state["train_dataloader"]
+    accum = train.gradient_accumulation_iters(fabric.world_size, 1)
+    warmup = train.lr_warmup_steps or int((train.lr_warmup_fraction or 0.0) * max_steps)
+    logs = Logs(fabric, out_dir, state["step"] if resumed_from else None)
+    peak = peak_flops(fabric.device) if stage.flops_per_token else None
+    start_step = state["step"]
+    val_loss = float("nan")
+    if val_loader is not None and eval.initial_validation and start_step == 0:
+        val_loss = validate(fabric, stage, model, val_loader, eval.max_iters)
+        logs.log("val_log", {"step": 0, "tokens": 0, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+
+    batches = _batches(loader)
+    progress = tqdm(
+        total=max_steps, initial=start_step, desc="train", disable=fabric.global_rank != 0, dynamic_ncols=True
+    )
+    window_start, window_tokens = time.perf_counter(), 0
+    loss_value = float("nan")
+    while state["step"] < max_steps:
+        lr = get_lr(learning_rate, state["step"], warmup, max_steps, train.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        sums: dict[str, torch.Tensor] = {}
+        step_tokens = 0
+        for micro in range(accum):
+            batch = next(batches)
+            with fabric.no_backward_sync(model, enabled=micro < accum - 1):
+                loss, metrics = stage.loss_fn(batch)
+                fabric.backward(loss / accum)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
+            step_tokens += stage.tokens_fn(batch)
+        if train.max_norm:
+            fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["tokens"] = state.get("tokens", 0) + step_tokens * fabric.world_size
+        window_tokens += step_tokens
+        step = state["step"]
+
+        if step % train.log_interval == 0 or step == max_steps:
+            reduced = {k: fabric.all_reduce(v, reduce_op="mean").item() for k, v in sums.items()}
+            loss_value = reduced["loss"]
+            elapsed = time.perf_counter() - window_start
+            tps = window_tokens * fabric.world_size / max(elapsed, 1e-9)
+            row = {"step": step, "tokens": state["tokens"], "lr": lr, **reduced, "tokens_per_s": tps}
+            if peak:
+                row["mfu"] = tps * stage.flops_per_token / (peak * fabric.world_size)
+            logs.log("train_log", row)
+            _log_experts(logs, model, step)
+            progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+            window_start, window_tokens = time.perf_counter(), 0
+        progress.update(1)
+
+        last = step == max_steps
+        if val_loader is not None and (step % eval.interval == 0 or last):
+            val_loss = validate(fabric, stage, model, val_loader, eval.max_iters)
+            row = {"step": step, "tokens": state["tokens"], "val_loss": val_loss}
+            row["val_ppl"] = math.exp(min(val_loss, 50))
+            if stage.on_eval is not None:
+                row.update(stage.on_eval(step))
+            logs.log("val_log", row)
+            fabric.print(f"step {step}: val loss {val_loss:.4f}")
+        if (train.save_interval and step % train.save_interval == 0) or last:
+            save_checkpoint(fabric, stage, state, Path(out_dir) / f"{CHECKPOINT_PREFIX}{step:06d}")
+    progress.close()
+    logs.close()
+    if fabric.global_rank == 0:
+        final = Path(out_dir) / "final"
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(Path(out_dir) / f"{CHECKPOINT_PREFIX}{state['step']:06d}", final, ignore=_only_artefacts)
+    fabric.barrier()
+    return {"train_loss": loss_value, "val_loss": val_loss}
+
+
+def _only_artefacts(directory: str, names: list[str]) -> list[str]:
+    return [n for n in names if n == STATE_FILE]
+
+
+def _log_experts(logs: Logs, model: torch.nn.Module, step: int) -> None:
+    inner = getattr(model, "module", model)
+    stats = inner.moe_stats() if hasattr(inner, "moe_stats") else []
+    if not stats or not logs.enabled:
+        return
+    for layer, s in enumerate(stats):
+        share = (s.tokens_per_expert / s.tokens_per_expert.sum().clamp_min(1)).tolist()
+        row = {"step": step, "layer": layer, "cv": s.cv.item(), "entropy": s.entropy.item()}
+        row.update({f"e{i}": v for i, v in enumerate(share)})
+        logs.csv["expert_load"].write(row)
+    logs.tb.add_scalar("moe/cv_mean", sum(s.cv.item() for s in stats) / len(stats), step)
+    logs.tb.add_scalar("moe/entropy_mean", sum(s.entropy.item() for s in stats) / len(stats), step)
