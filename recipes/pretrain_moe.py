@@ -45,7 +45,7 @@ DEFAULT_OPTIMIZER = {
 
 def setup(
     model_name: str = "phi-2-moe",
-    model_config: Config | None = None,
+    model_config: Config | Path | None = None,
     data: Literal["gutenberg", "redpajama"] = "gutenberg",
     data_dir: Path | None = None,
     out_dir: Path | None = None,
@@ -75,7 +75,7 @@ def setup(
 
     Args:
         model_name: a litgpt-mm preset (`phi-2-moe`, `phi-2-moe-tiny`, `phi-2-tiny`, ...) or any litgpt name.
-        model_config: a full config instead of `model_name`.
+        model_config: a full config (or a `model_config.yaml` path) instead of `model_name`.
         data: which prepared corpus to read; its directory is `data/prepared/<data>` unless `data_dir` is given.
         data_dir: directory with `train/`, `val/` and `tokenizer/` written by `scripts/prepare_<data>.py`.
         out_dir: where checkpoints and logs go (default `out/pretrain/<model>-<data>`).
@@ -92,6 +92,8 @@ def setup(
         seed: initialisation and data-order seed.
         num_workers: DataLoader workers.
     """
+    if isinstance(model_config, (str, Path)):
+        model_config = Config.from_file(model_config)
     config = model_config or Config.from_name(model_name)
     data_dir = Path(data_dir or f"data/prepared/{data}")
     out_dir = Path(out_dir or f"out/pretrain/{config.name}-{data}")

@@ -93,7 +93,9 @@ def prepare(
     for split, names in (("train", train_names), ("val", val_names)):
         chosen = [b for b in books if b.name in names]
         writer = ShardWriter(out_dir / split)
-        with tqdm(total=sum(len(b.text) for b in chosen), desc=f"tokenize {split}", unit="char", unit_scale=True) as bar:
+        with tqdm(
+            total=sum(len(b.text) for b in chosen), desc=f"tokenize {split}", unit="char", unit_scale=True
+        ) as bar:
             for i in range(0, len(chosen), batch_docs):
                 batch = chosen[i : i + batch_docs]
                 for book, ids_ in zip(batch, encode_documents(tokenizer, [b.text for b in batch]), strict=True):

@@ -136,9 +136,14 @@ def download(url: str, dest: Path, retries: int = 4, backoff: float = 2.0, timeo
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 resumed = have and response.status == 206
+                expected = response.headers.get("Content-Length")
+                got = 0
                 with open(part, "ab" if resumed else "wb") as f:
                     while chunk := response.read(1 << 16):
                         f.write(chunk)
+                        got += len(chunk)
+            if expected is not None and got < int(expected):
+                raise ConnectionError(f"{url}: connection closed after {got} of {expected} bytes")
             part.replace(dest)
             return dest
         except urllib.error.HTTPError as err:

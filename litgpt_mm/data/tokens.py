@@ -7,7 +7,6 @@ Preparation scripts produce `<out>/train` and `<out>/val` shard directories plus
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 from collections.abc import Iterable, Iterator
@@ -39,10 +38,7 @@ class PrepSummary:
     def report(self) -> str:
         lines = [
             f"{'split':<6}{'docs':>8}{'characters':>14}{'tokens':>12}",
-            *(
-                f"{s:<6}{self.documents[s]:>8}{self.characters[s]:>14,}{self.tokens[s]:>12,}"
-                for s in ("train", "val")
-            ),
+            *(f"{s:<6}{self.documents[s]:>8}{self.characters[s]:>14,}{self.tokens[s]:>12,}" for s in ("train", "val")),
             f"skipped: {len(self.skipped)}",
             *(f"  - {name}: {reason}" for name, reason in self.skipped),
         ]
@@ -152,6 +148,8 @@ class TokenBlocks(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < self.length:
+            raise IndexError(f"block {index} out of range for {self.length} blocks")
         if self._ds is None:  # opened lazily so each DataLoader worker has its own reader
             from litdata import StreamingDataset
             from litdata.streaming.item_loader import TokensLoader
@@ -163,20 +161,28 @@ class TokenBlocks(Dataset):
 
 
 class ResumableSampler(Sampler[int]):
-    """Seeded per-epoch permutation, strided over ranks, that resumes at an exact position."""
+    """Seeded per-epoch permutation, strided over ranks, that resumes at an exact position.
 
-    def __init__(self, length: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+    Each epoch yields the same whole number of micro-batches on every rank (the remainder is dropped), so a batch
+    never straddles two epochs and the position after `n` batches is `divmod(n, batches_per_epoch)`.
+    """
+
+    def __init__(
+        self, length: int, seed: int, batch_size: int, shuffle: bool = True, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.length, self.seed, self.shuffle, self.rank, self.world_size = length, seed, shuffle, rank, world_size
+        self.batch_size = batch_size
+        self.batches_per_epoch = length // world_size // batch_size
         self.epoch, self.position = 0, 0  # position: samples of this rank already consumed in `epoch`
 
     def __len__(self) -> int:
-        return self.length // self.world_size
+        return self.batches_per_epoch * self.batch_size
 
     def __iter__(self) -> Iterator[int]:
         while True:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.length, generator=g) if self.shuffle else torch.arange(self.length)
-            mine = order[self.rank : len(self) * self.world_size : self.world_size].tolist()
+            mine = order[self.rank :: self.world_size][: len(self)].tolist()
             for i in mine[self.position :]:
                 self.position += 1
                 yield i
@@ -184,29 +190,26 @@ class ResumableSampler(Sampler[int]):
             if not self.shuffle:
                 return
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
-
 
 class ResumableLoader(DataLoader):
-    """A DataLoader whose position survives checkpoints: `state_dict()` counts the batches handed out."""
+    """A DataLoader whose position survives checkpoints: `state_dict()` counts the batches handed out.
 
-    def __init__(self, dataset: Dataset, batch_size: int, sampler: ResumableSampler, **kwargs) -> None:
-        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
+    With `track=False` (validation) every iteration starts from the beginning.
+    """
+
+    def __init__(self, dataset: Dataset, sampler: ResumableSampler, track: bool = True, **kwargs) -> None:
+        super().__init__(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True, **kwargs)
+        self.track = track
         self.batches_served = 0
-        self._resume_from = 0
 
     def __iter__(self):
         # batches that workers prefetched are not consumed: restart the sampler at what was really served
         sampler: ResumableSampler = self.sampler
-        epoch_len = len(sampler) // self.batch_size
-        sampler.epoch, sampler.position = divmod(self.batches_served, epoch_len)
-        sampler.position *= self.batch_size
+        epoch, batch = divmod(self.batches_served, sampler.batches_per_epoch)
+        sampler.epoch, sampler.position = epoch, batch * sampler.batch_size
         for batch in super().__iter__():
-            self.batches_served += 1
+            if self.track:
+                self.batches_served += 1
             yield batch
 
     def state_dict(self) -> dict:
@@ -248,13 +251,14 @@ class TokenShards(DataModule):
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         ds = TokenBlocks(self.data_path / split, self.max_seq_length + 1)
-        sampler = ResumableSampler(len(ds), self.seed, shuffle, self.rank, self.world_size)
-        if len(sampler) < self.batch_size:
+        sampler = ResumableSampler(len(ds), self.seed, self.batch_size, shuffle, self.rank, self.world_size)
+        if sampler.batches_per_epoch == 0:
             raise ValueError(
-                f"{self.data_path / split} gives {len(sampler)} blocks of {self.max_seq_length + 1} tokens per rank, "
-                f"fewer than the micro batch size {self.batch_size}: prepare more data or lower the sequence length"
+                f"{self.data_path / split} gives {len(ds) // self.world_size} blocks of {self.max_seq_length + 1} "
+                f"tokens per rank, fewer than the micro batch size {self.batch_size}: prepare more data or lower "
+                "the sequence length"
             )
-        return ResumableLoader(ds, self.batch_size, sampler, num_workers=self.num_workers)
+        return ResumableLoader(ds, sampler, track=shuffle, num_workers=self.num_workers)
 
     def train_dataloader(self) -> ResumableLoader:
         return self._loader("train", shuffle=True)
@@ -277,4 +281,4 @@ def unigram_entropy(shard_dir: Path, vocab_size: int) -> float:
     return float(-(p * p.log()).sum())
 
 
-__all__ = ["TokenShards", "ShardWriter", "PrepSummary", "train_bpe_tokenizer", "copy_tokenizer", "math"]
+__all__ = ["TokenShards", "ShardWriter", "PrepSummary", "train_bpe_tokenizer", "copy_tokenizer"]

@@ -1,0 +1,237 @@
+"""Gutenberg preparation and `recipes/pretrain_moe.py`: learning, exact resume after a kill, accumulation, 8-bit
+Adam, and a 2-process gloo run."""
+
+import csv
+import json
+import signal
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DATA, load_script, run_python
+from litgpt.tokenizer import Tokenizer
+
+from litgpt_mm.checkpoint import save_config
+from litgpt_mm.config import Config
+from litgpt_mm.data import tokens
+from litgpt_mm.model import load_model
+
+TINY = ["--config", "recipes/configs/pretrain_moe_tiny.yaml", "--num_workers", "0"]
+
+
+def read_log(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_args(data_dir, out_dir, **overrides) -> list[str]:
+    args = ["recipes/pretrain_moe.py", *TINY, "--data_dir", str(data_dir), "--out_dir", str(out_dir)]
+    for key, value in overrides.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def quick(**extra) -> dict:
+    """Small, fast settings for in-process `setup` runs."""
+    train = dict(global_batch_size=8, micro_batch_size=8, max_steps=6, max_seq_length=64, save_interval=100)
+    train.update(log_interval=1, lr_warmup_steps=1, max_norm=1.0, min_lr=1e-4)
+    train.update(extra.pop("train", {}))
+    args = dict(
+        model_name="phi-2-moe-tiny",
+        precision="32-true",
+        devices=1,
+        num_workers=0,
+        train=train,
+        eval=dict(interval=100, max_iters=2, initial_validation=False) | extra.pop("eval", {}),
+    )
+    args.update(extra)
+    return args
+
+
+def setup(**kwargs):
+    from litgpt.args import EvalArgs, TrainArgs
+
+    kwargs["train"] = TrainArgs(**kwargs["train"])
+    kwargs["eval"] = EvalArgs(**kwargs["eval"])
+    return load_script("recipes/pretrain_moe.py").setup(**kwargs)
+
+
+def test_prepare_gutenberg(prepared_gutenberg):
+    summary = json.loads((prepared_gutenberg / "summary.json").read_text())
+    assert summary["documents"]["train"] + summary["documents"]["val"] == 13 and summary["skipped"] == []
+    assert summary["documents"]["val"] >= 1
+    splits = [line.split("\t") for line in (prepared_gutenberg / "books.txt").read_text().splitlines()]
+    assert len({name for _, _, name in splits}) == 13  # every book in exactly one split
+    tok = Tokenizer(prepared_gutenberg / "tokenizer")  # litgpt loads our tokenizer
+    assert tok.vocab_size == 1024 and tok.eos_id == tok.token_to_id(tokens.EOS)
+    text = "“Pieces of eight!” said the parrot.\nAlice’s cat — «très bien» —  twice."
+    assert tok.decode(tok.encode(text)) == text
+    for split in ("train", "val"):
+        n = tokens.num_blocks(prepared_gutenberg / split, 1)
+        assert n == summary["tokens"][split]
+        ids = torch.cat(list(tokens.TokenBlocks(prepared_gutenberg / split, n)))
+        assert int((ids == tok.eos_id).sum()) == summary["documents"][split]  # one EOS closes each book
+
+
+def test_prepare_reports_bad_books_and_goes_on(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("pg43_strange_case_of_dr_jekyll_and_mr_hyde.txt", "pg5200_metamorphosis.txt", "pg4650_candide_fr.txt"):
+        (raw / name).write_bytes((DATA / "gutenberg" / name).read_bytes())
+    (raw / "nomarkers.txt").write_text("Just some text without any Project Gutenberg markers.\n")
+    (raw / "empty.txt").write_text("")
+    (raw / "badbytes.txt").write_bytes(b"\xff\xfe\x00garbage \x81\x82")
+    prepare = load_script("scripts/prepare_gutenberg.py").prepare
+    summary = prepare(input_dir=raw, out_dir=tmp_path / "out", vocab_size=512, languages=["en"])
+    skipped = dict(summary.skipped)
+    assert set(skipped) == {"nomarkers.txt", "empty.txt", "badbytes.txt", "pg4650_candide_fr.txt"}
+    assert "START" in skipped["nomarkers.txt"] and "UTF-8" in skipped["badbytes.txt"]
+    assert "language 'fr'" in skipped["pg4650_candide_fr.txt"]
+    assert summary.documents["train"] + summary.documents["val"] == 2
+    report = capsys.readouterr().out
+    assert "skipped: 4" in report and "badbytes.txt" in report
+
+
+def test_sampler_resumes_mid_epoch_and_strides_ranks():
+    full = tokens.ResumableSampler(22, seed=3, batch_size=4)
+    assert full.batches_per_epoch == 5 and len(full) == 20
+    it = iter(full)
+    first = [next(it) for _ in range(28)]  # one epoch of 20, then 8 of the next epoch
+    assert sorted(first[:20]) == sorted(set(first[:20])) and first[20:] != first[:8]
+    resumed = tokens.ResumableSampler(22, seed=3, batch_size=4)
+    resumed.epoch, resumed.position = 1, 4
+    it = iter(resumed)
+    assert [next(it) for _ in range(4)] == first[24:28]
+    ranks = [list(tokens.ResumableSampler(22, 3, 2, shuffle=False, rank=r, world_size=2)) for r in (0, 1)]
+    assert not set(ranks[0]) & set(ranks[1]) and len(ranks[0]) == len(ranks[1]) == 10
+
+
+def test_tiny_run_beats_unigram_baseline(prepared_gutenberg, tmp_path):
+    """A short run on the real books: validation loss ends below the unigram entropy of the validation books."""
+    out = tmp_path / "run"
+    args = quick(
+        train={"max_steps": 120, "global_batch_size": 16, "max_seq_length": 64, "save_interval": 60},
+        eval={"interval": 60, "max_iters": 8, "initial_validation": True},
+        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3, "weight_decay": 0.1}},
+    )
+    result = setup(data_dir=prepared_gutenberg, out_dir=out, **args)
+    baseline = tokens.unigram_entropy(prepared_gutenberg / "val", 1024)
+    val = read_log(out / "logs" / "val_log.csv")
+    assert float(val[0]["val_loss"]) > 6.5  # ~ln(1024) at initialisation
+    assert result["val_loss"] < baseline - 0.1, (result["val_loss"], baseline)
+    experts = read_log(out / "logs" / "expert_load.csv")
+    assert {int(r["layer"]) for r in experts} == {0, 1, 2, 3}
+    for name in ("loss.png", "throughput.png", "expert_load.png"):
+        assert (out / "logs" / name).stat().st_size > 5000
+    assert list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    model = load_model(out / "final")  # litgpt layout + our config: reloads
+    assert model.config.vocab_size == 1024 and len(model.moe_layers) == 4
+    assert (out / "final" / "tokenizer.json").is_file() and not (out / "final" / "training_state.pth").exists()
+
+
+KILL_AT_12 = textwrap.dedent(
+    """
+    import os, signal, sys, runpy
+    import litgpt_mm.training as training
+    real = training.save_checkpoint
+    def save_then_die(fabric, stage, state, ckpt_dir):
+        if ckpt_dir.name == "step-000012":  # die half-way through writing a checkpoint
+            tmp = ckpt_dir.with_name("." + ckpt_dir.name + ".tmp")
+            tmp.mkdir()
+            (tmp / "lit_model.pth").write_bytes(b"torn")
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(fabric, stage, state, ckpt_dir)
+    training.save_checkpoint = save_then_die
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    """
+)
+
+
+def test_resume_after_kill_continues_the_same_curve(prepared_gutenberg, tmp_path):
+    common = {
+        "train.max_steps": 16,
+        "train.lr_warmup_steps": 3,
+        "train.save_interval": 4,
+        "train.log_interval": 1,
+        "train.micro_batch_size": 4,
+        "train.global_batch_size": 8,
+        "train.max_seq_length": 32,
+        "eval.interval": 6,
+        "eval.max_iters": 2,
+    }
+    ref = run_python(run_args(prepared_gutenberg, tmp_path / "ref", **common))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    killed = run_python(["-c", KILL_AT_12, *run_args(prepared_gutenberg, tmp_path / "run", **common)])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (tmp_path / "run" / ".step-000012.tmp").is_dir() and not (tmp_path / "run" / "final").exists()
+    resumed = run_python(run_args(prepared_gutenberg, tmp_path / "run", resume="auto", **common))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout and "step-000008" in resumed.stdout
+    for name in ("train_log.csv", "val_log.csv", "expert_load.csv"):
+        want = read_log(tmp_path / "ref" / "logs" / name)
+        got = read_log(tmp_path / "run" / "logs" / name)
+        drop = {"tokens_per_s", "mfu"}
+        assert [{k: v for k, v in r.items() if k not in drop} for r in got] == [
+            {k: v for k, v in r.items() if k not in drop} for r in want
+        ], name
+    a = torch.load(tmp_path / "ref" / "final" / "lit_model.pth")["model"]
+    b = torch.load(tmp_path / "run" / "final" / "lit_model.pth")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_matches_the_large_batch(prepared_gutenberg, tmp_path):
+    """Two micro-batches of 4 give the same update as one batch of 8 (SGD, so the update is the gradient)."""
+    config = Config.from_name("phi-2-moe-tiny", moe_aux_loss_coef=0.0, moe_z_loss_coef=0.0)
+    sgd = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}}
+    states = []
+    for micro in (8, 4):
+        out = tmp_path / f"micro{micro}"
+        setup(
+            data_dir=prepared_gutenberg,
+            out_dir=out,
+            **quick(model_config=config, optimizer=sgd, train={"max_steps": 1, "micro_batch_size": micro}),
+        )
+        states.append(torch.load(out / "final" / "lit_model.pth")["model"])
+    diffs = [(states[0][k] - states[1][k]).abs().max().item() for k in states[0]]
+    assert max(diffs) < 1e-6
+
+
+def test_8bit_adam_runs(prepared_gutenberg, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "adam8"
+    opt = {"class_path": "bitsandbytes.optim.AdamW8bit", "init_args": {"lr": 3e-3}}
+    result = setup(data_dir=prepared_gutenberg, out_dir=out, **quick(optimizer=opt, train={"max_steps": 8}))
+    assert torch.isfinite(torch.tensor(result["train_loss"]))
+    log = read_log(out / "logs" / "train_log.csv")
+    assert float(log[-1]["loss"]) < float(log[0]["loss"])
+    state = torch.load(out / "step-000008" / "training_state.pth", weights_only=False)["optimizer"]["state"]
+    moments = [s["__bnb_optimizer_quant_state__"]["state1"] for s in state.values()]
+    big = [m for m in moments if m.numel() >= 4096]
+    assert big and all(m.dtype == torch.uint8 for m in big)  # 8-bit moments for the large tensors
+
+
+def test_two_process_gloo_matches_single_process(prepared_gutenberg, tmp_path):
+    config = Config.from_name("phi-2-moe-tiny", moe_aux_loss_coef=0.0, moe_z_loss_coef=0.0)
+    save_config(config, tmp_path)
+    cfg_file = tmp_path / "model_config.yaml"
+    common = {
+        "model_config": cfg_file,
+        "train.max_steps": 4,
+        "train.lr_warmup_steps": 2,
+        "train.log_interval": 1,
+        "train.micro_batch_size": 4,
+        "train.global_batch_size": 8,
+        "train.max_seq_length": 32,
+        "eval.interval": 4,
+        "eval.max_iters": 2,
+    }
+    logs = []
+    for devices in (1, 2):
+        proc = run_python(run_args(prepared_gutenberg, tmp_path / f"d{devices}", devices=devices, **common))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs.append(read_log(tmp_path / f"d{devices}" / "logs" / "train_log.csv"))
+    assert [r["tokens"] for r in logs[0]] == [r["tokens"] for r in logs[1]]
+    for one, two in zip(logs[0], logs[1], strict=True):
+        assert float(one["loss"]) == pytest.approx(float(two["loss"]), abs=1e-4)
