@@ -31,3 +31,4 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/pretrain.py

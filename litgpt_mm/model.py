@@ -76,10 +76,7 @@ class GPT(lit_model.GPT):
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """Token embeddings of `idx`, scaled as the config asks."""
-        x = self.transformer.wte(idx)
-        if self.config.scale_embeddings:
-            x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
-        return x
+        return embed_tokens(self, idx)
 
     def forward(
         self,
@@ -93,51 +90,8 @@ class GPT(lit_model.GPT):
         if (idx is None) == (input_embeds is None):
             raise ValueError("Pass exactly one of `idx` and `input_embeds`.")
         x = self.embed(idx) if input_embeds is None else input_embeds
-        T = x.size(1)
-        if self.max_seq_length < T:
-            raise ValueError(f"Cannot forward sequence of length {T}, max seq length is only {self.max_seq_length}.")
-
-        if input_pos is not None:  # use the kv cache
-            if input_pos.dim() > 2:
-                raise ValueError(f"input_pos must have 1 or 2 dimensions, input_pos.shape = {input_pos.shape}")
-            if input_pos.shape[-1] != T:
-                raise ValueError(f"input_pos.shape[-1] = {input_pos.shape[-1]} != {T} = sequence length")
-            if self.mask_cache is None:
-                raise TypeError("You need to call `gpt.set_kv_cache()`")
-            cos = batched_index_select(self.cos, 0, input_pos)
-            sin = batched_index_select(self.sin, 0, input_pos)
-            if input_pos.dim() == 1:
-                cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
-            mask = batched_index_select(self.mask_cache, 2, input_pos)
-            if mask.dim() > 4:
-                mask = mask.view(*(mask.shape[0:1] + mask.shape[2:]))
-            if input_pos_maxp1 is not None:
-                if input_pos_maxp1 > self.max_seq_length:
-                    raise ValueError(f"Positions in 'input_pos' must be in [0,{self.max_seq_length})")
-                mask = mask[..., :input_pos_maxp1]
-        else:
-            cos, sin = self.cos[:T].unsqueeze(0), self.sin[:T].unsqueeze(0)
-            mask, input_pos_maxp1 = None, None
-
         checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block_idx, block in enumerate(self.transformer.h):
-            c, s = cos, sin
-            if self.config.rope_indices is not None:
-                r = self.config.rope_indices[block_idx]
-                c, s = cos[..., r], sin[..., r]
-            if checkpointed:
-                x = checkpoint(block, x, c, s, mask, input_pos, input_pos_maxp1, use_reentrant=False)
-            else:
-                x = block(x, c, s, mask, input_pos, input_pos_maxp1)
-        x = self.transformer.ln_f(x)
-        clamp_head = (
-            partial(do_softcapping, thresh=self.config.final_logit_softcapping)
-            if self.config.final_logit_softcapping is not None
-            else nn.Identity()
-        )
-        if lm_head_chunk_size > 0:
-            return [clamp_head(self.lm_head(x_i)) for x_i in x.split(lm_head_chunk_size, dim=1)]
-        return clamp_head(self.lm_head(x))
+        return forward_embeds(self, x, input_pos, input_pos_maxp1, lm_head_chunk_size, checkpointed)
 
     @property
     def moe_layers(self) -> list[MoE]:
@@ -160,6 +114,72 @@ class GPT(lit_model.GPT):
     def moe_stats(self) -> list[MoEStats]:
         """Routing statistics of the last forward, one entry per MoE layer (device tensors)."""
         return [m.stats for m in self.moe_layers if m.stats is not None]
+
+
+def forward_embeds(
+    model: lit_model.GPT,
+    x: torch.Tensor,
+    input_pos: torch.Tensor | None = None,
+    input_pos_maxp1: int | None = None,
+    lm_head_chunk_size: int = 0,
+    checkpointed: bool = False,
+) -> torch.Tensor | list[torch.Tensor]:
+    """litgpt `GPT.forward` from input embeddings `x` (B, T, n_embd) instead of token ids.
+
+    Works on any litgpt `GPT` instance (ours, litgpt's, litgpt's LoRA `GPT`): it uses only the attributes litgpt's
+    forward uses (rope and mask caches, blocks, `ln_f`, `lm_head`).
+    """
+    T = x.size(1)
+    if model.max_seq_length < T:
+        raise ValueError(f"Cannot forward sequence of length {T}, max seq length is only {model.max_seq_length}.")
+    if input_pos is not None:  # use the kv cache
+        if input_pos.dim() > 2:
+            raise ValueError(f"input_pos must have 1 or 2 dimensions, input_pos.shape = {input_pos.shape}")
+        if input_pos.shape[-1] != T:
+            raise ValueError(f"input_pos.shape[-1] = {input_pos.shape[-1]} != {T} = sequence length")
+        if model.mask_cache is None:
+            raise TypeError("You need to call `gpt.set_kv_cache()`")
+        cos = batched_index_select(model.cos, 0, input_pos)
+        sin = batched_index_select(model.sin, 0, input_pos)
+        if input_pos.dim() == 1:
+            cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+        mask = batched_index_select(model.mask_cache, 2, input_pos)
+        if mask.dim() > 4:
+            mask = mask.view(*(mask.shape[0:1] + mask.shape[2:]))
+        if input_pos_maxp1 is not None:
+            if input_pos_maxp1 > model.max_seq_length:
+                raise ValueError(f"Positions in 'input_pos' must be in [0,{model.max_seq_length})")
+            mask = mask[..., :input_pos_maxp1]
+    else:
+        cos, sin = model.cos[:T].unsqueeze(0), model.sin[:T].unsqueeze(0)
+        mask, input_pos_maxp1 = None, None
+
+    for block_idx, block in enumerate(model.transformer.h):
+        c, s = cos, sin
+        if model.config.rope_indices is not None:
+            r = model.config.rope_indices[block_idx]
+            c, s = cos[..., r], sin[..., r]
+        if checkpointed:
+            x = checkpoint(block, x, c, s, mask, input_pos, input_pos_maxp1, use_reentrant=False)
+        else:
+            x = block(x, c, s, mask, input_pos, input_pos_maxp1)
+    x = model.transformer.ln_f(x)
+    clamp_head = (
+        partial(do_softcapping, thresh=model.config.final_logit_softcapping)
+        if model.config.final_logit_softcapping is not None
+        else nn.Identity()
+    )
+    if lm_head_chunk_size > 0:
+        return [clamp_head(model.lm_head(x_i)) for x_i in x.split(lm_head_chunk_size, dim=1)]
+    return clamp_head(model.lm_head(x))
+
+
+def embed_tokens(model: lit_model.GPT, idx: torch.Tensor) -> torch.Tensor:
+    """Token embeddings of `idx` for any litgpt `GPT`, scaled as its config asks."""
+    x = model.transformer.wte(idx)
+    if model.config.scale_embeddings:
+        x = x * torch.tensor(model.config.n_embd**0.5, dtype=x.dtype)
+    return x
 
 
 def save_checkpoint(model: GPT, checkpoint_dir: Path) -> None:

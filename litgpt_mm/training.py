@@ -60,8 +60,16 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def resolve_resume(resume: bool | str | Path, out_dir: Path) -> Path | None:
-    """`False` -> None; `True`/`"auto"` -> newest checkpoint in `out_dir` (None if there is none); a path -> it."""
+    """`False` -> None; `True`/`"auto"` -> newest checkpoint in `out_dir` (None if there is none); a path -> it.
+
+    A fresh run (`False`) refuses an `out_dir` that holds checkpoints rather than overwrite them.
+    """
     if resume is False or resume is None:
+        if (found := latest_checkpoint(out_dir)) is not None:
+            raise FileExistsError(
+                f"{out_dir} holds checkpoints of an earlier run ({found.name}): pass --resume auto to continue it, "
+                "or choose another --out_dir"
+            )
         return None
     if resume is True or resume == "auto":
         return latest_checkpoint(out_dir)
@@ -72,16 +80,19 @@ def resolve_resume(resume: bool | str | Path, out_dir: Path) -> Path | None:
 
 
 class CSVLog:
-    """Append-only CSV with a fixed header; on resume, rows past the resumed step are dropped first."""
+    """Append-only CSV with a fixed header. A fresh run (`truncate_after=None`) starts a new file; a resumed run
+    keeps the rows up to the resumed step and drops the rest (they are about to be recomputed)."""
 
     def __init__(self, path: Path, truncate_after: int | None = None) -> None:
         self.path = path
         self.fields: list[str] | None = None
-        if path.exists():
+        if truncate_after is None:
+            path.unlink(missing_ok=True)
+        elif path.exists():
             with open(path, newline="") as f:
                 rows = list(csv.DictReader(f))
                 self.fields = list(rows[0].keys()) if rows else None
-            if truncate_after is not None and self.fields:
+            if self.fields:
                 kept = [r for r in rows if int(r["step"]) <= truncate_after]
                 with open(path, "w", newline="") as f:
                     w = csv.DictWriter(f, fieldnames=self.fields)
@@ -152,6 +163,8 @@ def save_checkpoint(fabric: L.Fabric, stage: Stage, state: dict, ckpt_dir: Path)
 
 def load_training_state(fabric: L.Fabric, state: dict, ckpt_dir: Path) -> None:
     """Restore optimizer, data position, counters and RNG from a checkpoint (the model is loaded by the stage)."""
+    state.setdefault("tokens", 0)
+    state.setdefault("elapsed", 0.0)
     training_state = {k: v for k, v in state.items() if k != "model"}
     remainder = fabric.load(ckpt_dir / STATE_FILE, training_state)
     state.update({k: v for k, v in training_state.items()})
@@ -160,6 +173,15 @@ def load_training_state(fabric: L.Fabric, state: dict, ckpt_dir: Path) -> None:
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
 
 
 def _batches(loader) -> Iterator:
@@ -208,13 +230,15 @@ def fit(
     val_loss = float("nan")
     if val_loader is not None and eval.initial_validation and start_step == 0:
         val_loss = validate(fabric, stage, model, val_loader, eval.max_iters)
-        logs.log("val_log", {"step": 0, "tokens": 0, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+        row = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        logs.log("val_log", row)
 
     batches = _batches(loader)
     progress = tqdm(
         total=max_steps, initial=start_step, desc="train", disable=fabric.global_rank != 0, dynamic_ncols=True
     )
     window_start, window_tokens = time.perf_counter(), 0
+    session_start, elapsed_before = window_start, state.get("elapsed", 0.0)  # wall clock carries over a resume
     loss_value = float("nan")
     while state["step"] < max_steps:
         lr = get_lr(learning_rate, state["step"], warmup, max_steps, train.min_lr)
@@ -237,6 +261,7 @@ def fit(
         state["step"] += 1
         state["tokens"] = state.get("tokens", 0) + step_tokens * fabric.world_size
         window_tokens += step_tokens
+        state["elapsed"] = elapsed_before + time.perf_counter() - session_start
         step = state["step"]
 
         if step % train.log_interval == 0 or step == max_steps:
@@ -245,6 +270,7 @@ def fit(
             elapsed = time.perf_counter() - window_start
             tps = window_tokens * fabric.world_size / max(elapsed, 1e-9)
             row = {"step": step, "tokens": state["tokens"], "lr": lr, **reduced, "tokens_per_s": tps}
+            row.update(elapsed_s=state["elapsed"], peak_memory_gb=peak_memory_gb(fabric.device))
             if peak:
                 row["mfu"] = tps * stage.flops_per_token / (peak * fabric.world_size)
             logs.log("train_log", row)
@@ -256,7 +282,7 @@ def fit(
         last = step == max_steps
         if val_loader is not None and (step % eval.interval == 0 or last):
             val_loss = validate(fabric, stage, model, val_loader, eval.max_iters)
-            row = {"step": step, "tokens": state["tokens"], "val_loss": val_loss}
+            row = {"step": step, "tokens": state["tokens"], "elapsed_s": state["elapsed"], "val_loss": val_loss}
             row["val_ppl"] = math.exp(min(val_loss, 50))
             if stage.on_eval is not None:
                 row.update(stage.on_eval(step))

@@ -20,14 +20,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from litgpt_mm.data import gutenberg as pg  # noqa: E402
-from litgpt_mm.data.tokens import (  # noqa: E402
-    PrepSummary,
-    ShardWriter,
-    copy_tokenizer,
-    encode_documents,
-    split_by_document,
-    train_bpe_tokenizer,
-)
+from litgpt_mm.data.tokens import PrepSummary, build_tokenizer, split_by_document, write_split  # noqa: E402
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "gutenberg"
 
@@ -84,27 +77,9 @@ def prepare(
 
     train_names, val_names = split_by_document([b.name for b in books], val_fraction, seed)
     out_dir = Path(out_dir)
-    if tokenizer_dir is not None:
-        tokenizer = copy_tokenizer(tokenizer_dir, out_dir / "tokenizer")
-    else:
-        train_texts = [b.text for b in books if b.name in train_names]
-        tokenizer = train_bpe_tokenizer(train_texts, vocab_size, out_dir / "tokenizer", length=len(train_texts))
-
+    tokenizer = build_tokenizer([b.text for b in books if b.name in train_names], out_dir, vocab_size, tokenizer_dir)
     for split, names in (("train", train_names), ("val", val_names)):
-        chosen = [b for b in books if b.name in names]
-        writer = ShardWriter(out_dir / split)
-        with tqdm(
-            total=sum(len(b.text) for b in chosen), desc=f"tokenize {split}", unit="char", unit_scale=True
-        ) as bar:
-            for i in range(0, len(chosen), batch_docs):
-                batch = chosen[i : i + batch_docs]
-                for book, ids_ in zip(batch, encode_documents(tokenizer, [b.text for b in batch]), strict=True):
-                    writer.add(ids_)
-                    summary.documents[split] += 1
-                    summary.characters[split] += len(book.text)
-                    summary.tokens[split] += len(ids_)
-                    bar.update(len(book.text))
-        writer.close()
+        write_split([b.text for b in books if b.name in names], split, tokenizer, out_dir, summary, batch_docs)
     (out_dir / "books.txt").write_text(
         "".join(f"{'val' if b.name in val_names else 'train'}\t{b.language}\t{b.name}\n" for b in books)
     )

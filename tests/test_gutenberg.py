@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from litgpt_mm.data import gutenberg as pg
+from litgpt_mm.data.download import download
 
 # (file stem, first body line, last body line) checked by hand against the raw files
 EXPECTED = {
@@ -161,12 +162,12 @@ def test_download_resumes_a_partial_file_and_caches(tmp_path):
     try:
         url = f"http://127.0.0.1:{server.server_port}/cache/epub/7/pg7.txt"
         dest = tmp_path / "pg7.txt"
-        pg.download(url, dest, retries=2, backoff=0.01, timeout=5)
+        download(url, dest, retries=2, backoff=0.01, timeout=5)
         assert dest.read_bytes() == _FlakyRangeHandler.payload
         assert _FlakyRangeHandler.requests[0] is None
         assert _FlakyRangeHandler.requests[1] == f"bytes={len(_FlakyRangeHandler.payload) // 2}-"
         assert not Path(str(dest) + ".part").exists()
-        pg.download(url, dest)  # cached: no new request
+        download(url, dest)  # cached: no new request
         assert len(_FlakyRangeHandler.requests) == 2
         paths, failures = pg.download_books(
             [7, 404], tmp_path, mirror=f"http://127.0.0.1:{server.server_port}", delay=0, retries=0

@@ -6,11 +6,11 @@ import csv
 import io
 import re
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from litgpt_mm.data.download import download
 
 MIRROR = "https://www.gutenberg.org"
 CATALOG_URL = f"{MIRROR}/cache/epub/feeds/pg_catalog.csv"
@@ -119,44 +119,6 @@ def load_book(path: Path) -> Book:
 def book_url(ebook_id: int, mirror: str = MIRROR) -> str:
     """URL of the UTF-8 plain-text edition of a book."""
     return f"{mirror.rstrip('/')}/cache/epub/{ebook_id}/pg{ebook_id}.txt"
-
-
-def download(url: str, dest: Path, retries: int = 4, backoff: float = 2.0, timeout: float = 60.0) -> Path:
-    """Download `url` to `dest`, resuming a partial `.part` file with an HTTP Range request; cached if present."""
-    dest = Path(dest)
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    for attempt in range(retries + 1):
-        have = part.stat().st_size if part.exists() else 0
-        request = urllib.request.Request(url, headers={"User-Agent": "litgpt-mm-prepare/0.1"})
-        if have:
-            request.add_header("Range", f"bytes={have}-")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                resumed = have and response.status == 206
-                expected = response.headers.get("Content-Length")
-                got = 0
-                with open(part, "ab" if resumed else "wb") as f:
-                    while chunk := response.read(1 << 16):
-                        f.write(chunk)
-                        got += len(chunk)
-            if expected is not None and got < int(expected):
-                raise ConnectionError(f"{url}: connection closed after {got} of {expected} bytes")
-            part.replace(dest)
-            return dest
-        except urllib.error.HTTPError as err:
-            if err.code == 416 and have:  # the partial file is already complete
-                part.replace(dest)
-                return dest
-            if err.code == 404 or attempt == retries:
-                raise
-        except (urllib.error.URLError, TimeoutError, ConnectionError):
-            if attempt == retries:
-                raise
-        time.sleep(backoff * 2**attempt)
-    raise RuntimeError("unreachable")
 
 
 def download_books(

@@ -17,6 +17,7 @@ import torch
 from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 EOS = "<|endoftext|>"
@@ -102,6 +103,30 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     return [tokenizer.encode(t).tolist() + eos for t in texts]
 
 
+def build_tokenizer(train_texts: list[str], out_dir: Path, vocab_size: int, tokenizer_dir: Path | None) -> Tokenizer:
+    """`out_dir/tokenizer`: a copy of `tokenizer_dir` when given, else a byte-level BPE trained on `train_texts`."""
+    if tokenizer_dir is not None:
+        return copy_tokenizer(tokenizer_dir, Path(out_dir) / "tokenizer")
+    return train_bpe_tokenizer(train_texts, vocab_size, Path(out_dir) / "tokenizer", length=len(train_texts))
+
+
+def write_split(
+    texts: list[str], split: str, tokenizer: Tokenizer, out_dir: Path, summary: PrepSummary, batch_docs: int = 64
+) -> None:
+    """Tokenize documents in batches (each closed by EOS) into `out_dir/<split>` shards, with a progress bar."""
+    writer = ShardWriter(Path(out_dir) / split)
+    with tqdm(total=sum(len(t) for t in texts), desc=f"tokenize {split}", unit="char", unit_scale=True) as bar:
+        for i in range(0, len(texts), batch_docs):
+            batch = texts[i : i + batch_docs]
+            for text, ids in zip(batch, encode_documents(tokenizer, batch), strict=True):
+                writer.add(ids)
+                summary.documents[split] += 1
+                summary.characters[split] += len(text)
+                summary.tokens[split] += len(ids)
+                bar.update(len(text))
+    writer.close()
+
+
 class ShardWriter:
     """Append token sequences to a litdata `TokensLoader` dataset directory."""
 
@@ -160,16 +185,19 @@ class TokenBlocks(Dataset):
         return self._ds[index].long()
 
 
-class ResumableSampler(Sampler[int]):
+class ResumableSampler(DistributedSampler):
     """Seeded per-epoch permutation, strided over ranks, that resumes at an exact position.
 
     Each epoch yields the same whole number of micro-batches on every rank (the remainder is dropped), so a batch
-    never straddles two epochs and the position after `n` batches is `divmod(n, batches_per_epoch)`.
+    never straddles two epochs and the position after `n` batches is `divmod(n, batches_per_epoch)`. It is a
+    `DistributedSampler` so that Fabric's `setup_dataloaders` (as `litgpt.pretrain` calls it) keeps it in place:
+    it already shards by rank.
     """
 
     def __init__(
         self, length: int, seed: int, batch_size: int, shuffle: bool = True, rank: int = 0, world_size: int = 1
     ) -> None:
+        Sampler.__init__(self)
         self.length, self.seed, self.shuffle, self.rank, self.world_size = length, seed, shuffle, rank, world_size
         self.batch_size = batch_size
         self.batches_per_epoch = length // world_size // batch_size
@@ -189,6 +217,9 @@ class ResumableSampler(Sampler[int]):
             self.epoch, self.position = self.epoch + 1, 0
             if not self.shuffle:
                 return
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position = epoch, 0
 
 
 class ResumableLoader(DataLoader):

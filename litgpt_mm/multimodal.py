@@ -1,0 +1,247 @@
+"""A language model that reads images: `[projected CLIP patches, separator]` per image, then the text embeddings.
+
+    embeds = [P(f_1), s, P(f_2), s, ..., E(t_1), ..., E(t_n)]
+
+with `f_i` the patch features (num_patches x width) of the i-th image of the prompt, `P` the projector, `s` the
+image separator and `E` the LM's token embedding. Images always come first, as LLaVA places its `<image>` prefix.
+
+The separator is either a learned vector (`separator="learned"`, the default: it trains with the projector, and no
+vocabulary id is hard-coded) or the embedding of a named tokenizer token (e.g. `separator="\\n"`), looked up by the
+tokenizer at build time so it stays correct for any vocabulary.
+
+`MultimodalGPT` wraps any litgpt `GPT` (ours with MoE, litgpt's, or litgpt's LoRA `GPT`, whose `__init__` does not
+call `GPT.__init__`) by composition and runs its blocks through `litgpt_mm.model.forward_embeds`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from litgpt import model as lit_model
+
+from litgpt_mm.checkpoint import atomic_torch_save, atomic_write
+from litgpt_mm.model import embed_tokens, forward_embeds
+from litgpt_mm.projector import build_projector
+
+IGNORE_INDEX = -100
+CONFIG_FILE = "multimodal_config.yaml"
+WEIGHTS_FILE = "projector.pth"
+
+
+@dataclass
+class MultimodalConfig:
+    """What, besides the LM checkpoint, defines the multimodal model (saved as `multimodal_config.yaml`).
+
+    Attributes:
+        clip_model: open_clip model name.
+        clip_pretrained: open_clip pretrained tag (None: random initialisation).
+        clip_layer: which vision block's output is read.
+        clip_normalize: whether `ln_post` is applied to the patch features.
+        vision_width: width of the patch features.
+        num_patches: patches per image.
+        projector: `linear`, `resblock` or `mlp2x_gelu`.
+        separator: `learned` or a tokenizer token whose embedding follows each image.
+        lm_checkpoint_dir: the litgpt checkpoint directory of the language model.
+    """
+
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str | None = "openai"
+    clip_layer: int = -1
+    clip_normalize: bool = False
+    vision_width: int = 768
+    num_patches: int = 49
+    projector: str = "resblock"
+    separator: str = "learned"
+    lm_checkpoint_dir: str = ""
+
+    def save(self, directory: Path) -> None:
+        text = yaml.safe_dump(asdict(self), sort_keys=False)
+        atomic_write(Path(directory) / CONFIG_FILE, lambda f: f.write(text.encode()))
+
+    @classmethod
+    def load(cls, directory: Path) -> MultimodalConfig:
+        path = Path(directory) / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: expected a directory written by recipes/align.py")
+        return cls(**yaml.safe_load(path.read_text()))
+
+
+class MultimodalGPT(nn.Module):
+    """An LM plus a projector (and learned separator) that place image prefixes before the text.
+
+    Args:
+        lm: any litgpt `GPT`.
+        config: the multimodal config.
+        separator_id: token id of `config.separator` when it is not `learned` (see `separator_token_id`).
+    """
+
+    def __init__(self, lm: lit_model.GPT, config: MultimodalConfig, separator_id: int | None = None) -> None:
+        super().__init__()
+        self.lm, self.config = lm, config
+        n_embd = lm.config.n_embd
+        self.projector = build_projector(config.projector, config.vision_width, n_embd)
+        if config.separator == "learned":
+            self.separator = nn.Parameter(torch.randn(n_embd) * 0.02)
+        else:
+            if separator_id is None:
+                raise ValueError(f"separator {config.separator!r} is a token: pass its `separator_id`")
+            self.separator = None
+            self.register_buffer("separator_id", torch.tensor(separator_id), persistent=False)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained multimodal weights (projector and learned separator), without the LM."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("lm.")}
+
+    def save_adapter(self, directory: Path) -> None:
+        """Write `projector.pth` and `multimodal_config.yaml`, each atomically."""
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(self.adapter_state_dict(), Path(directory) / WEIGHTS_FILE)
+        self.config.save(directory)
+
+    def load_adapter(self, directory: Path) -> None:
+        state = torch.load(Path(directory) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        wrong = [k for k in missing if not k.startswith("lm.")] + list(unexpected)
+        if wrong:
+            raise KeyError(f"{directory / WEIGHTS_FILE} does not match this model: {wrong[:5]}")
+
+    def separator_embedding(self) -> torch.Tensor:
+        if self.separator is not None:
+            return self.separator
+        return embed_tokens(self.lm, self.separator_id.view(1))[0]
+
+    def image_prefix(self, features: torch.Tensor) -> torch.Tensor:
+        """(n_images, num_patches, width) features -> (n_images, num_patches + 1, n_embd) prefixes."""
+        dtype = self.lm.transformer.wte.weight.dtype
+        projected = self.projector(features.to(next(self.projector.parameters()).dtype))
+        sep = self.separator_embedding().to(projected.dtype).expand(projected.size(0), 1, -1)
+        return torch.cat([projected, sep], dim=1).to(dtype)
+
+    def build_inputs(
+        self,
+        features: Sequence[torch.Tensor | None],
+        input_ids: Sequence[torch.Tensor],
+        labels: Sequence[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings of a batch of prompts, right-padded to the longest.
+
+        Args:
+            features: per sample, (n_images, num_patches, width) features (n_images may be 0) or None.
+            input_ids: per sample, 1-D token ids.
+            labels: per sample, ids aligned with `input_ids` with `IGNORE_INDEX` where no loss is wanted
+                (default: every text token counts).
+
+        Returns:
+            embeds (B, T, n_embd); labels (B, T) aligned with the input positions, `IGNORE_INDEX` on image
+            positions and padding (use `shifted_cross_entropy`); lengths (B,).
+        """
+        device = self.lm.transformer.wte.weight.device
+        n_images = [0 if f is None else f.size(0) for f in features]
+        prefixes: list[torch.Tensor | None] = [None] * len(features)
+        if sum(n_images):
+            stacked = torch.cat([f.to(device) for f in features if f is not None and f.size(0)])
+            flat = iter(self.image_prefix(stacked).split(n_images_nonzero(n_images)))
+            prefixes = [next(flat).flatten(0, 1) if n else None for n in n_images]
+        rows, label_rows = [], []
+        for i, ids in enumerate(input_ids):
+            ids = ids.to(device)
+            text = embed_tokens(self.lm, ids)
+            lab = (ids if labels is None else labels[i].to(device)).long()
+            if prefixes[i] is not None:
+                text = torch.cat([prefixes[i].to(text.dtype), text])
+                lab = torch.cat([lab.new_full((prefixes[i].size(0),), IGNORE_INDEX), lab])
+            rows.append(text)
+            label_rows.append(lab)
+        lengths = torch.tensor([r.size(0) for r in rows], device=device)
+        T = int(lengths.max())
+        embeds = torch.stack([F.pad(r, (0, 0, 0, T - r.size(0))) for r in rows])
+        out_labels = torch.stack([F.pad(lab, (0, T - lab.size(0)), value=IGNORE_INDEX) for lab in label_rows])
+        return embeds, out_labels, lengths
+
+    def forward(
+        self,
+        features: Sequence[torch.Tensor | None],
+        input_ids: Sequence[torch.Tensor],
+        labels: Sequence[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, vocab) and aligned labels of a padded batch (no KV cache)."""
+        embeds, out_labels, _ = self.build_inputs(features, input_ids, labels)
+        checkpointed = getattr(self.lm, "activation_checkpointing", False) and self.training
+        return forward_embeds(self.lm, embeds, checkpointed=checkpointed), out_labels
+
+
+def n_images_nonzero(n_images: list[int]) -> list[int]:
+    return [n for n in n_images if n]
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose target is not `IGNORE_INDEX`."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+def separator_token_id(tokenizer, token: str) -> int:
+    """Id of a single-token separator in `tokenizer` (a clear error if the text is not exactly one token)."""
+    ids = tokenizer.encode(token, bos=False, eos=False).tolist()
+    if len(ids) != 1:
+        raise ValueError(f"separator {token!r} is {len(ids)} tokens in this tokenizer; use 'learned' or one token")
+    return ids[0]
+
+
+@torch.no_grad()
+def generate(
+    model: MultimodalGPT,
+    features: torch.Tensor | None,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[int]:
+    """Stream new token ids for one prompt with image features (n_images, num_patches, width) or None.
+
+    With the KV cache the image prefix and prompt are fed once and each new token costs one position; with
+    `use_cache=False` every step re-forwards the whole sequence (the reference the cache is tested against).
+    """
+    from litgpt.generate.base import sample
+
+    lm = model.lm
+    embeds, _, _ = model.build_inputs([features], [prompt_ids])
+    T0 = embeds.size(1)
+    total = T0 + max_new_tokens
+    if total > lm.max_seq_length:
+        raise ValueError(
+            f"prompt ({T0} positions incl. images) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+            f"of {lm.max_seq_length}: shorten the prompt or lower max_new_tokens"
+        )
+    device = embeds.device
+    if use_cache:
+        lm.set_kv_cache(batch_size=1, max_seq_length=total, device=device)
+    try:
+        pos = torch.arange(T0, device=device)
+        logits = forward_embeds(lm, embeds, input_pos=pos if use_cache else None, input_pos_maxp1=T0)
+        seq = embeds
+        for i in range(max_new_tokens):
+            token = sample(logits[:, -1:].float(), temperature=temperature, top_k=top_k, top_p=top_p)
+            yield int(token)
+            if (eos_id is not None and int(token) == eos_id) or i == max_new_tokens - 1:
+                return
+            emb = embed_tokens(lm, token.view(1, 1)).to(embeds.dtype)
+            if use_cache:
+                p = torch.tensor([T0 + i], device=device)
+                logits = forward_embeds(lm, emb, input_pos=p, input_pos_maxp1=T0 + i + 1)
+            else:
+                seq = torch.cat([seq, emb], dim=1)
+                logits = forward_embeds(lm, seq)
+    finally:
+        if use_cache:
+            lm.clear_kv_cache()

@@ -1,0 +1,241 @@
+"""Stage 1 of the multimodal model: align frozen CLIP patches to a frozen LM by training only the projector.
+
+    python scripts/prepare_coco.py --download_coco true --features true
+    litgpt download microsoft/phi-2
+    python recipes/align.py --lm_checkpoint_dir checkpoints/microsoft/phi-2
+    python recipes/align.py --config recipes/configs/align_tiny.yaml       # CPU, bundled sample, minutes
+
+The LM is any litgpt checkpoint directory (phi-2 from `litgpt download`, or `recipes/pretrain_moe.py`'s
+`final/`). Each (image, caption) pair is a sample laid out as `[49 projected patches, separator, caption, EOS]`
+with the loss on the caption tokens only. Checkpoints (`out_dir/step-*/`, `out_dir/final/`) hold the projector
+(`projector.pth`), `multimodal_config.yaml` (which names the LM checkpoint) and the tokenizer; each evaluation
+logs the validation loss and greedy captions of fixed validation images (`logs/samples.md`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from jsonargparse import CLI
+from lightning.fabric.strategies import DDPStrategy
+from litgpt.args import EvalArgs, TrainArgs
+from litgpt.tokenizer import Tokenizer
+from litgpt.utils import instantiate_torch_optimizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from litgpt_mm.data import coco  # noqa: E402
+from litgpt_mm.data.tokens import ResumableLoader, ResumableSampler  # noqa: E402
+from litgpt_mm.model import load_model  # noqa: E402
+from litgpt_mm.multimodal import (  # noqa: E402
+    MultimodalConfig,
+    MultimodalGPT,
+    generate,
+    separator_token_id,
+    shifted_cross_entropy,
+)
+from litgpt_mm.training import Stage, fit, load_training_state, resolve_resume  # noqa: E402
+from litgpt_mm.vision import CLIPPatchEncoder  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json")
+
+
+def setup(
+    lm_checkpoint_dir: Path = Path("checkpoints/microsoft/phi-2"),
+    data_dir: Path = Path("data/prepared/coco"),
+    out_dir: Path = Path("out/align"),
+    clip_model: str = "ViT-B-32",
+    clip_pretrained: str | None = "openai",
+    clip_layer: int = -1,
+    feature_cache: bool = True,
+    feature_dir: Path = Path("data/cache/clip_features"),
+    projector: Literal["linear", "resblock", "mlp2x_gelu"] = "resblock",
+    separator: str = "learned",
+    max_caption_tokens: int = 64,
+    precision: str | None = None,
+    devices: int = 1,
+    train: TrainArgs = TrainArgs(
+        save_interval=500,
+        log_interval=10,
+        global_batch_size=64,
+        micro_batch_size=16,
+        epochs=1,
+        lr_warmup_steps=100,
+        max_norm=1.0,
+        min_lr=1e-5,
+    ),
+    eval: EvalArgs = EvalArgs(interval=500, max_iters=50, initial_validation=True, max_new_tokens=30),
+    optimizer: str | dict = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3, "weight_decay": 0.0}},  # noqa: B006
+    resume: bool | Literal["auto"] | Path = False,
+    seed: int = 42,
+    num_workers: int = 2,
+    num_sample_images: int = 3,
+) -> dict[str, float]:
+    """Train the projector (and learned separator) between frozen CLIP and a frozen LM on COCO captions.
+
+    Args:
+        lm_checkpoint_dir: litgpt checkpoint directory of the language model (with its tokenizer).
+        data_dir: output of `scripts/prepare_coco.py`.
+        out_dir: checkpoints and logs.
+        clip_model: open_clip vision model.
+        clip_pretrained: open_clip weights tag (None: random initialisation, for offline runs).
+        clip_layer: vision block whose patch features are used.
+        feature_cache: read cached fp16 CLIP features (built here for images not cached yet) instead of running
+            CLIP every step.
+        feature_dir: root of the feature cache.
+        projector: projector type.
+        separator: `learned`, or a tokenizer token (e.g. `"\\n"`) placed after each image.
+        max_caption_tokens: captions are cut to this many tokens (EOS included).
+        precision: Fabric precision; default `bf16-mixed` on CUDA (the frozen LM is then stored in bf16),
+            `32-true` on CPU.
+        devices: number of devices (DDP).
+        train: batch sizes, epochs or max_steps, schedule (litgpt's `TrainArgs`).
+        eval: validation interval and size; `max_new_tokens` bounds the sample captions.
+        optimizer: optimizer spec (e.g. `bitsandbytes.optim.AdamW8bit`); its `lr` is the schedule's peak.
+        resume: `auto` continues the newest checkpoint in `out_dir`, or a `step-*` directory.
+        seed: seed for the projector initialisation and the data order.
+        num_workers: DataLoader workers.
+        num_sample_images: validation images captioned at each evaluation.
+    """
+    cuda = torch.cuda.is_available()
+    precision = precision or ("bf16-mixed" if cuda else "32-true")
+    strategy = DDPStrategy(process_group_backend="gloo" if not cuda else "nccl") if devices > 1 else "auto"
+    fabric = L.Fabric(accelerator="cuda" if cuda else "cpu", devices=devices, strategy=strategy, precision=precision)
+    return fabric.launch(
+        main, Path(lm_checkpoint_dir), Path(data_dir), Path(out_dir), clip_model, clip_pretrained, clip_layer,
+        feature_cache, Path(feature_dir), projector, separator, max_caption_tokens, train, eval, optimizer, resume,
+        seed, num_workers, num_sample_images,
+    )  # fmt: skip
+
+
+def main(
+    fabric: L.Fabric, lm_dir: Path, data_dir: Path, out_dir: Path, clip_model: str, clip_pretrained: str | None,
+    clip_layer: int, feature_cache: bool, feature_dir: Path, projector: str, separator: str, max_caption_tokens: int,
+    train: TrainArgs, eval: EvalArgs, optimizer_spec, resume, seed: int, num_workers: int, num_sample_images: int,
+) -> dict[str, float]:  # fmt: skip
+    resume_dir = resolve_resume(resume, out_dir)
+    fabric.seed_everything(seed)
+    tokenizer = Tokenizer(lm_dir)
+    lm = load_model(lm_dir, device=fabric.device)
+    if "bf16" in str(fabric.strategy.precision.precision) and fabric.device.type == "cuda":
+        lm = lm.to(torch.bfloat16)
+    lm.requires_grad_(False).eval()
+
+    encoder = CLIPPatchEncoder(clip_model, clip_pretrained, layer=clip_layer).to(fabric.device)
+    images_root = Path(json.loads((data_dir / "meta.json").read_text())["images_root"])
+    records = {split: coco.read_index(data_dir / f"{split}.jsonl") for split in ("train", "val")}
+    cache = None
+    if feature_cache:
+        cache = coco.FeatureCache(feature_dir, encoder.key())
+        if fabric.global_rank == 0:
+            cache.build(encoder, records["train"] + records["val"], images_root, coco.CocoSummary())
+        fabric.barrier()
+        cache = coco.FeatureCache(feature_dir, encoder.key())  # the index as rank 0 left it
+        for split in records:
+            records[split] = [r for r in records[split] if r.image_id in cache]
+
+    mm_config = MultimodalConfig(
+        clip_model=clip_model, clip_pretrained=clip_pretrained, clip_layer=encoder.layer,
+        vision_width=encoder.width, num_patches=encoder.num_patches, projector=projector, separator=separator,
+        lm_checkpoint_dir=str(lm_dir.resolve()),
+    )  # fmt: skip
+    sep_id = None if separator == "learned" else separator_token_id(tokenizer, separator)
+    with fabric.init_module():
+        mm = MultimodalGPT(lm, mm_config, separator_id=sep_id)
+    mm.projector.float()
+    if mm.separator is not None:
+        mm.separator.data = mm.separator.data.float()
+    lm.max_seq_length = min(lm.config.block_size, encoder.num_patches + 1 + max_caption_tokens + eval.max_new_tokens)
+
+    loaders = {}
+    for split, shuffle in (("train", True), ("val", False)):
+        ds = coco.CaptionPairs(records[split], tokenizer, max_caption_tokens, images_root, cache, encoder.preprocess)
+        sampler = ResumableSampler(len(ds), seed, train.micro_batch_size, shuffle, fabric.global_rank,
+                                   fabric.world_size)  # fmt: skip
+        if sampler.batches_per_epoch == 0:
+            raise ValueError(f"{data_dir / split}.jsonl has {len(ds)} pairs: fewer than a micro-batch per device")
+        loaders[split] = ResumableLoader(ds, sampler, track=shuffle, num_workers=num_workers,
+                                         collate_fn=coco.collate_pairs)  # fmt: skip
+
+    model = fabric.setup(mm)
+    params = [p for p in mm.parameters() if p.requires_grad]
+    optimizer = fabric.setup_optimizers(instantiate_torch_optimizer(optimizer_spec, params))
+    state = {"model": model, "optimizer": optimizer, "train_dataloader": loaders["train"], "step": 0, "tokens": 0}
+    if resume_dir is not None:
+        mm.load_adapter(resume_dir)
+        load_training_state(fabric, state, resume_dir)
+        fabric.print(f"Resumed from {resume_dir} at step {state['step']}")
+    fabric.print(
+        f"LM {lm.config.name} (frozen), CLIP {clip_model} layer {encoder.layer} (frozen, "
+        f"{'cached features' if cache else 'run every step'}), trainable {sum(p.numel() for p in params):,} params, "
+        f"{len(loaders['train'].dataset):,} training pairs"
+    )
+
+    def features_of(batch: dict) -> torch.Tensor:
+        if "features" in batch:
+            return batch["features"].to(fabric.device).float()
+        return encoder(batch["pixels"].to(fabric.device)).float()
+
+    def loss_fn(batch: dict):
+        feats = features_of(batch)
+        logits, labels = model([f[None] for f in feats], batch["ids"])
+        loss = shifted_cross_entropy(logits, labels)
+        return loss, {"loss": loss}
+
+    sample_ids = [r.image_id for r in records["val"][:num_sample_images]]
+
+    def on_eval(step: int) -> dict:
+        if fabric.global_rank != 0 or not sample_ids:
+            return {}
+        lines = [f"\n## step {step}\n"]
+        captions = []
+        for rec in records["val"][:num_sample_images]:
+            if cache is not None:
+                feats = cache.get(rec.image_id).float()
+            else:
+                feats = encoder.encode_images([coco.load_rgb(images_root / rec.file)[0]])[0]
+            empty = torch.zeros(0, dtype=torch.long)
+            ids = list(generate(mm, feats[None], empty, eval.max_new_tokens, eos_id=tokenizer.eos_id))
+            text = tokenizer.decode(torch.tensor(ids)).strip().replace("\n", " ")
+            captions.append(text)
+            lines.append(f"- {rec.file}: {text!r} (reference: {rec.captions[0]!r})")
+        with open(Path(out_dir) / "logs" / "samples.md", "a") as f:
+            f.write("\n".join(lines) + "\n")
+        return {"sample_captions": " | ".join(captions)}
+
+    def save_fn(ckpt_dir: Path) -> None:
+        if fabric.global_rank == 0:
+            mm.save_adapter(ckpt_dir)
+            for name in TOKENIZER_FILES:
+                if (lm_dir / name).is_file():
+                    shutil.copy2(lm_dir / name, ckpt_dir / name)
+
+    (Path(out_dir) / "logs").mkdir(parents=True, exist_ok=True)
+    accum_batch = train.micro_batch_size * fabric.world_size * train.gradient_accumulation_iters(fabric.world_size, 1)
+    if train.max_steps:
+        max_steps = train.max_steps
+    else:
+        max_steps = max(1, (train.epochs or 1) * len(loaders["train"].dataset) // accum_batch)
+    stage = Stage(loss_fn, save_fn, tokens_fn=lambda b: sum(len(i) for i in b["ids"]), on_eval=on_eval)
+    result = fit(
+        fabric, stage, state, out_dir=out_dir, train=train, eval=eval, max_steps=max_steps,
+        learning_rate=optimizer.param_groups[0]["lr"], val_loader=loaders["val"], resumed_from=resume_dir,
+    )  # fmt: skip
+    if fabric.global_rank == 0:
+        from litgpt_mm.plots import plot_run
+
+        plot_run(out_dir)
+        fabric.print(f"Final train loss {result['train_loss']:.4f}, val loss {result['val_loss']:.4f}")
+        fabric.print(f"Projector: {out_dir / 'final'}  logs, plots and sample captions: {out_dir / 'logs'}")
+    return result
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    CLI(setup)

@@ -1,0 +1,305 @@
+"""The comparison study: MoE on Gutenberg, litgpt's dense pretrain on RedPajama, and MoE vs an equal-active-FLOP
+dense twin on the same Gutenberg tokens, two seeds each; writes a Markdown report with plots.
+
+    python recipes/compare.py                                        # tiny presets, CPU, minutes
+    python recipes/compare.py --litgpt_data gutenberg                # no RedPajama prepared: litgpt on the books
+    python recipes/compare.py --moe_model phi-2-moe --dense_model phi-2 --moe_config my_gpu.yaml ...   # GPUs
+
+Each run is its own process (so its peak memory is its own) writing to `runs_dir/<run>/`; a finished run is
+reused and an interrupted one resumes. `--report_only true` rebuilds the report from existing runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from jsonargparse import CLI  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from litgpt_mm.config import Config  # noqa: E402
+from litgpt_mm.flops import active_params  # noqa: E402
+from litgpt_mm.model import GPT  # noqa: E402
+from litgpt_mm.plots import plot_expert_load, read_csv  # noqa: E402
+
+GROUPS = {
+    "moe-gutenberg": "(1) ours: Phi-2 + MoE after the MLP, Gutenberg",
+    "litgpt-dense": "(2) litgpt pretrain, dense Phi-2",
+    "dense-twin-gutenberg": "(3) ours: dense twin with equal active FLOPs, Gutenberg",
+}
+COLORS = {"moe-gutenberg": "tab:blue", "litgpt-dense": "tab:green", "dense-twin-gutenberg": "tab:orange"}
+
+
+@dataclass
+class Run:
+    """One training run's logs, normalised across our CSV logs and litgpt's CSV logger."""
+
+    name: str
+    group: str
+    seed: int
+    out: Path
+    train: list[dict[str, float]] = field(default_factory=list)
+    val: list[dict[str, float]] = field(default_factory=list)
+    peak_memory_gb: float = float("nan")
+    params: int = 0
+    active: int = 0
+
+    @property
+    def final_val(self) -> float:
+        return self.val[-1]["val_loss"] if self.val else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        rates = [r["tokens_per_s"] for r in self.train[1:] if "tokens_per_s" in r]  # the first window holds warm-up
+        return statistics.median(rates) if rates else float("nan")
+
+    @property
+    def wall_clock_s(self) -> float:
+        return self.train[-1]["elapsed_s"] if self.train else float("nan")
+
+
+def main(
+    out_dir: Path = Path("reports/compare"),
+    runs_dir: Path = Path("out/compare"),
+    gutenberg_dir: Path = Path("data/prepared/gutenberg"),
+    litgpt_data: Literal["redpajama", "gutenberg"] = "redpajama",
+    litgpt_data_dir: Path | None = None,
+    moe_model: str = "phi-2-moe-tiny",
+    dense_model: str = "phi-2-tiny-twin",
+    moe_config: Path = Path("recipes/configs/pretrain_moe_tiny.yaml"),
+    litgpt_config: Path = Path("recipes/configs/pretrain_dense_litgpt_tiny.yaml"),
+    seeds: list[int] = [1, 2],  # noqa: B006
+    report_only: bool = False,
+) -> Path:
+    """Run (or reuse) the six runs and write `out_dir/README.md` with plots.
+
+    Args:
+        out_dir: where the report and its plots go.
+        runs_dir: where each run's checkpoints and logs go.
+        gutenberg_dir: prepared Gutenberg shards (`scripts/prepare_gutenberg.py`).
+        litgpt_data: corpus of the litgpt dense run; `redpajama` as in the original study.
+        litgpt_data_dir: its prepared shards (default `data/prepared/<litgpt_data>`).
+        moe_model: our MoE preset for runs (1).
+        dense_model: the dense preset with the MoE's active FLOPs, for runs (2) and (3).
+        moe_config: YAML of `recipes/pretrain_moe.py` settings shared by runs (1) and (3).
+        litgpt_config: YAML of `recipes/pretrain_dense_litgpt.py` settings for run (2).
+        seeds: one run per seed in each group.
+        report_only: do not train; report on what `runs_dir` holds.
+    """
+    litgpt_data_dir = Path(litgpt_data_dir or f"data/prepared/{litgpt_data}")
+    for directory, script in ((gutenberg_dir, "prepare_gutenberg"), (litgpt_data_dir, f"prepare_{litgpt_data}")):
+        if not report_only and not (directory / "train" / "index.json").is_file():
+            raise SystemExit(f"{directory} has no prepared shards: run `python scripts/{script}.py` first")
+    runs = []
+    for seed in seeds:
+        common = ["--seed", str(seed), "--resume", "auto"]
+        runs.append(
+            _run(
+                f"moe-gutenberg-seed{seed}", "moe-gutenberg", seed, runs_dir, report_only,
+                ["recipes/pretrain_moe.py", "--config", moe_config, "--model_name", moe_model,
+                 "--data_dir", gutenberg_dir, *common],
+            )
+        )  # fmt: skip
+        runs.append(
+            _run(
+                f"dense-twin-gutenberg-seed{seed}", "dense-twin-gutenberg", seed, runs_dir, report_only,
+                ["recipes/pretrain_moe.py", "--config", moe_config, "--model_name", dense_model,
+                 "--data_dir", gutenberg_dir, *common],
+            )
+        )  # fmt: skip
+        runs.append(
+            _run(
+                f"litgpt-dense-{litgpt_data}-seed{seed}", "litgpt-dense", seed, runs_dir, report_only,
+                ["recipes/pretrain_dense_litgpt.py", "--config", litgpt_config, "--model_name", dense_model,
+                 "--data", litgpt_data, "--data_dir", litgpt_data_dir, "--seed", str(seed)],
+            )
+        )  # fmt: skip
+    runs = [r for r in runs if r.train]
+    if not runs:
+        raise SystemExit(f"No finished runs under {runs_dir}")
+    return write_report(runs, Path(out_dir), litgpt_data)
+
+
+def _run(name: str, group: str, seed: int, runs_dir: Path, report_only: bool, args: list) -> Run:
+    out = Path(runs_dir) / name
+    if not report_only and not (out / "final" / "lit_model.pth").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, *map(str, args), "--out_dir", str(out)]
+        print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
+        with open(out / "stdout.log", "w") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise SystemExit(f"[{name}] failed with exit code {proc.returncode}; see {out / 'stdout.log'}")
+        (out / "peak_rss_gb.txt").write_text(f"{usage.ru_maxrss / 1e6:.4f}\n")
+    return load_run(name, group, seed, out)
+
+
+def load_run(name: str, group: str, seed: int, out: Path) -> Run:
+    """Read a run directory written by `recipes/pretrain_moe.py` or by litgpt's pretrain (CSV logger)."""
+    run = Run(name, group, seed, out)
+    if (out / "logs" / "train_log.csv").is_file():
+        run.train = read_csv(out / "logs" / "train_log.csv")
+        run.val = read_csv(out / "logs" / "val_log.csv")
+    else:
+        run.train, run.val = _litgpt_logs(out)
+    memory = [r["peak_memory_gb"] for r in run.train if "peak_memory_gb" in r]
+    stdout = (out / "stdout.log").read_text(errors="replace") if (out / "stdout.log").is_file() else ""
+    gpu = re.search(r"Memory Used\s*:\s*([\d.]+) GB", stdout)
+    if memory and torch.cuda.is_available():
+        run.peak_memory_gb = max(memory)
+    elif gpu:
+        run.peak_memory_gb = float(gpu.group(1))
+    elif (out / "peak_rss_gb.txt").is_file():
+        run.peak_memory_gb = float((out / "peak_rss_gb.txt").read_text())
+    if (out / "final" / "model_config.yaml").is_file():
+        with torch.device("meta"):
+            model = GPT(Config.from_file(out / "final" / "model_config.yaml"))
+        run.params = sum(p.numel() for n, p in model.named_parameters() if "wte" not in n)
+        run.active = active_params(model)
+    return run
+
+
+def _litgpt_logs(out: Path) -> tuple[list[dict], list[dict]]:
+    """litgpt's `metrics.csv` (every `version_*` of a resumed run, later rows winning) as our log rows."""
+    rows: dict[tuple[str, int], dict] = {}
+    for path in sorted((out / "logs" / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
+        for r in read_csv(path):
+            rows[("val" if "val_loss" in r else "train", int(r["step"]))] = r
+    train = [r for (kind, _), r in sorted(rows.items(), key=lambda kv: kv[0][1]) if kind == "train"]
+    if not train:
+        return [], []
+    per_iter = train[-1]["total_tokens"] / train[-1]["iter"]
+    out_train, prev = [], None
+    for r in train:
+        row = {"step": r["step"], "tokens": r["total_tokens"], "loss": r["loss"], "elapsed_s": r["time"]}
+        if prev is not None and r["time"] > prev["time"]:
+            row["tokens_per_s"] = (r["total_tokens"] - prev["total_tokens"]) / (r["time"] - prev["time"])
+        out_train.append(row)
+        prev = r
+    val = []
+    for (kind, step), r in sorted(rows.items(), key=lambda kv: kv[0][1]):
+        if kind == "val":
+            tokens = (step + 1) * per_iter
+            nearest = min(train, key=lambda t: abs(t["total_tokens"] - tokens))
+            val.append({"step": step, "tokens": tokens, "val_loss": r["val_loss"], "elapsed_s": nearest["time"]})
+    return out_train, val
+
+
+def write_report(runs: list[Run], out_dir: Path, litgpt_data: str) -> Path:
+    """Plots and `README.md` of the study."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _loss_plot(runs, "tokens", "tokens", out_dir / "loss_vs_tokens.png")
+    _loss_plot(runs, "elapsed_s", "wall-clock seconds", out_dir / "loss_vs_time.png")
+    _throughput_plot(runs, out_dir / "throughput_memory.png")
+    moe = next((r for r in runs if r.group == "moe-gutenberg"), None)
+    if moe is not None and (moe.out / "logs" / "expert_load.csv").is_file():
+        plot_expert_load(read_csv(moe.out / "logs" / "expert_load.csv"), out_dir / "expert_load.png", moe.name)
+
+    by_group = {g: [r for r in runs if r.group == g] for g in GROUPS if any(r.group == g for r in runs)}
+    lines = [
+        "# Pretraining comparison",
+        "",
+        f"Generated by `python recipes/compare.py` on {time.strftime('%Y-%m-%d')} "
+        f"({'CUDA: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}).",
+        f"Runs (2) read **{litgpt_data}**"
+        + ("" if litgpt_data == "redpajama" else " (RedPajama was not prepared for this run)")
+        + "; runs (1) and (3) read the same Gutenberg token shards in the same order.",
+        "",
+        "| group | runs | params (no emb.) | active | tokens | final val loss | tokens/s | wall-clock | peak mem |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for group, members in by_group.items():
+        vals = [r.final_val for r in members]
+        spread = (max(vals) - min(vals)) / 2
+        lines.append(
+            f"| {GROUPS[group]} | {len(members)} | {members[0].params / 1e6:.2f}M | {members[0].active / 1e6:.2f}M "
+            f"| {members[0].train[-1]['tokens']:,.0f} | {statistics.mean(vals):.3f} ± {spread:.3f} "
+            f"| {statistics.mean(r.tokens_per_s for r in members):,.0f} "
+            f"| {statistics.mean(r.wall_clock_s for r in members):.0f} s "
+            f"| {statistics.mean(r.peak_memory_gb for r in members):.2f} GB |"
+        )
+    lines += ["", "± is half the spread over seeds. Peak memory: CUDA allocator peak on GPU, peak RSS on CPU.", ""]
+    if "moe-gutenberg" in by_group and "dense-twin-gutenberg" in by_group:
+        m = statistics.mean(r.final_val for r in by_group["moe-gutenberg"])
+        d = statistics.mean(r.final_val for r in by_group["dense-twin-gutenberg"])
+        speed = statistics.mean(r.tokens_per_s for r in by_group["moe-gutenberg"]) / statistics.mean(
+            r.tokens_per_s for r in by_group["dense-twin-gutenberg"]
+        )
+        lines += [
+            "## The fair test: MoE vs dense at equal active FLOPs",
+            "",
+            f"On the same tokens, the MoE ends at validation loss {m:.3f} and its dense twin at {d:.3f} "
+            f"({'MoE better' if m < d else 'dense better'} by {abs(m - d):.3f} nats/token); "
+            f"the MoE trains at {speed:.2f}× the twin's tokens/s.",
+            "",
+        ]
+    lines += [
+        "## Plots",
+        "",
+        "![validation loss vs tokens](loss_vs_tokens.png)",
+        "",
+        "![validation loss vs wall-clock](loss_vs_time.png)",
+        "",
+        "![throughput and memory](throughput_memory.png)",
+        "",
+    ]
+    if (out_dir / "expert_load.png").is_file():
+        lines += ["![expert load](expert_load.png)", ""]
+    lines += ["## Runs", "", "| run | final val loss | tokens/s | directory |", "|---|---|---|---|"]
+    lines += [f"| {r.name} | {r.final_val:.3f} | {r.tokens_per_s:,.0f} | `{r.out}` |" for r in runs]
+    report = out_dir / "README.md"
+    report.write_text("\n".join(lines) + "\n")
+    print(f"Report: {report}")
+    return report
+
+
+def _loss_plot(runs: list[Run], x: str, label: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in runs:
+        style = "-" if r.seed == runs[0].seed else "--"
+        train = [t for t in r.train if x in t]
+        ax.plot([t[x] for t in train], [t["loss"] for t in train], style, color=COLORS[r.group], alpha=0.25, lw=1)
+        val = [v for v in r.val if x in v]
+        ax.plot([v[x] for v in val], [v["val_loss"] for v in val], style, marker="o", ms=3, color=COLORS[r.group],
+                label=f"{r.group} seed {r.seed}")  # fmt: skip
+    ax.set(xlabel=label, ylabel="cross-entropy (nats/token)", title=f"validation loss (faint: train) vs {label}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _throughput_plot(runs: list[Run], path: Path) -> None:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    names = [r.name.replace("-gutenberg", "").replace("-redpajama", "") for r in runs]
+    colors = [COLORS[r.group] for r in runs]
+    a.barh(names, [r.tokens_per_s for r in runs], color=colors)
+    a.set(xlabel="training tokens/s (median over log windows)", title="throughput")
+    b.barh(names, [r.peak_memory_gb for r in runs], color=colors)
+    b.set(xlabel="GB", title="peak memory")
+    for ax in (a, b):
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    CLI(main)
