@@ -12,11 +12,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_csv(path: Path) -> list[dict[str, float]]:
-    """Rows of a log CSV with numeric values (empty list if the file does not exist)."""
+    """Rows of a log CSV, numeric columns only (empty list if the file does not exist)."""
     if not Path(path).is_file():
         return []
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        return [
+            {k: v for k, v in ((k, _number(v)) for k, v in row.items()) if v is not None} for row in csv.DictReader(f)
+        ]
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def plot_run(out_dir: Path) -> list[Path]:

@@ -104,6 +104,14 @@ class CSVLog:
             self.fields = list(row)
             with open(self.path, "w", newline="") as f:
                 csv.DictWriter(f, fieldnames=self.fields).writeheader()
+        elif new := [k for k in row if k not in self.fields]:  # a column appears later: widen the header
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            self.fields += new
+            with open(self.path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.fields)
+                w.writeheader()
+                w.writerows(rows)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore").writerow(row)
 
@@ -231,6 +239,8 @@ def fit(
     if val_loader is not None and eval.initial_validation and start_step == 0:
         val_loss = validate(fabric, stage, model, val_loader, eval.max_iters)
         row = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        if stage.on_eval is not None:
+            row.update(stage.on_eval(0))
         logs.log("val_log", row)
 
     batches = _batches(loader)

@@ -21,7 +21,7 @@ class CLIPPatchEncoder(nn.Module):
     Args:
         model_name: open_clip model name, e.g. `ViT-B-32`.
         pretrained: open_clip pretrained tag (`openai`, `laion2b_s34b_b79k`, ...), a local weights file, or `None`
-            for a random initialisation (tests, benchmarks).
+            for a random initialisation with a fixed seed (offline tests, demo, benchmarks).
         layer: transformer block to read (negative counts from the end; -1 is the last block).
         normalize: apply the final `ln_post` to the features (what open_clip's `output_tokens` returns).
         cache_dir: where open_clip keeps downloaded weights.
@@ -40,9 +40,11 @@ class CLIPPatchEncoder(nn.Module):
 
         if model_name not in open_clip.list_models():
             raise ValueError(f"Unknown open_clip model {model_name!r}; choose from open_clip.list_models()")
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained or None, cache_dir=cache_dir
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # without pretrained weights: the same random CLIP in every process
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained or None, cache_dir=cache_dir
+            )
         self.visual = model.visual
         self.preprocess = preprocess
         self.model_name, self.pretrained, self.normalize = model_name, pretrained, normalize

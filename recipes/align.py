@@ -151,7 +151,13 @@ def main(
     mm.projector.float()
     if mm.separator is not None:
         mm.separator.data = mm.separator.data.float()
-    lm.max_seq_length = min(lm.config.block_size, encoder.num_patches + 1 + max_caption_tokens + eval.max_new_tokens)
+    prefix = encoder.num_patches + 1
+    if prefix + max_caption_tokens > lm.config.block_size:
+        raise ValueError(
+            f"{prefix} image positions + --max_caption_tokens {max_caption_tokens} exceed the LM's block_size "
+            f"{lm.config.block_size}: lower --max_caption_tokens"
+        )
+    lm.max_seq_length = min(lm.config.block_size, prefix + max(max_caption_tokens, eval.max_new_tokens))
 
     loaders = {}
     for split, shuffle in (("train", True), ("val", False)):
@@ -166,6 +172,7 @@ def main(
     model = fabric.setup(mm)
     params = [p for p in mm.parameters() if p.requires_grad]
     optimizer = fabric.setup_optimizers(instantiate_torch_optimizer(optimizer_spec, params))
+    peak_lr = optimizer.param_groups[0]["lr"]  # read before a resume overwrites it with the scheduled value
     state = {"model": model, "optimizer": optimizer, "train_dataloader": loaders["train"], "step": 0, "tokens": 0}
     if resume_dir is not None:
         mm.load_adapter(resume_dir)
@@ -225,7 +232,7 @@ def main(
     stage = Stage(loss_fn, save_fn, tokens_fn=lambda b: sum(len(i) for i in b["ids"]), on_eval=on_eval)
     result = fit(
         fabric, stage, state, out_dir=out_dir, train=train, eval=eval, max_steps=max_steps,
-        learning_rate=optimizer.param_groups[0]["lr"], val_loader=loaders["val"], resumed_from=resume_dir,
+        learning_rate=peak_lr, val_loader=loaders["val"], resumed_from=resume_dir,
     )  # fmt: skip
     if fabric.global_rank == 0:
         from litgpt_mm.plots import plot_run

@@ -85,7 +85,9 @@ def setup(
     data_dir = Path(data_dir or f"data/prepared/{data}")
     vocab = Tokenizer(data_dir / "tokenizer").vocab_size
     T = train.max_seq_length or config.block_size
-    config = config.replace(vocab_size=vocab, padded_vocab_size=find_multiple(vocab, 64), block_size=T)
+    if T > config.block_size:
+        raise ValueError(f"--train.max_seq_length {T} exceeds {config.name}'s block_size {config.block_size}")
+    config = config.replace(vocab_size=vocab, padded_vocab_size=find_multiple(vocab, 64))
     litgpt_fields = {f.name for f in fields(litgpt.config.Config)}
     out_dir = Path(out_dir or f"out/pretrain/litgpt-{config.name}-{data}")
     args = {

@@ -100,7 +100,9 @@ def setup(
     tokenizer = Tokenizer(data_dir / "tokenizer")
     vocab = tokenizer.vocab_size
     T = train.max_seq_length or config.block_size
-    config = config.replace(vocab_size=vocab, padded_vocab_size=find_multiple(vocab, 64), block_size=T)
+    if T > config.block_size:
+        raise ValueError(f"--train.max_seq_length {T} exceeds {config.name}'s block_size {config.block_size}")
+    config = config.replace(vocab_size=vocab, padded_vocab_size=find_multiple(vocab, 64))
 
     cuda = torch.cuda.is_available()
     precision = precision or ("bf16-mixed" if cuda else "32-true")
@@ -147,7 +149,7 @@ def main(
 ) -> dict[str, float]:
     resume_dir = resolve_resume(resume, out_dir)
     fabric.seed_everything(seed)
-    T = config.block_size
+    T = train.max_seq_length or config.block_size
     data = TokenShards(data_dir, seed=seed, num_workers=num_workers)
     data.connect(tokenizer, batch_size=train.micro_batch_size, max_seq_length=T)
     data.set_rank(fabric.global_rank, fabric.world_size)
@@ -161,6 +163,7 @@ def main(
             out_std = 1 / math.sqrt(config.n_embd) / config.n_layer
             m.reset_parameters = partial(m.reset_parameters, std=std, out_std=out_std)
     initialize_weights(fabric, model, n_layer=config.n_layer, n_embd=config.n_embd)
+    model.max_seq_length = T
     model.activation_checkpointing = activation_checkpointing and not isinstance(fabric.strategy, FSDPStrategy)
     flops_per_token = training_flops_per_token(model, T)
     fabric.print(

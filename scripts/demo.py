@@ -2,8 +2,13 @@
 
     python scripts/demo.py            # or: make demo
 
-Stage 1: prepare the 13 bundled Gutenberg books (cleaning, split by book, a 4,096-token BPE, token shards), then
-pretrain the tiny Phi-2 + MoE-after-MLP model on them. Everything goes under `out/demo/` (replaced on each run).
+1. Prepare the 13 bundled Gutenberg books (cleaning, split by book, a 4,096-token BPE, token shards), then
+   pretrain the tiny Phi-2 + MoE-after-MLP model on them.
+2. Prepare the 20 bundled COCO images (validated index, CLIP ViT-B/32 patch-feature cache), then align CLIP to the
+   pretrained LM by training the projector. Without internet the CLIP weights are a seeded random initialisation;
+   with it, pass `--clip_pretrained openai` to the two commands.
+
+Everything goes under `out/demo/` (replaced on each run).
 """
 
 from __future__ import annotations
@@ -35,10 +40,24 @@ def main(out: Path = ROOT / "out" / "demo") -> None:
         "recipes/pretrain_moe.py", "--config", "recipes/configs/pretrain_moe_tiny.yaml",
         "--data_dir", str(data), "--out_dir", str(pretrain),
     )  # fmt: skip
+    coco_data, features, align = out / "data" / "coco", out / "data" / "clip_features", out / "align"
+    run(
+        "prepare COCO captions + CLIP features",
+        "scripts/prepare_coco.py", "--out_dir", str(coco_data), "--features", "true", "--clip_pretrained", "null",
+        "--feature_dir", str(features),
+    )  # fmt: skip
+    run(
+        "align CLIP patches to the LM (projector only)",
+        "recipes/align.py", "--config", "recipes/configs/align_tiny.yaml", "--lm_checkpoint_dir",
+        str(pretrain / "final"), "--data_dir", str(coco_data), "--feature_dir", str(features), "--out_dir", str(align),
+    )  # fmt: skip
     print("\nArtefacts:")
     print(f"  token shards + tokenizer : {data}")
     print(f"  pretrained MoE checkpoint: {pretrain / 'final'}  (litgpt layout)")
-    print(f"  logs and plots           : {pretrain / 'logs'}  (CSV, TensorBoard, loss.png, expert_load.png)")
+    print(f"  pretraining logs, plots  : {pretrain / 'logs'}  (CSV, TensorBoard, loss.png, expert_load.png)")
+    print(f"  COCO index, CLIP features: {coco_data}, {features}")
+    print(f"  aligned projector        : {align / 'final'}  (projector.pth, multimodal_config.yaml)")
+    print(f"  alignment logs, captions : {align / 'logs'}  (samples.md: captions of fixed validation images)")
 
 
 if __name__ == "__main__":

@@ -50,3 +50,63 @@ def prepared_gutenberg(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "gutenberg"
     load_script("scripts/prepare_gutenberg.py").prepare(out_dir=out, vocab_size=1024)
     return out
+
+
+def pretrain_setup(**kwargs):
+    """`recipes/pretrain_moe.py`'s `setup` with plain dicts for `train` and `eval`."""
+    from litgpt.args import EvalArgs, TrainArgs
+
+    kwargs["train"] = TrainArgs(**kwargs["train"])
+    kwargs["eval"] = EvalArgs(**kwargs["eval"])
+    return load_script("recipes/pretrain_moe.py").setup(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(prepared_gutenberg, tmp_path_factory) -> tuple[Path, dict]:
+    """A tiny MoE LM pretrained for 120 steps on the bundled books: (run directory, setup's result)."""
+    out = tmp_path_factory.mktemp("pretrained") / "run"
+    result = pretrain_setup(
+        data_dir=prepared_gutenberg,
+        out_dir=out,
+        model_name="phi-2-moe-tiny",
+        precision="32-true",
+        devices=1,
+        num_workers=0,
+        train=dict(
+            global_batch_size=16,
+            micro_batch_size=8,
+            max_steps=120,
+            max_seq_length=64,
+            save_interval=60,
+            log_interval=1,
+            lr_warmup_steps=1,
+            max_norm=1.0,
+            min_lr=1e-4,
+        ),  # fmt: skip
+        eval=dict(interval=60, max_iters=8, initial_validation=True),
+        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3, "weight_decay": 0.1}},
+    )
+    return out, result
+
+
+def kill_while_saving(checkpoint_name: str) -> str:
+    """`python -c` code that runs a recipe (argv[1:]) and SIGKILLs itself half-way through writing a checkpoint."""
+    import textwrap
+
+    return textwrap.dedent(
+        f"""
+        import os, signal, sys, runpy
+        import litgpt_mm.training as training
+        real = training.save_checkpoint
+        def save_then_die(fabric, stage, state, ckpt_dir):
+            if ckpt_dir.name == {checkpoint_name!r}:
+                tmp = ckpt_dir.with_name("." + ckpt_dir.name + ".tmp")
+                tmp.mkdir()
+                (tmp / "torn.pth").write_bytes(b"torn")
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(fabric, stage, state, ckpt_dir)
+        training.save_checkpoint = save_then_die
+        sys.argv = sys.argv[1:]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        """
+    )

@@ -4,12 +4,11 @@ Adam, and a 2-process gloo run."""
 import csv
 import json
 import signal
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, load_script, run_python
+from conftest import DATA, kill_while_saving, load_script, pretrain_setup, run_python
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_mm.checkpoint import save_config
@@ -49,12 +48,7 @@ def quick(**extra) -> dict:
     return args
 
 
-def setup(**kwargs):
-    from litgpt.args import EvalArgs, TrainArgs
-
-    kwargs["train"] = TrainArgs(**kwargs["train"])
-    kwargs["eval"] = EvalArgs(**kwargs["eval"])
-    return load_script("recipes/pretrain_moe.py").setup(**kwargs)
+setup = pretrain_setup
 
 
 def test_prepare_gutenberg(prepared_gutenberg):
@@ -107,15 +101,9 @@ def test_sampler_resumes_mid_epoch_and_strides_ranks():
     assert not set(ranks[0]) & set(ranks[1]) and len(ranks[0]) == len(ranks[1]) == 10
 
 
-def test_tiny_run_beats_unigram_baseline(prepared_gutenberg, tmp_path):
+def test_tiny_run_beats_unigram_baseline(prepared_gutenberg, pretrained_tiny):
     """A short run on the real books: validation loss ends below the unigram entropy of the validation books."""
-    out = tmp_path / "run"
-    args = quick(
-        train={"max_steps": 120, "global_batch_size": 16, "max_seq_length": 64, "save_interval": 60},
-        eval={"interval": 60, "max_iters": 8, "initial_validation": True},
-        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3, "weight_decay": 0.1}},
-    )
-    result = setup(data_dir=prepared_gutenberg, out_dir=out, **args)
+    out, result = pretrained_tiny
     baseline = tokens.unigram_entropy(prepared_gutenberg / "val", 1024)
     val = read_log(out / "logs" / "val_log.csv")
     assert float(val[0]["val_loss"]) > 6.5  # ~ln(1024) at initialisation
@@ -128,25 +116,6 @@ def test_tiny_run_beats_unigram_baseline(prepared_gutenberg, tmp_path):
     model = load_model(out / "final")  # litgpt layout + our config: reloads
     assert model.config.vocab_size == 1024 and len(model.moe_layers) == 4
     assert (out / "final" / "tokenizer.json").is_file() and not (out / "final" / "training_state.pth").exists()
-
-
-KILL_AT_12 = textwrap.dedent(
-    """
-    import os, signal, sys, runpy
-    import litgpt_mm.training as training
-    real = training.save_checkpoint
-    def save_then_die(fabric, stage, state, ckpt_dir):
-        if ckpt_dir.name == "step-000012":  # die half-way through writing a checkpoint
-            tmp = ckpt_dir.with_name("." + ckpt_dir.name + ".tmp")
-            tmp.mkdir()
-            (tmp / "lit_model.pth").write_bytes(b"torn")
-            os.kill(os.getpid(), signal.SIGKILL)
-        real(fabric, stage, state, ckpt_dir)
-    training.save_checkpoint = save_then_die
-    sys.argv = sys.argv[1:]
-    runpy.run_path(sys.argv[0], run_name="__main__")
-    """
-)
 
 
 def test_resume_after_kill_continues_the_same_curve(prepared_gutenberg, tmp_path):
@@ -163,7 +132,9 @@ def test_resume_after_kill_continues_the_same_curve(prepared_gutenberg, tmp_path
     }
     ref = run_python(run_args(prepared_gutenberg, tmp_path / "ref", **common))
     assert ref.returncode == 0, ref.stderr[-3000:]
-    killed = run_python(["-c", KILL_AT_12, *run_args(prepared_gutenberg, tmp_path / "run", **common)])
+    killed = run_python(
+        ["-c", kill_while_saving("step-000012"), *run_args(prepared_gutenberg, tmp_path / "run", **common)]
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (tmp_path / "run" / ".step-000012.tmp").is_dir() and not (tmp_path / "run" / "final").exists()
     resumed = run_python(run_args(prepared_gutenberg, tmp_path / "run", resume="auto", **common))

@@ -1,0 +1,179 @@
+"""COCO preparation (bad input, feature cache) and `recipes/align.py`: image information reaches the loss, exact
+resume after a kill."""
+
+import csv
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DATA, kill_while_saving, load_script, run_python
+from litgpt.args import EvalArgs, TrainArgs
+from litgpt.tokenizer import Tokenizer
+from PIL import Image
+
+from litgpt_mm.data import coco
+from litgpt_mm.model import load_model
+from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, shifted_cross_entropy
+from litgpt_mm.vision import CLIPPatchEncoder
+
+
+@pytest.fixture(scope="module")
+def prepared_coco(tmp_path_factory) -> tuple[Path, Path]:
+    """The bundled COCO sample prepared with a seeded random ViT-B-32 feature cache: (data dir, feature dir)."""
+    root = tmp_path_factory.mktemp("coco")
+    prepare = load_script("scripts/prepare_coco.py").prepare
+    prepare(out_dir=root / "data", features=True, feature_dir=root / "features", clip_pretrained=None)
+    return root / "data", root / "features"
+
+
+def test_prepare_coco_sample(prepared_coco):
+    data, features = prepared_coco
+    summary = json.loads((data / "summary.json").read_text())
+    assert summary["images"] == {"train": 12, "val": 8} and summary["captions"] == {"train": 60, "val": 40}
+    assert summary["skipped"] == []
+    train = coco.read_index(data / "train.jsonl")
+    assert all(len(r.captions) == 5 and r.file.startswith("train2017/") for r in train)
+    assert 397133 in {r.image_id for r in coco.read_index(data / "val.jsonl")}
+
+    encoder = CLIPPatchEncoder("ViT-B-32", pretrained=None)
+    cache = coco.FeatureCache(features, encoder.key())
+    assert len(cache) == 20
+    rec = train[0]
+    want = encoder.encode_images([coco.load_rgb(DATA / "coco" / rec.file)[0]])[0]
+    torch.testing.assert_close(cache.get(rec.image_id).float(), want, atol=2e-2, rtol=1e-2)  # fp16 storage
+    assert cache.build(encoder, train, DATA / "coco", coco.CocoSummary()) == 0  # reused, nothing recomputed
+    other = CLIPPatchEncoder("ViT-B-32", pretrained=None, layer=-2)
+    assert other.key() != encoder.key()  # another layer: another cache
+
+
+def test_prepare_coco_reports_bad_input(tmp_path):
+    src = DATA / "coco"
+    (tmp_path / "train2017").mkdir()
+    (tmp_path / "val2017").mkdir()
+    (tmp_path / "annotations").mkdir()
+    real = sorted((src / "train2017").glob("*.jpg"))
+    img = Image.open(real[0])
+    img.convert("CMYK").save(tmp_path / "train2017" / "cmyk.jpg")
+    img.convert("L").save(tmp_path / "train2017" / "grey.jpg")
+    img.convert("RGBA").save(tmp_path / "train2017" / "alpha.png")
+    shutil.copy(real[1], tmp_path / "train2017" / "ok.jpg")
+    (tmp_path / "train2017" / "truncated.jpg").write_bytes(real[2].read_bytes()[:3000])
+    names = ["cmyk.jpg", "grey.jpg", "alpha.png", "ok.jpg", "truncated.jpg", "missing.jpg", "nocaption.jpg"]
+    images = [{"id": i, "file_name": n, "height": 1, "width": 1} for i, n in enumerate(names)]
+    anns = [{"id": 100 + i, "image_id": i, "caption": f"A photo number {i}."} for i in range(6)]
+    anns += [
+        {"id": 200, "image_id": 6, "caption": "   "},
+        {"id": 201, "image_id": 99, "caption": "An orphan caption."},
+        {"id": 202, "image_id": 3, "caption": None},
+    ]
+    (tmp_path / "annotations" / "captions_train2017.json").write_text(
+        json.dumps({"images": images, "annotations": anns})
+    )
+    val = json.loads((src / "annotations" / "captions_val2017_sample.json").read_text())
+    (tmp_path / "annotations" / "captions_val2017.json").write_text(json.dumps(val))
+    for entry in val["images"]:
+        shutil.copy(src / "val2017" / entry["file_name"], tmp_path / "val2017" / entry["file_name"])
+
+    prepare = load_script("scripts/prepare_coco.py").prepare
+    summary = prepare(source_dir=tmp_path, out_dir=tmp_path / "out")
+    skipped = dict(summary.skipped)
+    assert set(skipped) == {
+        "captions_train2017.json: annotation 200",
+        "captions_train2017.json: annotation 201",
+        "captions_train2017.json: annotation 202",
+        "train2017/nocaption.jpg",
+        "train2017/truncated.jpg",
+        "train2017/missing.jpg",
+    }
+    assert "not in 'images'" in skipped["captions_train2017.json: annotation 201"]
+    assert summary.converted == {"CMYK": 1, "L": 1, "RGBA": 1}
+    kept = {r.file for r in coco.read_index(tmp_path / "out" / "train.jsonl")}
+    assert kept == {"train2017/cmyk.jpg", "train2017/grey.jpg", "train2017/alpha.png", "train2017/ok.jpg"}
+    rgb, mode = coco.load_rgb(tmp_path / "train2017" / "alpha.png")
+    assert rgb.mode == "RGB" and mode == "RGBA"
+
+
+def align_args(lm_dir: Path, data: Path, features: Path, out: Path, **train) -> dict:
+    settings = dict(
+        save_interval=1000, log_interval=5, global_batch_size=8, micro_batch_size=8, max_steps=240,
+        lr_warmup_steps=8, max_norm=1.0, min_lr=1e-4,
+    )  # fmt: skip
+    settings.update(train)
+    return dict(
+        lm_checkpoint_dir=lm_dir, data_dir=data, out_dir=out, clip_pretrained=None, feature_dir=features,
+        projector="mlp2x_gelu", max_caption_tokens=48, precision="32-true", num_workers=0, num_sample_images=2,
+        train=TrainArgs(**settings),
+        eval=EvalArgs(interval=120, max_iters=5, initial_validation=True, max_new_tokens=8),
+        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2, "weight_decay": 0.0}},
+    )  # fmt: skip
+
+
+def caption_losses(run: Path, lm_dir: Path, data: Path, features: Path, shift: int) -> list[float]:
+    """Per-pair caption loss on the training pairs, with each image's features or those of another image."""
+    config = MultimodalConfig.load(run / "final")
+    model = MultimodalGPT(load_model(lm_dir), config).eval()
+    model.load_adapter(run / "final")
+    cache = coco.FeatureCache(features, CLIPPatchEncoder("ViT-B-32", None, layer=config.clip_layer).key())
+    records = coco.read_index(data / "train.jsonl")
+    pairs = coco.CaptionPairs(records, Tokenizer(run / "final"), 48, DATA / "coco", cache)
+    losses = []
+    with torch.no_grad():
+        for i in range(len(pairs)):
+            item, (r, _) = pairs[i], pairs.pairs[i]
+            feats = cache.get(records[(r + shift) % len(records)].image_id).float()
+            logits, labels = model([feats[None]], [item["ids"]])
+            losses.append(shifted_cross_entropy(logits, labels).item())
+    return losses
+
+
+def test_align_puts_image_information_into_the_caption_loss(pretrained_tiny, prepared_coco, tmp_path):
+    lm_dir = pretrained_tiny[0] / "final"
+    data, features = prepared_coco
+    out = tmp_path / "align"
+    result = load_script("recipes/align.py").setup(**align_args(lm_dir, data, features, out))
+    val = list(csv.DictReader(open(out / "logs" / "val_log.csv")))
+    assert result["val_loss"] < float(val[0]["val_loss"]) - 0.3
+    assert "sample_captions" in val[-1] and (out / "logs" / "samples.md").read_text().count("val2017/") == 2 * 3
+    assert {p.name for p in (out / "final").iterdir()} >= {"projector.pth", "multimodal_config.yaml", "tokenizer.json"}
+
+    true = caption_losses(out, lm_dir, data, features, shift=0)
+    for shift in (1, 5):
+        wrong = caption_losses(out, lm_dir, data, features, shift=shift)
+        gap = sum(wrong) / len(wrong) - sum(true) / len(true)
+        assert gap > 0.05, f"mismatched images (shift {shift}) cost only {gap:.3f} nats more"
+        assert sum(w > t for w, t in zip(wrong, true, strict=True)) >= 0.75 * len(true)
+
+
+def test_align_resume_after_kill(pretrained_tiny, prepared_coco, tmp_path):
+    lm_dir = pretrained_tiny[0] / "final"
+    data, features = prepared_coco
+    common = [
+        "recipes/align.py", "--config", "recipes/configs/align_tiny.yaml", "--lm_checkpoint_dir", str(lm_dir),
+        "--data_dir", str(data), "--feature_dir", str(features), "--train.max_steps", "12", "--train.save_interval",
+        "4", "--train.log_interval", "1", "--eval.interval", "6", "--eval.max_new_tokens", "4",
+        "--train.micro_batch_size", "4", "--train.global_batch_size", "8",
+    ]  # fmt: skip
+    ref = run_python([*common, "--out_dir", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    killed = run_python(["-c", kill_while_saving("step-000008"), *common, "--out_dir", str(tmp_path / "run")])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = run_python([*common, "--out_dir", str(tmp_path / "run"), "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout and "step-000004" in resumed.stdout
+    drop = {"tokens_per_s", "mfu", "elapsed_s", "peak_memory_gb"}
+    for name in ("train_log.csv", "val_log.csv"):
+        want = [
+            {k: v for k, v in r.items() if k not in drop}
+            for r in csv.DictReader(open(tmp_path / "ref" / "logs" / name))
+        ]
+        got = [
+            {k: v for k, v in r.items() if k not in drop}
+            for r in csv.DictReader(open(tmp_path / "run" / "logs" / name))
+        ]
+        assert got == want, name
+    a = torch.load(tmp_path / "ref" / "final" / "projector.pth")
+    b = torch.load(tmp_path / "run" / "final" / "projector.pth")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
