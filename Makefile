@@ -32,3 +32,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/pretrain.py
+	$(PY) benchmarks/align.py

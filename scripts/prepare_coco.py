@@ -35,6 +35,7 @@ def prepare(
     cache_dir: Path = Path("data/cache/coco"),
     image_source: Literal["per_image", "zip"] = "per_image",
     base_url: str = coco.COCO_URL,
+    annotations_md5: str | None = coco.ANNOTATIONS_ZIP[1],
     subset: int | None = 40_000,
     val_subset: int | None = 1_000,
     seed: int = 42,
@@ -55,6 +56,7 @@ def prepare(
         cache_dir: download cache.
         image_source: `per_image` fetches only the subset's images; `zip` fetches the full md5-checked zips.
         base_url: COCO download host.
+        annotations_md5: expected md5 of the annotations zip (the official file's by default).
         subset: training images to keep (seeded; None = all).
         val_subset: validation images to keep (seeded; None = all).
         seed: subset seed.
@@ -69,7 +71,7 @@ def prepare(
     summary = coco.CocoSummary()
     root = Path(cache_dir) if download_coco else Path(source_dir)
     if download_coco:
-        coco.download_annotations(root, base_url)
+        coco.download_annotations(root, base_url, annotations_md5)
     splits = {"train": subset, "val": val_subset}
     records = {}
     for split, n in splits.items():

@@ -177,3 +177,46 @@ def test_align_resume_after_kill(pretrained_tiny, prepared_coco, tmp_path):
     a = torch.load(tmp_path / "ref" / "final" / "projector.pth")
     b = torch.load(tmp_path / "run" / "final" / "projector.pth")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prepare_coco_downloads_a_seeded_subset(tmp_path):
+    """Annotations zip (md5-checked) and per-image downloads from a local server in COCO's URL layout."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+    import zipfile
+
+    site = tmp_path / "site"
+    (site / "annotations").mkdir(parents=True)
+    with zipfile.ZipFile(site / "annotations" / "annotations_trainval2017.zip", "w") as zf:
+        for split in ("train", "val"):
+            zf.write(
+                DATA / "coco" / "annotations" / f"captions_{split}2017_sample.json",
+                f"annotations/captions_{split}2017.json",
+            )
+    shutil.copytree(DATA / "coco" / "train2017", site / "train2017")
+    shutil.copytree(DATA / "coco" / "val2017", site / "val2017")
+    md5 = hashlib.md5((site / "annotations" / "annotations_trainval2017.zip").read_bytes()).hexdigest()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    prepare = load_script("scripts/prepare_coco.py").prepare
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        with pytest.raises(ValueError, match="md5 .* != expected"):
+            prepare(download_coco=True, base_url=url, cache_dir=tmp_path / "bad", annotations_md5="0" * 32)
+        kwargs = dict(download_coco=True, base_url=url, annotations_md5=md5, subset=5, val_subset=3, seed=1)
+        summary = prepare(cache_dir=tmp_path / "cache", out_dir=tmp_path / "out", **kwargs)
+        again = prepare(cache_dir=tmp_path / "cache2", out_dir=tmp_path / "out2", **kwargs)
+    finally:
+        server.shutdown()
+    assert summary.images == {"train": 5, "val": 3} and summary.skipped == []
+    train = coco.read_index(tmp_path / "out" / "train.jsonl")
+    assert [r.image_id for r in train] == [r.image_id for r in coco.read_index(tmp_path / "out2" / "train.jsonl")]
+    downloaded = sorted(p.name for p in (tmp_path / "cache" / "train2017").glob("*.jpg"))
+    assert downloaded == sorted(Path(r.file).name for r in train)  # only the subset's images were fetched
+    for r in train:
+        assert (tmp_path / "cache" / r.file).read_bytes() == (DATA / "coco" / r.file).read_bytes()
+    assert again.images == summary.images
