@@ -31,6 +31,20 @@ from tqdm import tqdm
 from litgpt_mm.flops import peak_flops
 
 CHECKPOINT_PREFIX = "step-"
+
+# The schedule of a phi-2-scale pretraining run (3B tokens, 1M-token batches), shared by the pretraining recipes.
+PRETRAIN_TRAIN = TrainArgs(
+    save_interval=1000,
+    log_interval=10,
+    global_batch_size=512,
+    micro_batch_size=4,
+    max_tokens=int(3e9),
+    lr_warmup_steps=2000,
+    max_seq_length=2048,
+    max_norm=1.0,
+    min_lr=4e-5,
+)
+PRETRAIN_EVAL = EvalArgs(interval=1000, max_iters=100, initial_validation=True)
 STATE_FILE = "training_state.pth"
 
 
@@ -307,6 +321,11 @@ def fit(
         if final.exists():
             shutil.rmtree(final)
         shutil.copytree(Path(out_dir) / f"{CHECKPOINT_PREFIX}{state['step']:06d}", final, ignore=_only_artefacts)
+        from litgpt_mm.plots import plot_run
+
+        plot_run(out_dir)
+        fabric.print(f"Final train loss {loss_value:.4f}, val loss {val_loss:.4f}")
+        fabric.print(f"Checkpoint: {final}  logs and plots: {Path(out_dir) / 'logs'}")
     fabric.barrier()
     return {"train_loss": loss_value, "val_loss": val_loss}
 

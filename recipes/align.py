@@ -234,12 +234,6 @@ def main(
         fabric, stage, state, out_dir=out_dir, train=train, eval=eval, max_steps=max_steps,
         learning_rate=peak_lr, val_loader=loaders["val"], resumed_from=resume_dir,
     )  # fmt: skip
-    if fabric.global_rank == 0:
-        from litgpt_mm.plots import plot_run
-
-        plot_run(out_dir)
-        fabric.print(f"Final train loss {result['train_loss']:.4f}, val loss {result['val_loss']:.4f}")
-        fabric.print(f"Projector: {out_dir / 'final'}  logs, plots and sample captions: {out_dir / 'logs'}")
     return result
 
 

@@ -104,30 +104,19 @@ def main(
     for directory, script in ((gutenberg_dir, "prepare_gutenberg"), (litgpt_data_dir, f"prepare_{litgpt_data}")):
         if not report_only and not (directory / "train" / "index.json").is_file():
             raise SystemExit(f"{directory} has no prepared shards: run `python scripts/{script}.py` first")
-    runs = []
-    for seed in seeds:
-        common = ["--seed", str(seed), "--resume", "auto"]
-        runs.append(
-            _run(
-                f"moe-gutenberg-seed{seed}", "moe-gutenberg", seed, runs_dir, report_only,
-                ["recipes/pretrain_moe.py", "--config", moe_config, "--model_name", moe_model,
-                 "--data_dir", gutenberg_dir, *common],
-            )
-        )  # fmt: skip
-        runs.append(
-            _run(
-                f"dense-twin-gutenberg-seed{seed}", "dense-twin-gutenberg", seed, runs_dir, report_only,
-                ["recipes/pretrain_moe.py", "--config", moe_config, "--model_name", dense_model,
-                 "--data_dir", gutenberg_dir, *common],
-            )
-        )  # fmt: skip
-        runs.append(
-            _run(
-                f"litgpt-dense-{litgpt_data}-seed{seed}", "litgpt-dense", seed, runs_dir, report_only,
-                ["recipes/pretrain_dense_litgpt.py", "--config", litgpt_config, "--model_name", dense_model,
-                 "--data", litgpt_data, "--data_dir", litgpt_data_dir, "--seed", str(seed)],
-            )
-        )  # fmt: skip
+    ours = ["recipes/pretrain_moe.py", "--config", moe_config, "--data_dir", gutenberg_dir, "--resume", "auto"]
+    plans = [
+        ("moe-gutenberg", "moe-gutenberg", [*ours, "--model_name", moe_model]),
+        ("dense-twin-gutenberg", "dense-twin-gutenberg", [*ours, "--model_name", dense_model]),
+        (f"litgpt-dense-{litgpt_data}", "litgpt-dense",
+         ["recipes/pretrain_dense_litgpt.py", "--config", litgpt_config, "--model_name", dense_model, "--data",
+          litgpt_data, "--data_dir", litgpt_data_dir]),
+    ]  # fmt: skip
+    runs = [
+        _run(f"{name}-seed{seed}", group, seed, runs_dir, report_only, [*args, "--seed", str(seed)])
+        for seed in seeds
+        for name, group, args in plans
+    ]
     runs = [r for r in runs if r.train]
     if not runs:
         raise SystemExit(f"No finished runs under {runs_dir}")

@@ -24,6 +24,7 @@ from litgpt.tokenizer import Tokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from litgpt_mm.config import Config  # noqa: E402
+from litgpt_mm.training import PRETRAIN_EVAL, PRETRAIN_TRAIN  # noqa: E402
 
 
 def setup(
@@ -34,18 +35,8 @@ def setup(
     precision: str | None = None,
     devices: int | str = "auto",
     num_nodes: int = 1,
-    train: TrainArgs = TrainArgs(
-        save_interval=1000,
-        log_interval=10,
-        global_batch_size=512,
-        micro_batch_size=4,
-        max_tokens=int(3e9),
-        lr_warmup_steps=2000,
-        max_seq_length=2048,
-        max_norm=1.0,
-        min_lr=4e-5,
-    ),
-    eval: EvalArgs = EvalArgs(interval=1000, max_iters=100, initial_validation=True),
+    train: TrainArgs = PRETRAIN_TRAIN,
+    eval: EvalArgs = PRETRAIN_EVAL,
     optimizer: str | dict = "AdamW",
     compile: bool = True,
     resume: bool | Literal["auto"] | Path = False,

@@ -35,7 +35,14 @@ from litgpt_mm.data.tokens import TokenShards  # noqa: E402
 from litgpt_mm.flops import active_params, training_flops_per_token  # noqa: E402
 from litgpt_mm.model import GPT, Block  # noqa: E402
 from litgpt_mm.moe import MoE  # noqa: E402
-from litgpt_mm.training import Stage, fit, load_training_state, resolve_resume  # noqa: E402
+from litgpt_mm.training import (  # noqa: E402
+    PRETRAIN_EVAL,
+    PRETRAIN_TRAIN,
+    Stage,
+    fit,
+    load_training_state,
+    resolve_resume,
+)
 
 DEFAULT_OPTIMIZER = {
     "class_path": "torch.optim.AdamW",
@@ -52,18 +59,8 @@ def setup(
     precision: str | None = None,
     devices: int | str = "auto",
     num_nodes: int = 1,
-    train: TrainArgs = TrainArgs(
-        save_interval=1000,
-        log_interval=10,
-        global_batch_size=512,
-        micro_batch_size=4,
-        max_tokens=int(3e9),
-        lr_warmup_steps=2000,
-        max_seq_length=2048,
-        max_norm=1.0,
-        min_lr=4e-5,
-    ),
-    eval: EvalArgs = EvalArgs(interval=1000, max_iters=100, initial_validation=True),
+    train: TrainArgs = PRETRAIN_TRAIN,
+    eval: EvalArgs = PRETRAIN_EVAL,
     optimizer: str | dict = DEFAULT_OPTIMIZER,
     activation_checkpointing: bool = False,
     compile: bool = False,
@@ -208,12 +205,6 @@ def main(
         fabric, stage, state, out_dir=out_dir, train=train, eval=eval, max_steps=max_steps,
         learning_rate=learning_rate, val_loader=val_loader, resumed_from=resume_dir,
     )  # fmt: skip
-    if fabric.global_rank == 0:
-        from litgpt_mm.plots import plot_run
-
-        plot_run(out_dir)
-        fabric.print(f"Final train loss {result['train_loss']:.4f}, val loss {result['val_loss']:.4f}")
-        fabric.print(f"Checkpoint: {out_dir / 'final'}  logs and plots: {out_dir / 'logs'}")
     return result
 
 

@@ -187,9 +187,7 @@ class FeatureCache:
     def __init__(self, root: Path, key: str) -> None:
         self.dir = Path(root) / key
         self.index_path = self.dir / "index.json"
-        self.index: dict[str, list[int]] = (
-            json.loads(self.index_path.read_text()) if self.index_path.is_file() else {}
-        )
+        self.index: dict[str, list[int]] = json.loads(self.index_path.read_text()) if self.index_path.is_file() else {}
         self._shards: dict[int, torch.Tensor] = {}
 
     def __contains__(self, image_id: int) -> bool:

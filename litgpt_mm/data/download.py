@@ -61,8 +61,6 @@ def download(
     raise RuntimeError("unreachable")
 
 
-
-
 def verify(path: Path, sha256: str | None = None, md5: str | None = None, name: str | None = None) -> None:
     """Check a file's checksum; on mismatch delete it and raise `ValueError` naming it."""
     for algo, want in (("sha256", sha256), ("md5", md5)):
