@@ -1,0 +1,264 @@
+"""Stage 2 of the multimodal model: QLoRA instruction tuning on LLaVA conversations, LoRA on the nf4 LM plus the
+projector, by one-pass LM training or autoregressive prediction with scheduled teacher forcing.
+
+    python scripts/prepare_llava_instruct.py --tokenizer_dir checkpoints/microsoft/phi-2 --download_llava true
+    python recipes/qlora_instruct.py --align_dir out/align/final
+    python recipes/qlora_instruct.py --method autoregressive --schedule cyclic
+    python recipes/qlora_instruct.py --config recipes/configs/qlora_instruct_tiny.yaml      # CPU, bundled sample
+
+The LM (from `align_dir`'s `multimodal_config.yaml`, or `--lm_checkpoint_dir`) gets litgpt LoRA layers and its
+linear weights are quantised to nf4 with bitsandbytes module by module (Fabric's bitsandbytes precision is refused
+on CPU). CLIP stays frozen (cached features by default). Checkpoints hold only the adapters (`lora.pth`), the
+projector and configs; `out_dir/merged/` holds the merged LM in litgpt's layout (ready for `generate/`), and for a
+dense Phi model also a Hugging Face export (`merged/hf/`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import yaml
+from jsonargparse import CLI
+from litgpt.args import EvalArgs, TrainArgs
+from litgpt.utils import instantiate_torch_optimizer
+from torch.utils.data import Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from litgpt_mm.checkpoint import atomic_torch_save, save_config  # noqa: E402
+from litgpt_mm.data import coco  # noqa: E402
+from litgpt_mm.data.tokens import ResumableLoader, ResumableSampler  # noqa: E402
+from litgpt_mm.model import load_model  # noqa: E402
+from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, shifted_cross_entropy  # noqa: E402
+from litgpt_mm.qlora import LoRASettings, add_lora, lora_state_dict, merged_state_dict, quantize_nf4  # noqa: E402
+from litgpt_mm.scheduled import autoregressive_loss, teacher_forcing_p  # noqa: E402
+from litgpt_mm.training import Stage, fit, load_training_state, resolve_resume  # noqa: E402
+from litgpt_mm.vision import CLIPPatchEncoder  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json")
+
+
+class InstructSamples(Dataset):
+    """Prepared samples (`ids`, `labels`, image path) with cached CLIP features of their image."""
+
+    def __init__(self, path: Path, cache: coco.FeatureCache) -> None:
+        self.samples = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        return {"features": self.cache.get(s["image"]), "ids": torch.tensor(s["ids"]),
+                "labels": torch.tensor(s["labels"])}  # fmt: skip
+
+
+def collate(items: list[dict]) -> dict:
+    return {k: [it[k] for it in items] for k in items[0]}
+
+
+def setup(
+    align_dir: Path = Path("out/align/final"),
+    lm_checkpoint_dir: Path | None = None,
+    data_dir: Path = Path("data/prepared/llava_instruct"),
+    out_dir: Path = Path("out/qlora_instruct"),
+    feature_dir: Path = Path("data/cache/clip_features"),
+    method: Literal["standard", "autoregressive"] = "standard",
+    schedule: Literal["constant", "linear", "exponential", "cyclic"] = "linear",
+    p_start: float = 1.0,
+    p_end: float = 0.5,
+    cycles: int = 4,
+    quantize: Literal["nf4", "none"] = "nf4",
+    lora: LoRASettings = LoRASettings(),
+    projector_lr_scale: float = 0.1,
+    activation_checkpointing: bool = False,
+    precision: str | None = None,
+    train: TrainArgs = TrainArgs(
+        save_interval=500,
+        log_interval=10,
+        global_batch_size=32,
+        micro_batch_size=4,
+        epochs=1,
+        lr_warmup_steps=50,
+        max_norm=1.0,
+        min_lr=0.0,
+    ),  # fmt: skip
+    eval: EvalArgs = EvalArgs(interval=500, max_iters=50, initial_validation=True),
+    optimizer: str | dict = {"class_path": "bitsandbytes.optim.PagedAdamW8bit", "init_args": {"lr": 2e-4}},  # noqa: B006
+    resume: bool | Literal["auto"] | Path = False,
+    seed: int = 42,
+    merge: bool = True,
+) -> dict[str, float]:
+    """Instruction-tune the aligned model with QLoRA.
+
+    Args:
+        align_dir: `recipes/align.py` output with `projector.pth` and `multimodal_config.yaml`.
+        lm_checkpoint_dir: the LM (default: the one named in the alignment config).
+        data_dir: `scripts/prepare_llava_instruct.py` output.
+        out_dir: checkpoints, logs and the merged model.
+        feature_dir: CLIP feature cache root (features are built for images not cached yet).
+        method: `standard` (one pass, teacher forcing everywhere) or `autoregressive` (token by token with
+            scheduled teacher forcing through the KV cache).
+        schedule: how the teacher-forcing probability moves from `p_start` to `p_end` over training.
+        p_start: teacher-forcing probability at the start.
+        p_end: teacher-forcing probability at the end (the low point of `cyclic`).
+        cycles: periods of the `cyclic` schedule.
+        quantize: `nf4` (QLoRA) or `none` (plain LoRA).
+        lora: rank, alpha, dropout and target projections (litgpt's LoRA fields).
+        projector_lr_scale: the projector's learning rate as a fraction of the LoRA learning rate.
+        activation_checkpointing: recompute each block in the backward pass.
+        precision: Fabric precision (`bf16-mixed` on CUDA, `32-true` on CPU by default).
+        train: batch sizes, epochs or max_steps, schedule.
+        eval: validation interval and size.
+        optimizer: optimizer spec; the paged 8-bit AdamW of bitsandbytes by default.
+        resume: `auto` or a `step-*` directory.
+        seed: seed for the adapters, the data order and the teacher-forcing draws.
+        merge: write `out_dir/merged/` at the end.
+    """
+    cuda = torch.cuda.is_available()
+    precision = precision or ("bf16-mixed" if cuda else "32-true")
+    fabric = L.Fabric(accelerator="cuda" if cuda else "cpu", devices=1, precision=precision)
+    fabric.seed_everything(seed)
+    out_dir, align_dir = Path(out_dir), Path(align_dir)
+    resume_dir = resolve_resume(resume, out_dir)
+    mm_config = MultimodalConfig.load(align_dir)
+    lm_dir = Path(lm_checkpoint_dir or mm_config.lm_checkpoint_dir)
+
+    encoder = CLIPPatchEncoder(mm_config.clip_model, mm_config.clip_pretrained, layer=mm_config.clip_layer)
+    cache = coco.FeatureCache(feature_dir, encoder.key())
+    datasets = {}
+    for split in ("train", "val"):
+        path = Path(data_dir) / f"{split}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run scripts/prepare_llava_instruct.py first")
+        ds = InstructSamples(path, cache)
+        images = sorted({s["image"] for s in ds.samples})
+        cache.build(encoder.to(fabric.device), [coco.CaptionRecord(p, p, []) for p in images], Path("/"),
+                    coco.CocoSummary())  # fmt: skip
+        datasets[split] = ds
+    del encoder
+
+    lm = load_model(lm_dir, device=fabric.device)
+    lm.requires_grad_(False)
+    add_lora(lm, lora)
+    compute_dtype = torch.bfloat16 if "bf16" in precision else torch.float32
+    n_quantized = quantize_nf4(lm, compute_dtype) if quantize == "nf4" else 0
+    lm.activation_checkpointing = activation_checkpointing
+    mm = MultimodalGPT(lm, mm_config).to(fabric.device)
+    mm.load_adapter(align_dir)
+    for p in mm.projector.parameters():
+        p.requires_grad_(True)
+    longest = max(len(s["ids"]) for d in datasets.values() for s in d.samples)
+    lm.max_seq_length = min(lm.config.block_size, mm_config.num_patches + 1 + longest)
+
+    lora_params = [p for n, p in lm.named_parameters() if p.requires_grad]
+    extra = [p for n, p in mm.named_parameters() if p.requires_grad and not n.startswith("lm.")]
+    groups = [{"params": lora_params}, {"params": extra, "lr_scale": projector_lr_scale}]
+    opt = instantiate_torch_optimizer(optimizer, groups)
+    peak_lr = opt.param_groups[0]["lr"]
+    model = fabric.setup_module(mm)
+    opt = fabric.setup_optimizers(opt)
+    loaders = {}
+    for split, shuffle in (("train", True), ("val", False)):
+        batch = train.micro_batch_size if shuffle else min(train.micro_batch_size, len(datasets[split]))
+        sampler = ResumableSampler(len(datasets[split]), seed, batch, shuffle)
+        if sampler.batches_per_epoch == 0:
+            raise ValueError(f"{data_dir}/{split}.jsonl has fewer samples than the micro batch size")
+        loaders[split] = ResumableLoader(datasets[split], sampler, track=shuffle, collate_fn=collate)
+    state = {"model": model, "optimizer": opt, "train_dataloader": loaders["train"], "step": 0, "tokens": 0}
+    if resume_dir is not None:
+        lm.load_state_dict(torch.load(resume_dir / "lora.pth", weights_only=True), strict=False)
+        mm.load_adapter(resume_dir)
+        load_training_state(fabric, state, resume_dir)
+        fabric.print(f"Resumed from {resume_dir} at step {state['step']}")
+    trainable = sum(p.numel() for p in lora_params + extra)
+    fabric.print(
+        f"LM {lm.config.name}: {n_quantized} linear layers in nf4, LoRA r={lora.r}; trainable {trainable:,} params "
+        f"(LoRA + projector); method {method}; {len(datasets['train'])} training samples"
+    )
+
+    accum = train.gradient_accumulation_iters(1, 1)
+    max_steps = train.max_steps or max(
+        1, (train.epochs or 1) * len(datasets["train"]) // (accum * train.micro_batch_size)
+    )
+
+    def loss_fn(batch: dict):
+        feats = [f[None].to(fabric.device).float() for f in batch["features"]]
+        if method == "standard" or not model.training:
+            logits, labels = model(feats, batch["ids"], batch["labels"])
+            loss = shifted_cross_entropy(logits, labels)
+            return loss, {"loss": loss}
+        p = teacher_forcing_p(schedule, state["step"], max_steps, p_start, p_end, cycles)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + loaders["train"].batches_served)  # resumes exactly
+        total, count = 0.0, 0
+        with fabric.autocast():
+            for f, ids, labels in zip(feats, batch["ids"], batch["labels"], strict=True):
+                s, n = autoregressive_loss(mm, f, ids.to(fabric.device), labels.to(fabric.device), p, gen)
+                total, count = total + s, count + n
+        loss = total / max(count, 1)
+        return loss, {"loss": loss.detach(), "teacher_forcing_p": torch.tensor(p)}
+
+    def save_fn(ckpt_dir: Path) -> None:
+        atomic_torch_save(lora_state_dict(lm), ckpt_dir / "lora.pth")
+        mm.save_adapter(ckpt_dir)
+        (ckpt_dir / "lora_config.yaml").write_text(yaml.safe_dump({**asdict(lora), "quantize": quantize}))
+        for name in TOKENIZER_FILES:
+            if (lm_dir / name).is_file():
+                shutil.copy2(lm_dir / name, ckpt_dir / name)
+
+    stage = Stage(loss_fn, save_fn, tokens_fn=lambda b: sum(int((lab != -100).sum()) for lab in b["labels"]))
+    result = fit(
+        fabric, stage, state, out_dir=out_dir, train=train, eval=eval, max_steps=max_steps, learning_rate=peak_lr,
+        val_loader=loaders["val"], resumed_from=resume_dir,
+    )  # fmt: skip
+    if merge:
+        export_merged(mm, lm_dir, out_dir / "merged")
+    return result
+
+
+def export_merged(mm: MultimodalGPT, lm_dir: Path, out: Path) -> None:
+    """The LM with adapters folded in (litgpt layout), the projector, and for dense Phi a Hugging Face export."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = merged_state_dict(mm.lm)
+    atomic_torch_save(state, out / "lit_model.pth")
+    save_config(mm.lm.config, out)
+    for name in TOKENIZER_FILES:
+        if (lm_dir / name).is_file():
+            shutil.copy2(lm_dir / name, out / name)
+    config = MultimodalConfig(**{**asdict(mm.config), "lm_checkpoint_dir": str(out.resolve())})
+    atomic_torch_save(mm.adapter_state_dict(), out / "projector.pth")
+    config.save(out)
+    cfg = mm.lm.config
+    if cfg.n_expert == 0 and cfg.mlp_class_name == "GptNeoxMLP" and cfg.parallel_residual:
+        from litgpt.scripts.convert_lit_checkpoint import copy_weights_phi
+
+        hf: dict = {}
+        copy_weights_phi(cfg, hf, state)
+        (out / "hf").mkdir(exist_ok=True)
+        atomic_torch_save(hf, out / "hf" / "pytorch_model.bin")
+        (out / "hf" / "config.json").write_text(json.dumps(_hf_phi_config(cfg), indent=2))
+    print(f"Merged model: {out}")
+
+
+def _hf_phi_config(cfg) -> dict:
+    return {
+        "architectures": ["PhiForCausalLM"], "model_type": "phi", "vocab_size": cfg.padded_vocab_size,
+        "hidden_size": cfg.n_embd, "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_query_groups,
+        "partial_rotary_factor": cfg.rotary_percentage, "max_position_embeddings": cfg.block_size,
+        "layer_norm_eps": cfg.norm_eps, "hidden_act": "gelu_new", "rope_theta": cfg.rope_base,
+        "tie_word_embeddings": False, "torch_dtype": "float32",
+    }  # fmt: skip
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    CLI(setup, fail_untyped=False)  # bitsandbytes optimizers have untyped `params`
