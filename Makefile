@@ -33,3 +33,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/pretrain.py
 	$(PY) benchmarks/align.py
+	$(PY) benchmarks/instruct.py

@@ -7,6 +7,9 @@
 2. Prepare the 20 bundled COCO images (validated index, CLIP ViT-B/32 patch-feature cache), then align CLIP to the
    pretrained LM by training the projector. Without internet the CLIP weights are a seeded random initialisation;
    with it, pass `--clip_pretrained openai` to the two commands.
+3. Prepare the bundled LLaVA-Bench conversations (their COCO val2014 images are not bundled, so they are mapped onto
+   bundled photos), then instruction-tune the aligned model with QLoRA (LoRA on nf4 linear layers + the projector)
+   and write the merged model.
 
 Everything goes under `out/demo/` (replaced on each run).
 """
@@ -51,6 +54,17 @@ def main(out: Path = ROOT / "out" / "demo") -> None:
         "recipes/align.py", "--config", "recipes/configs/align_tiny.yaml", "--lm_checkpoint_dir",
         str(pretrain / "final"), "--data_dir", str(coco_data), "--feature_dir", str(features), "--out_dir", str(align),
     )  # fmt: skip
+    llava_data, instruct = out / "data" / "llava_instruct", out / "qlora_instruct"
+    run(
+        "prepare LLaVA instructions",
+        "scripts/prepare_llava_instruct.py", "--tokenizer_dir", str(pretrain / "final"), "--map_missing_to",
+        "data/coco/val2017", "--max_tokens", "200", "--val_fraction", "0.2", "--out_dir", str(llava_data),
+    )  # fmt: skip
+    run(
+        "QLoRA instruction tuning",
+        "recipes/qlora_instruct.py", "--config", "recipes/configs/qlora_instruct_tiny.yaml", "--align_dir",
+        str(align / "final"), "--data_dir", str(llava_data), "--feature_dir", str(features), "--out_dir", str(instruct),
+    )  # fmt: skip
     print("\nArtefacts:")
     print(f"  token shards + tokenizer : {data}")
     print(f"  pretrained MoE checkpoint: {pretrain / 'final'}  (litgpt layout)")
@@ -58,6 +72,9 @@ def main(out: Path = ROOT / "out" / "demo") -> None:
     print(f"  COCO index, CLIP features: {coco_data}, {features}")
     print(f"  aligned projector        : {align / 'final'}  (projector.pth, multimodal_config.yaml)")
     print(f"  alignment logs, captions : {align / 'logs'}  (samples.md: captions of fixed validation images)")
+    print(f"  instruction data         : {llava_data}  (train/val.jsonl with answer-only labels, summary.json)")
+    print(f"  LoRA + projector         : {instruct / 'final'}  (lora.pth, projector.pth)")
+    print(f"  merged multimodal model  : {instruct / 'merged'}  (litgpt layout + projector)")
 
 
 if __name__ == "__main__":

@@ -239,3 +239,27 @@ def test_instruct_resume_after_kill(aligned, tmp_path):
     a = torch.load(tmp_path / "ref" / "final" / "lora.pth")
     b = torch.load(tmp_path / "run" / "final" / "lora.pth")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_merged_dense_phi_exports_to_hugging_face(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = Config.from_name(
+        "phi-2", n_layer=2, n_embd=160, n_head=2, intermediate_size=640, vocab_size=300, padded_vocab_size=320,
+        block_size=128,
+    )  # fmt: skip
+    lm = GPT(cfg)
+    add_lora(lm, LoRASettings(dropout=0.0, mlp=True, projection=True))
+    for n, p in lm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    quantize_nf4(lm)
+    model = MultimodalGPT(lm, MultimodalConfig(vision_width=32, num_patches=4)).eval()
+    load_script("recipes/qlora_instruct.py").export_merged(model, tmp_path, tmp_path / "merged")
+    hf = transformers.PhiForCausalLM.from_pretrained(tmp_path / "merged" / "hf").eval()
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        ours = lm(ids)
+        theirs = hf(ids).logits
+    torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=1e-4)
+    assert MultimodalConfig.load(tmp_path / "merged").lm_checkpoint_dir == str((tmp_path / "merged").resolve())
