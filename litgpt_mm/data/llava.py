@@ -19,7 +19,9 @@ import torch
 from litgpt_mm.multimodal import IGNORE_INDEX
 
 IMAGE_TOKEN = "<image>"
-LLAVA_INSTRUCT_URL = "https://huggingface.co/datasets/liuhaotian/LLaVA-Instruct-150K/resolve/main/llava_instruct_150k.json"
+LLAVA_INSTRUCT_URL = (
+    "https://huggingface.co/datasets/liuhaotian/LLaVA-Instruct-150K/resolve/main/llava_instruct_150k.json"
+)
 
 
 @dataclass(frozen=True)
