@@ -243,3 +243,62 @@ def generate(
     finally:
         if use_cache:
             lm.clear_kv_cache()
+
+
+@torch.no_grad()
+def generate_batch(
+    model: MultimodalGPT,
+    features: Sequence[torch.Tensor | None],
+    prompts: Sequence[torch.Tensor],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+) -> list[list[int]]:
+    """Decode a batch of prompts together with the KV cache; returns each row's new tokens (up to its EOS).
+
+    Rows are left-padded to a common length and the pads are masked out of attention (a pad position attends only
+    to itself), so with greedy decoding each row gets the same tokens as when decoded alone: rotary attention
+    depends on relative positions only.
+    """
+    from litgpt.generate.base import sample
+
+    lm = model.lm
+    rows = [model.build_inputs([f], [p])[0][0] for f, p in zip(features, prompts, strict=True)]
+    lengths = [r.size(0) for r in rows]
+    T0, B = max(lengths), len(rows)
+    total = T0 + max_new_tokens
+    if total > lm.max_seq_length:
+        raise ValueError(
+            f"the longest prompt ({T0} positions incl. images) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's context of {lm.max_seq_length}"
+        )
+    device = rows[0].device
+    embeds = torch.stack([F.pad(r, (0, 0, T0 - r.size(0), 0)) for r in rows])
+    mask = torch.tril(torch.ones(total, total, dtype=torch.bool, device=device)).repeat(B, 1, 1, 1)
+    for b, n in enumerate(lengths):
+        mask[b, :, :, : T0 - n] = False
+    mask |= torch.eye(total, dtype=torch.bool, device=device)
+    lm.set_kv_cache(batch_size=B, max_seq_length=total, device=device)
+    lm.mask_cache = mask
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    try:
+        logits = forward_embeds(lm, embeds, torch.arange(T0, device=device), T0)
+        for i in range(max_new_tokens):
+            tokens = torch.cat(
+                [sample(logits[b : b + 1, -1:].float(), temperature=temperature, top_k=top_k, top_p=top_p)
+                 for b in range(B)]
+            )  # fmt: skip
+            for b in range(B):
+                if not done[b]:
+                    out[b].append(int(tokens[b]))
+                    done[b] = eos_id is not None and int(tokens[b]) == eos_id
+            if all(done) or i == max_new_tokens - 1:
+                break
+            emb = embed_tokens(lm, tokens.view(B, 1)).to(embeds.dtype)
+            logits = forward_embeds(lm, emb, torch.tensor([T0 + i], device=device), T0 + i + 1)
+    finally:
+        lm.clear_kv_cache()
+    return out

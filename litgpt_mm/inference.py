@@ -1,0 +1,143 @@
+"""Loading a trained multimodal model and answering prompts with images (and speech, through `litgpt_mm.audio`).
+
+`Assistant.load` accepts the three kinds of directory the recipes write:
+
+* a merged model (`qlora_instruct.py`'s `merged/`): `lit_model.pth` + `projector.pth` + `multimodal_config.yaml`;
+* base + LoRA + projector (`qlora_instruct.py`'s `final/` or `step-*/`): `lora.pth`, `lora_config.yaml`, the
+  projector, and the base LM named in `multimodal_config.yaml`;
+* an aligned projector only (`align.py`'s `final/`), with the LM it names.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from litgpt.tokenizer import Tokenizer
+from PIL import Image
+
+from litgpt_mm.data.coco import load_rgb
+from litgpt_mm.data.llava import TEMPLATES
+from litgpt_mm.model import load_model
+from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, generate, generate_batch
+from litgpt_mm.qlora import LoRASettings, add_lora, quantize_nf4
+from litgpt_mm.vision import CLIPPatchEncoder
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings (greedy when `temperature` is 0)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float = 1.0
+
+
+class Assistant:
+    """A loaded multimodal model with its CLIP encoder, tokenizer and prompt template."""
+
+    def __init__(self, model: MultimodalGPT, encoder: CLIPPatchEncoder, tokenizer: Tokenizer, template: str) -> None:
+        if template not in TEMPLATES:
+            raise ValueError(f"template {template!r} unknown: choose from {sorted(TEMPLATES)}")
+        self.model, self.encoder, self.tokenizer, self.template = model, encoder, tokenizer, TEMPLATES[template]
+        self.device = model.lm.transformer.wte.weight.device
+
+    @classmethod
+    def load(
+        cls, checkpoint_dir: Path, device: str | None = None, quantize: str | None = None, template: str = "phi2"
+    ) -> Assistant:
+        """Load any of the three checkpoint kinds; `quantize="nf4"` stores the LM's linear weights in nf4."""
+        checkpoint_dir = Path(checkpoint_dir)
+        config = MultimodalConfig.load(checkpoint_dir)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        merged = (checkpoint_dir / "lit_model.pth").is_file()
+        lm_dir = checkpoint_dir if merged else Path(config.lm_checkpoint_dir)
+        lm = load_model(lm_dir, device=device)
+        lora_file = checkpoint_dir / "lora.pth"
+        if not merged and lora_file.is_file():
+            settings = yaml.safe_load((checkpoint_dir / "lora_config.yaml").read_text())
+            trained_nf4 = settings.pop("quantize", None) == "nf4"
+            add_lora(lm, LoRASettings(**{**settings, "dropout": 0.0}))
+            lm.load_state_dict(torch.load(lora_file, map_location=device, weights_only=True), strict=False)
+            quantize = quantize or ("nf4" if trained_nf4 else None)  # the function the adapters were trained on
+        if quantize == "nf4":
+            quantize_nf4(lm, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        elif quantize is not None:
+            raise ValueError(f"--quantize {quantize!r}: only 'nf4' is supported")
+        elif device.startswith("cuda"):
+            lm = lm.to(torch.bfloat16)
+        model = MultimodalGPT(lm, config).to(device).eval()
+        model.load_adapter(checkpoint_dir)
+        model.projector.to(lm.transformer.wte.weight.dtype)
+        encoder = CLIPPatchEncoder(config.clip_model, config.clip_pretrained, layer=config.clip_layer).to(device)
+        tok_dir = checkpoint_dir if (checkpoint_dir / "tokenizer.json").is_file() else lm_dir
+        return cls(model, encoder, Tokenizer(tok_dir), template)
+
+    def features(self, images: Sequence[Path | Image.Image]) -> torch.Tensor | None:
+        """Patch features (n_images, num_patches, width) of image files or PIL images, or None without images."""
+        if not images:
+            return None
+        pil = [img.convert("RGB") if isinstance(img, Image.Image) else load_rgb(Path(img))[0] for img in images]
+        return self.encoder.encode_images(pil)
+
+    def prompt_ids(self, prompt: str, n_images: int, max_new_tokens: int) -> torch.Tensor:
+        """Template-rendered prompt tokens, cut from the left (with a notice) to fit the context."""
+        t = self.template
+        ids = self.tokenizer.encode(t.system + t.user.format(prompt.strip()) + t.assistant_prefix, bos=False, eos=False)
+        prefix = n_images * (self.model.config.num_patches + 1)
+        room = self.model.lm.config.block_size - prefix - max_new_tokens
+        if room < 1:
+            raise ValueError(
+                f"{n_images} image(s) ({prefix} positions) + max_new_tokens {max_new_tokens} leave no room for the "
+                f"prompt in the model's context of {self.model.lm.config.block_size}: use fewer images or tokens"
+            )
+        if ids.numel() > room:
+            print(f"notice: prompt of {ids.numel()} tokens cut to its last {room} to fit the context", file=sys.stderr)
+            ids = ids[-room:]
+        self.model.lm.max_seq_length = self.model.lm.config.block_size
+        return ids.to(self.device)
+
+    def stream(
+        self, prompt: str, images: Sequence[Path | Image.Image] = (), settings: GenerationSettings | None = None
+    ) -> Iterator[str]:
+        """Yield the answer as text pieces while it is generated (stops at EOS)."""
+        settings = settings or GenerationSettings()
+        feats = self.features(images)
+        ids = self.prompt_ids(prompt, len(images), settings.max_new_tokens)
+        tokens: list[int] = []
+        shown = ""
+        for token in generate(
+            self.model, feats, ids, settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
+            eos_id=self.tokenizer.eos_id,
+        ):  # fmt: skip
+            if token == self.tokenizer.eos_id:
+                break
+            tokens.append(token)
+            text = self.tokenizer.decode(torch.tensor(tokens))
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                yield text[len(shown) :]
+                shown = text
+
+    def answer(
+        self, prompt: str, images: Sequence[Path | Image.Image] = (), settings: GenerationSettings | None = None
+    ) -> str:
+        return "".join(self.stream(prompt, images, settings)).strip()
+
+    def answer_batch(
+        self, prompts: Sequence[str], images: Sequence[Sequence[Path]], settings: GenerationSettings | None = None
+    ) -> list[str]:
+        """Answers of several prompts decoded together (same greedy answers as one by one)."""
+        settings = settings or GenerationSettings()
+        feats = [self.features(imgs) for imgs in images]
+        ids = [self.prompt_ids(p, len(imgs), settings.max_new_tokens) for p, imgs in zip(prompts, images, strict=True)]
+        out = generate_batch(
+            self.model, feats, ids, settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
+            eos_id=self.tokenizer.eos_id,
+        )  # fmt: skip
+        eos = self.tokenizer.eos_id
+        return [self.tokenizer.decode(torch.tensor([t for t in row if t != eos])).strip() for row in out]
