@@ -2,51 +2,18 @@
 context limits, and the CLI's batch mode."""
 
 import json
-import shutil
 
 import pytest
 import torch
-import yaml
-from conftest import DATA, load_script, run_python
+from conftest import DATA, run_python
 
-from litgpt_mm.config import Config
 from litgpt_mm.inference import Assistant, GenerationSettings
-from litgpt_mm.model import GPT, save_checkpoint
-from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT
-from litgpt_mm.qlora import LoRASettings, add_lora, lora_state_dict, quantize_nf4
 
 IMAGES = [
     DATA / "images" / "coffee.png",
     DATA / "images" / "rocket.jpg",
     DATA / "coco" / "val2017" / "000000397133.jpg",
 ]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(prepared_gutenberg, tmp_path_factory) -> dict:
-    """A tiny LM, an aligned projector on it, a QLoRA checkpoint and its merged export (random weights)."""
-    root = tmp_path_factory.mktemp("ckpts")
-    torch.manual_seed(0)
-    lm = GPT(Config.from_name("phi-2-moe-tiny", vocab_size=1024, padded_vocab_size=1024))
-    save_checkpoint(lm, root / "lm")
-    for f in (prepared_gutenberg / "tokenizer").iterdir():
-        shutil.copy(f, root / "lm" / f.name)
-    config = MultimodalConfig(clip_pretrained=None, lm_checkpoint_dir=str(root / "lm"))
-    mm = MultimodalGPT(lm, config)
-    torch.nn.init.normal_(mm.separator, std=1.0)
-    mm.save_adapter(root / "align")
-    settings = LoRASettings(dropout=0.0, mlp=True)
-    add_lora(lm, settings)
-    for n, p in lm.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
-    quantize_nf4(lm)
-    (root / "lora").mkdir()
-    torch.save(lora_state_dict(lm), root / "lora" / "lora.pth")
-    (root / "lora" / "lora_config.yaml").write_text(yaml.safe_dump({**vars(settings), "quantize": "nf4"}))
-    mm.save_adapter(root / "lora")
-    load_script("recipes/qlora_instruct.py").export_merged(mm, root / "lm", root / "merged")
-    return {k: root / k for k in ("lm", "align", "lora", "merged")}
 
 
 def test_lora_checkpoint_and_merged_export_answer_alike(checkpoints):
