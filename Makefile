@@ -34,3 +34,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/pretrain.py
 	$(PY) benchmarks/align.py
 	$(PY) benchmarks/instruct.py
+	$(PY) benchmarks/generate.py

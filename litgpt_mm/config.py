@@ -16,7 +16,7 @@ from litgpt.config import Config as LitConfig
 from litgpt.config import name_to_config as lit_name_to_config
 from typing_extensions import Self
 
-MOE_IMPLS = ("loop", "grouped", "auto")
+MOE_IMPLS = ("loop", "grouped", "static", "auto")
 
 _PHI2 = lit_name_to_config["phi-2"]
 _TINY = dict(
@@ -54,13 +54,15 @@ class Config(LitConfig):
         moe_aux_loss_coef: weight of the Switch load-balancing loss (perfect balance = 1).
         moe_z_loss_coef: weight of the ST-MoE router z-loss.
         moe_layers: block indices that get a MoE sub-layer; `None` means every block.
-        moe_impl: `loop` (reference), `grouped` (sorted tokens, grouped matmuls) or `auto` (grouped).
+        moe_impl: `loop` (reference), `grouped` (sorted tokens, grouped matmuls), `static` (every expert on every
+            token, weighted by the gates: fixed shapes and no host sync, for XLA; E / k times the expert FLOPs) or
+            `auto` (grouped).
     """
 
     moe_aux_loss_coef: float = 1e-2
     moe_z_loss_coef: float = 1e-3
     moe_layers: list[int] | None = None
-    moe_impl: Literal["loop", "grouped", "auto"] = "auto"
+    moe_impl: Literal["loop", "grouped", "static", "auto"] = "auto"
 
     def __post_init__(self) -> None:
         if self.n_expert < 0:

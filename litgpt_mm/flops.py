@@ -30,8 +30,20 @@ def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
     return 6 * active_params(model) + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
 
+# bf16 dense peak per TPU chip (Google Cloud TPU documentation)
+TPU_PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5litepod": 197e12, "v5p": 459e12, "v6e": 918e12}
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
-    """Datasheet peak for known GPUs; on other devices a measured large-matmul throughput in `dtype`."""
+    """Datasheet peak for known GPUs and TPUs; on other devices a measured large-matmul throughput in `dtype`."""
+    if device.type == "xla":
+        from torch_xla._internal import tpu
+
+        version = f"v{tpu.version()}"
+        for key, value in TPU_PEAK_FLOPS.items():
+            if version.startswith(key):
+                return value
+        raise ValueError(f"unknown TPU {version}: add its bf16 peak to TPU_PEAK_FLOPS")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, value in PEAK_FLOPS.items():

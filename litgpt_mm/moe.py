@@ -128,8 +128,26 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         gates, top_idx = self.route(x)
         impl = self.config.moe_impl
-        y = self._forward_loop(x, gates, top_idx) if impl == "loop" else self._forward_grouped(x, gates, top_idx)
+        if impl == "loop":
+            y = self._forward_loop(x, gates, top_idx)
+        elif impl == "static":
+            y = self._forward_static(x, gates, top_idx)
+        else:
+            y = self._forward_grouped(x, gates, top_idx)
         return y.reshape(shape)
+
+    def _forward_static(self, x: torch.Tensor, gates: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, weighted by its (zero unless chosen) gate: static shapes for XLA."""
+        dtype = _compute_dtype(x)
+        weights = torch.zeros(x.size(0), self.config.n_expert, device=x.device, dtype=gates.dtype)
+        weights.scatter_(1, top_idx, gates)
+        h = torch.einsum("nd,ehd->neh", x.to(dtype), self.w1.to(dtype))
+        if self.b1 is not None:
+            h = h + self.b1.to(dtype)
+        out = torch.einsum("neh,edh->ned", self._act(h), self.w2.to(dtype))
+        if self.b2 is not None:
+            out = out + self.b2.to(dtype)
+        return (out * weights.unsqueeze(-1).to(dtype)).sum(dim=1)
 
     def _act(self, h: torch.Tensor) -> torch.Tensor:
         return F.gelu(h, approximate=self.config.gelu_approximate)

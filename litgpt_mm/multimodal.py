@@ -255,19 +255,22 @@ def generate_batch(
     top_k: int | None = None,
     top_p: float = 1.0,
     eos_id: int | None = None,
+    pad_to: int | None = None,
+    static: bool = False,
 ) -> list[list[int]]:
     """Decode a batch of prompts together with the KV cache; returns each row's new tokens (up to its EOS).
 
-    Rows are left-padded to a common length and the pads are masked out of attention (a pad position attends only
-    to itself), so with greedy decoding each row gets the same tokens as when decoded alone: rotary attention
-    depends on relative positions only.
+    Rows are left-padded to a common length (at least `pad_to`) and the pads are masked out of attention (a pad
+    position attends only to itself), so with greedy decoding each row gets the same tokens as when decoded alone:
+    rotary attention depends on relative positions only. `static=True` keeps every step's shapes fixed (attention
+    over the whole cache, masked), so XLA compiles one prefill and one decode graph.
     """
     from litgpt.generate.base import sample
 
     lm = model.lm
     rows = [model.build_inputs([f], [p])[0][0] for f, p in zip(features, prompts, strict=True)]
     lengths = [r.size(0) for r in rows]
-    T0, B = max(lengths), len(rows)
+    T0, B = max(max(lengths), pad_to or 0), len(rows)
     total = T0 + max_new_tokens
     if total > lm.max_seq_length:
         raise ValueError(
@@ -285,7 +288,7 @@ def generate_batch(
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     try:
-        logits = forward_embeds(lm, embeds, torch.arange(T0, device=device), T0)
+        logits = forward_embeds(lm, embeds, torch.arange(T0, device=device), None if static else T0)
         for i in range(max_new_tokens):
             tokens = torch.cat(
                 [sample(logits[b : b + 1, -1:].float(), temperature=temperature, top_k=top_k, top_p=top_p)
@@ -298,7 +301,7 @@ def generate_batch(
             if all(done) or i == max_new_tokens - 1:
                 break
             emb = embed_tokens(lm, tokens.view(B, 1)).to(embeds.dtype)
-            logits = forward_embeds(lm, emb, torch.tensor([T0 + i], device=device), T0 + i + 1)
+            logits = forward_embeds(lm, emb, torch.tensor([T0 + i], device=device), None if static else T0 + i + 1)
     finally:
         lm.clear_kv_cache()
     return out

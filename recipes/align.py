@@ -191,7 +191,7 @@ def main(
 
     def loss_fn(batch: dict):
         feats = features_of(batch)
-        logits, labels = model([f[None] for f in feats], batch["ids"])
+        logits, labels = model([f[None] for f in feats], batch["ids"], batch.get("labels"))
         loss = shifted_cross_entropy(logits, labels)
         return loss, {"loss": loss}
 

@@ -13,9 +13,10 @@ def _moe(impl: str, **kw) -> MoE:
     return MoE(cfg)
 
 
+@pytest.mark.parametrize("other", ["grouped", "static"])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_loop_and_grouped_give_same_outputs_and_gradients(k):
-    loop, grouped = _moe("loop", n_expert_per_token=k), _moe("grouped", n_expert_per_token=k)
+def test_loop_and_grouped_give_same_outputs_and_gradients(k, other):
+    loop, grouped = _moe("loop", n_expert_per_token=k), _moe(other, n_expert_per_token=k)
     grouped.load_state_dict(loop.state_dict())
     x = torch.randn(3, 37, loop.config.n_embd)
     upstream = torch.randn_like(x)
