@@ -8,6 +8,7 @@ longer than `max_audio_seconds`, are refused with a message in the page, as is a
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -118,7 +119,7 @@ def main(
     """
     assistant = Assistant.load(checkpoint_dir, device=device, quantize=quantize, template=template)
     transcribe = None
-    try:
+    if importlib.util.find_spec("whisperx") is not None:
         from litgpt_mm.audio import SpeechToText
 
         stt: list = []
@@ -128,8 +129,7 @@ def main(
                 stt.append(SpeechToText(whisper_model, device=device))
             t = stt[0].transcribe(Path(path))
             return t.text, t.notice
-    except ImportError:
-        pass
+
     app = build_app(assistant, transcribe, max_image_megapixels, max_audio_seconds, max_upload_mb)
     app.queue().launch(server_name=host, server_port=port, show_error=True)
 

@@ -10,6 +10,9 @@
 3. Prepare the bundled LLaVA-Bench conversations (their COCO val2014 images are not bundled, so they are mapped onto
    bundled photos), then instruction-tune the aligned model with QLoRA (LoRA on nf4 linear layers + the projector)
    and write the merged model.
+4. Answer a question about a bundled photo and the JFK speech clip with the merged model: WhisperX transcribes the
+   first 10 s of speech into the prompt. Offline, Whisper is a random tiny model built locally (its transcript is
+   gibberish; pass `--whisper_model large-v3` to generate/mm.py for the real one).
 
 Everything goes under `out/demo/` (replaced on each run).
 """
@@ -64,6 +67,14 @@ def main(out: Path = ROOT / "out" / "demo") -> None:
         "QLoRA instruction tuning",
         "recipes/qlora_instruct.py", "--config", "recipes/configs/qlora_instruct_tiny.yaml", "--align_dir",
         str(align / "final"), "--data_dir", str(llava_data), "--feature_dir", str(features), "--out_dir", str(instruct),
+    )  # fmt: skip
+    whisper = out / "whisper-tiny-random"
+    run("build a random tiny Whisper (offline stand-in)", "scripts/build_tiny_whisper.py", "--out_dir", str(whisper))
+    run(
+        "answer about a photo and a speech clip",
+        "generate/mm.py", "--checkpoint_dir", str(instruct / "merged"), "--image", "data/images/astronaut.png",
+        "--audio", "data/audio/jfk.flac", "--prompt", "What does the picture show, and what was said?",
+        "--whisper_model", str(whisper), "--max_new_tokens", "48", "--device", "cpu",
     )  # fmt: skip
     print("\nArtefacts:")
     print(f"  token shards + tokenizer : {data}")

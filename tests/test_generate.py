@@ -68,3 +68,25 @@ def test_cli_single_and_batch_mode(checkpoints, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"id": 1, "prompt": 5}\n')
     bad = run_python([*common, "--input", str(tmp_path / "bad.jsonl")])
     assert bad.returncode != 0 and "bad.jsonl:1" in bad.stderr
+
+
+def test_cli_feeds_the_speech_transcript_into_the_prompt(checkpoints, tmp_path):
+    from conftest import load_script
+
+    from litgpt_mm.audio import SpeechToText, prompt_with_speech
+
+    whisper = load_script("scripts/build_tiny_whisper.py").build_tiny_whisper(tmp_path / "whisper")
+    jfk = DATA / "audio" / "jfk.flac"
+    proc = run_python(
+        ["generate/mm.py", "--checkpoint_dir", str(checkpoints["merged"]), "--max_new_tokens", "8", "--stream",
+         "false", "--image", str(IMAGES[0]), "--audio", str(jfk), "--prompt", "Answer:", "--whisper_model",
+         str(whisper), "--device", "cpu"]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "only the first 10 s of speech" in proc.stderr  # the 11 s clip is cut, and the user is told
+    transcript = SpeechToText(str(whisper), device="cpu").transcribe(jfk)
+    assert transcript.text and transcript.clipped
+    want = Assistant.load(checkpoints["merged"], device="cpu").answer(
+        prompt_with_speech("Answer:", transcript), [IMAGES[0]], GenerationSettings(8)
+    )
+    assert proc.stdout.strip().splitlines()[-1].strip() == want
