@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -36,6 +37,8 @@ TPU_PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5litepod": 197e12, "v5p": 459e1
 
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
     """Datasheet peak for known GPUs and TPUs; on other devices a measured large-matmul throughput in `dtype`."""
+    if device.type == "xla" and os.environ.get("PJRT_DEVICE") == "CPU":
+        return peak_flops(torch.device("cpu"), torch.float32)  # XLA's CPU backend runs on the host
     if device.type == "xla":
         from torch_xla._internal import tpu
 

@@ -249,6 +249,10 @@ def fit(
     logs = Logs(fabric, out_dir, state["step"] if resumed_from else None)
     peak = peak_flops(fabric.device) if stage.flops_per_token else None
     start_step = state["step"]
+    if fabric.device.type == "xla":  # a Python float LR is a graph constant on XLA: one recompile per new value
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=fabric.device)
+            group["foreach"] = False
     val_loss = float("nan")
     if val_loader is not None and eval.initial_validation and start_step == 0:
         val_loss = validate(fabric, stage, model, val_loader, eval.max_iters)
@@ -267,7 +271,11 @@ def fit(
     while state["step"] < max_steps:
         lr = get_lr(learning_rate, state["step"], warmup, max_steps, train.min_lr)
         for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            value = lr * group.get("lr_scale", 1.0)
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(value)  # in place: a device tensor keeps XLA's step graph fixed
+            else:
+                group["lr"] = value
         sums: dict[str, torch.Tensor] = {}
         step_tokens = 0
         for micro in range(accum):

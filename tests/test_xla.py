@@ -124,3 +124,26 @@ def test_training_step_on_the_xla_cpu_device():
         env={**__import__("os").environ, "PJRT_DEVICE": "CPU"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_xla") is None, reason="torch_xla is not installed")
+def test_pretrain_launcher_runs_on_the_xla_cpu_device(prepared_gutenberg, tmp_path):
+    """`xla/pretrain_moe.py` through Lightning Fabric's XLA strategy on XLA's CPU device: a few real steps."""
+    out = tmp_path / "xla"
+    proc = subprocess.run(
+        [sys.executable, "xla/pretrain_moe.py", "--model_name", "phi-2-moe-tiny", "--data_dir", str(prepared_gutenberg),
+         "--out_dir", str(out), "--precision", "32-true", "--num_workers", "0", "--train.max_steps", "4",
+         "--train.global_batch_size", "4", "--train.micro_batch_size", "4", "--train.max_seq_length", "32",
+         "--train.log_interval", "1", "--train.save_interval", "4", "--train.lr_warmup_steps", "1",
+         "--eval.interval", "4", "--eval.max_iters", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+        env={**__import__("os").environ, "PJRT_DEVICE": "CPU"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = (out / "logs" / "train_log.csv").read_text().splitlines()[1:]
+    losses = [float(r.split(",")[3]) for r in rows]
+    assert len(losses) == 4 and all(0 < v < 10 for v in losses)
+    from litgpt_mm.model import load_model
+
+    model = load_model(out / "final")  # saved from the XLA device in litgpt's layout, reloads on CPU
+    assert model.config.moe_impl == "static" and len(model.moe_layers) == 4

@@ -9,6 +9,7 @@ at module level: the logic is testable on any machine.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,15 +73,44 @@ def block_wrap_policy(block_classes: set[type] | None = None):
 
 def xla_fabric(devices: int | str = "auto", fsdp: bool = True, precision: str = "bf16-true", num_nodes: int = 1):
     """Lightning Fabric on TPU: `XLAFSDPStrategy` (block wrap policy, full state dict, sequential save) or
-    `XLAStrategy` (data parallel)."""
+    `XLAStrategy` (data parallel). With `PJRT_DEVICE=CPU` it runs on XLA's CPU device, one process, for smoke runs
+    of the same code path on machines without a TPU."""
     import lightning as L
     from lightning.fabric.strategies import XLAFSDPStrategy, XLAStrategy
 
+    if os.environ.get("PJRT_DEVICE") == "CPU":
+        return L.Fabric(accelerator=_xla_cpu_accelerator(), devices=1, precision=precision)
     if fsdp:
         strategy = XLAFSDPStrategy(auto_wrap_policy=block_wrap_policy(), state_dict_type="full", sequential_save=True)
     else:
         strategy = XLAStrategy(sync_module_states=True)
     return L.Fabric(accelerator="tpu", devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
+
+
+def _xla_cpu_accelerator():
+    """Fabric's `XLAAccelerator` counts TPU chips through the TPU metadata service; this one is XLA's CPU device."""
+    from lightning.fabric.accelerators.xla import XLAAccelerator
+
+    class XLACPUAccelerator(XLAAccelerator):
+        @staticmethod
+        def is_available() -> bool:
+            return True
+
+        @staticmethod
+        def auto_device_count() -> int:
+            return 1
+
+        @staticmethod
+        def parse_devices(devices) -> int:
+            return 1
+
+        @staticmethod
+        def get_parallel_devices(devices) -> list:
+            import torch_xla
+
+            return [torch_xla.device()]
+
+    return XLACPUAccelerator()
 
 
 def load_sequentially(fabric, path: Path) -> dict:
