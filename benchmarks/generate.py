@@ -7,7 +7,7 @@ tokens after a 49-patch image and a short prompt.
 
 Targets: ours >= 5x the capstone loop, >= 1x HF generate. EOS is disabled so every variant makes 64 tokens.
 
-    python benchmarks/generate.py                 # CPU: a 4-layer, 640-wide Phi-2-shaped LM + ViT-B/32 features
+    python benchmarks/generate.py                 # CPU: an 8-layer, 1280-wide Phi-2-shaped LM + ViT-B/32 features
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ def timed(fn, iters: int) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lm", default="phi-2", help="a dense config name, shrunk by --n_layer/--n_embd")
-    ap.add_argument("--n_layer", type=int, default=4)
-    ap.add_argument("--n_embd", type=int, default=640, help="multiple of 80 (head size 80, as phi-2)")
+    ap.add_argument("--n_layer", type=int, default=8)
+    ap.add_argument("--n_embd", type=int, default=1280, help="multiple of 80 (head size 80, as phi-2)")
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--prompt_tokens", type=int, default=24)
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=2)
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = Config.from_name(
