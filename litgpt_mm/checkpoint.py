@@ -42,3 +42,17 @@ def save_config(config: Any, checkpoint_dir: Path) -> None:
     """Write `model_config.yaml` like `litgpt.utils.save_config`, atomically."""
     text = yaml.dump(asdict(config))
     atomic_write(Path(checkpoint_dir) / "model_config.yaml", lambda f: f.write(text.encode("utf-8")))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json")
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy whichever tokenizer files `src` has into `dst`; returns their names."""
+    import shutil
+
+    found = [n for n in TOKENIZER_FILES if (Path(src) / n).is_file()]
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    for name in found:
+        shutil.copy2(Path(src) / name, Path(dst) / name)
+    return found

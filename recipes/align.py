@@ -15,7 +15,6 @@ logs the validation loss and greedy captions of fixed validation images (`logs/s
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Literal
@@ -30,6 +29,7 @@ from litgpt.utils import instantiate_torch_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from litgpt_mm.checkpoint import copy_tokenizer_files  # noqa: E402
 from litgpt_mm.data import coco  # noqa: E402
 from litgpt_mm.data.tokens import ResumableLoader, ResumableSampler  # noqa: E402
 from litgpt_mm.model import load_model  # noqa: E402
@@ -42,8 +42,6 @@ from litgpt_mm.multimodal import (  # noqa: E402
 )
 from litgpt_mm.training import Stage, fit, load_training_state, resolve_resume  # noqa: E402
 from litgpt_mm.vision import CLIPPatchEncoder  # noqa: E402
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json")
 
 
 def setup(
@@ -219,9 +217,7 @@ def main(
     def save_fn(ckpt_dir: Path) -> None:
         if fabric.global_rank == 0:
             mm.save_adapter(ckpt_dir)
-            for name in TOKENIZER_FILES:
-                if (lm_dir / name).is_file():
-                    shutil.copy2(lm_dir / name, ckpt_dir / name)
+            copy_tokenizer_files(lm_dir, ckpt_dir)
 
     (Path(out_dir) / "logs").mkdir(parents=True, exist_ok=True)
     accum_batch = train.micro_batch_size * fabric.world_size * train.gradient_accumulation_iters(fabric.world_size, 1)

@@ -16,7 +16,6 @@ dense Phi model also a Hugging Face export (`merged/hf/`).
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from litgpt_mm.checkpoint import atomic_torch_save, save_config  # noqa: E402
+from litgpt_mm.checkpoint import atomic_torch_save, copy_tokenizer_files, save_config  # noqa: E402
 from litgpt_mm.data import coco  # noqa: E402
 from litgpt_mm.data.tokens import ResumableLoader, ResumableSampler  # noqa: E402
 from litgpt_mm.model import load_model  # noqa: E402
@@ -41,8 +40,6 @@ from litgpt_mm.qlora import LoRASettings, add_lora, lora_state_dict, merged_stat
 from litgpt_mm.scheduled import autoregressive_loss, teacher_forcing_p  # noqa: E402
 from litgpt_mm.training import Stage, fit, load_training_state, resolve_resume  # noqa: E402
 from litgpt_mm.vision import CLIPPatchEncoder  # noqa: E402
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json")
 
 
 class InstructSamples(Dataset):
@@ -210,9 +207,7 @@ def setup(
         atomic_torch_save(lora_state_dict(lm), ckpt_dir / "lora.pth")
         mm.save_adapter(ckpt_dir)
         (ckpt_dir / "lora_config.yaml").write_text(yaml.safe_dump({**asdict(lora), "quantize": quantize}))
-        for name in TOKENIZER_FILES:
-            if (lm_dir / name).is_file():
-                shutil.copy2(lm_dir / name, ckpt_dir / name)
+        copy_tokenizer_files(lm_dir, ckpt_dir)
 
     stage = Stage(loss_fn, save_fn, tokens_fn=lambda b: sum(int((lab != -100).sum()) for lab in b["labels"]))
     result = fit(
@@ -230,9 +225,7 @@ def export_merged(mm: MultimodalGPT, lm_dir: Path, out: Path) -> None:
     state = merged_state_dict(mm.lm)
     atomic_torch_save(state, out / "lit_model.pth")
     save_config(mm.lm.config, out)
-    for name in TOKENIZER_FILES:
-        if (lm_dir / name).is_file():
-            shutil.copy2(lm_dir / name, out / name)
+    copy_tokenizer_files(lm_dir, out)
     config = MultimodalConfig(**{**asdict(mm.config), "lm_checkpoint_dir": str(out.resolve())})
     atomic_torch_save(mm.adapter_state_dict(), out / "projector.pth")
     config.save(out)

@@ -146,3 +146,37 @@ def checkpoints(prepared_gutenberg, tmp_path_factory) -> dict:
     mm.save_adapter(root / "lora")
     load_script("recipes/qlora_instruct.py").export_merged(mm, root / "lm", root / "merged")
     return {k: root / k for k in ("lm", "align", "lora", "merged")}
+
+
+TIMING_COLUMNS = {"tokens_per_s", "mfu", "elapsed_s", "peak_memory_gb"}
+
+
+def check_kill_and_resume(args_for, tmp_path: Path, kill_at: str, resumed_at: str, weights: str) -> None:
+    """Run a recipe uninterrupted, then SIGKILL another run while it writes `kill_at`, resume it with
+    `--resume auto`, and require the same logs (timing columns aside) and bit-identical `final/<weights>`.
+
+    `args_for(out_dir)` gives the recipe's command line (script path first) for an output directory.
+    """
+    import csv
+    import signal
+
+    ref = run_python([*args_for(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    killed = run_python(["-c", kill_while_saving(kill_at), *args_for(tmp_path / "run")])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (tmp_path / "run" / f".{kill_at}.tmp").is_dir() and not (tmp_path / "run" / "final").exists()
+    resumed = run_python([*args_for(tmp_path / "run"), "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout and resumed_at in resumed.stdout
+    for name in ("train_log.csv", "val_log.csv", "expert_load.csv"):
+        if not (tmp_path / "ref" / "logs" / name).is_file():
+            continue
+        runs = []
+        for run in ("ref", "run"):
+            with open(tmp_path / run / "logs" / name, newline="") as f:
+                runs.append([{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(f)])
+        assert runs[1] == runs[0], name
+    a = torch.load(tmp_path / "ref" / "final" / weights)
+    b = torch.load(tmp_path / "run" / "final" / weights)
+    a, b = a.get("model", a), b.get("model", b)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

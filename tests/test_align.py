@@ -4,12 +4,11 @@ resume after a kill."""
 import csv
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, kill_while_saving, load_script, run_python
+from conftest import DATA, check_kill_and_resume, load_script
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.tokenizer import Tokenizer
 from PIL import Image
@@ -156,27 +155,8 @@ def test_align_resume_after_kill(pretrained_tiny, prepared_coco, tmp_path):
         "4", "--train.log_interval", "1", "--eval.interval", "6", "--eval.max_new_tokens", "4",
         "--train.micro_batch_size", "4", "--train.global_batch_size", "8",
     ]  # fmt: skip
-    ref = run_python([*common, "--out_dir", str(tmp_path / "ref")])
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    killed = run_python(["-c", kill_while_saving("step-000008"), *common, "--out_dir", str(tmp_path / "run")])
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = run_python([*common, "--out_dir", str(tmp_path / "run"), "--resume", "auto"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resumed from" in resumed.stdout and "step-000004" in resumed.stdout
-    drop = {"tokens_per_s", "mfu", "elapsed_s", "peak_memory_gb"}
-    for name in ("train_log.csv", "val_log.csv"):
-        want = [
-            {k: v for k, v in r.items() if k not in drop}
-            for r in csv.DictReader(open(tmp_path / "ref" / "logs" / name))
-        ]
-        got = [
-            {k: v for k, v in r.items() if k not in drop}
-            for r in csv.DictReader(open(tmp_path / "run" / "logs" / name))
-        ]
-        assert got == want, name
-    a = torch.load(tmp_path / "ref" / "final" / "projector.pth")
-    b = torch.load(tmp_path / "run" / "final" / "projector.pth")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    check_kill_and_resume(lambda out: [*common, "--out_dir", str(out)], tmp_path, "step-000008", "step-000004",
+                          "projector.pth")  # fmt: skip
 
 
 def test_prepare_coco_downloads_a_seeded_subset(tmp_path):

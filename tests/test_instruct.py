@@ -3,11 +3,10 @@ instruction-tuning recipe (both methods learn, merged == unmerged, exact resume)
 
 import csv
 import json
-import signal
 
 import pytest
 import torch
-from conftest import DATA, kill_while_saving, load_script, run_python
+from conftest import DATA, check_kill_and_resume, load_script, run_python
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_mm.config import Config
@@ -217,28 +216,10 @@ def test_both_methods_lower_the_loss(aligned, tmp_path, method):
 
 
 def test_instruct_resume_after_kill(aligned, tmp_path):
-    args = instruct_args(aligned, tmp_path / "ref", "standard", 12)
-    ref = run_python([*args, "--merge", "false"])
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    run_args = [*instruct_args(aligned, tmp_path / "run", "standard", 12), "--merge", "false"]
-    killed = run_python(["-c", kill_while_saving("step-000008"), *run_args])
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = run_python([*run_args, "--resume", "auto"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    drop = {"tokens_per_s", "mfu", "elapsed_s", "peak_memory_gb"}
-    for name in ("train_log.csv", "val_log.csv"):
-        want = [
-            {k: v for k, v in r.items() if k not in drop}
-            for r in csv.DictReader(open(tmp_path / "ref" / "logs" / name))
-        ]
-        got = [
-            {k: v for k, v in r.items() if k not in drop}
-            for r in csv.DictReader(open(tmp_path / "run" / "logs" / name))
-        ]
-        assert got == want, name
-    a = torch.load(tmp_path / "ref" / "final" / "lora.pth")
-    b = torch.load(tmp_path / "run" / "final" / "lora.pth")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    check_kill_and_resume(
+        lambda out: [*instruct_args(aligned, out, "standard", 12), "--merge", "false"], tmp_path, "step-000008",
+        "step-000004", "lora.pth",
+    )  # fmt: skip
 
 
 def test_merged_dense_phi_exports_to_hugging_face(tmp_path):

@@ -3,12 +3,11 @@ Adam, and a 2-process gloo run."""
 
 import csv
 import json
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, kill_while_saving, load_script, pretrain_setup, run_python
+from conftest import DATA, check_kill_and_resume, load_script, pretrain_setup, run_python
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_mm.checkpoint import save_config
@@ -130,26 +129,8 @@ def test_resume_after_kill_continues_the_same_curve(prepared_gutenberg, tmp_path
         "eval.interval": 6,
         "eval.max_iters": 2,
     }
-    ref = run_python(run_args(prepared_gutenberg, tmp_path / "ref", **common))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    killed = run_python(
-        ["-c", kill_while_saving("step-000012"), *run_args(prepared_gutenberg, tmp_path / "run", **common)]
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert (tmp_path / "run" / ".step-000012.tmp").is_dir() and not (tmp_path / "run" / "final").exists()
-    resumed = run_python(run_args(prepared_gutenberg, tmp_path / "run", resume="auto", **common))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resumed from" in resumed.stdout and "step-000008" in resumed.stdout
-    for name in ("train_log.csv", "val_log.csv", "expert_load.csv"):
-        want = read_log(tmp_path / "ref" / "logs" / name)
-        got = read_log(tmp_path / "run" / "logs" / name)
-        drop = {"tokens_per_s", "mfu", "elapsed_s", "peak_memory_gb"}
-        assert [{k: v for k, v in r.items() if k not in drop} for r in got] == [
-            {k: v for k, v in r.items() if k not in drop} for r in want
-        ], name
-    a = torch.load(tmp_path / "ref" / "final" / "lit_model.pth")["model"]
-    b = torch.load(tmp_path / "run" / "final" / "lit_model.pth")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    check_kill_and_resume(lambda out: run_args(prepared_gutenberg, out, **common), tmp_path, "step-000012",
+                          "step-000008", "lit_model.pth")  # fmt: skip
 
 
 def test_gradient_accumulation_matches_the_large_batch(prepared_gutenberg, tmp_path):

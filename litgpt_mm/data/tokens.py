@@ -84,14 +84,11 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path, le
 
 def copy_tokenizer(src: Path, out_dir: Path) -> Tokenizer:
     """Reuse an existing tokenizer directory (e.g. phi-2's checkpoint dir): copy its tokenizer files."""
-    src, out_dir = Path(src), Path(out_dir)
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json")
-    found = [n for n in names if (src / n).is_file()]
+    from litgpt_mm.checkpoint import copy_tokenizer_files
+
+    found = copy_tokenizer_files(src, out_dir) if Path(src).is_dir() else []
     if not any(n in found for n in ("tokenizer.json", "tokenizer.model")):
         raise FileNotFoundError(f"{src} has no tokenizer.json or tokenizer.model: pass a litgpt checkpoint directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for n in found:
-        shutil.copy2(src / n, out_dir / n)
     return Tokenizer(out_dir)
 
 
