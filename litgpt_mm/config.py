@@ -56,7 +56,7 @@ class Config(LitConfig):
         moe_layers: block indices that get a MoE sub-layer; `None` means every block.
         moe_impl: `loop` (reference), `grouped` (sorted tokens, grouped matmuls), `static` (every expert on every
             token, weighted by the gates: fixed shapes and no host sync, for XLA; E / k times the expert FLOPs) or
-            `auto` (grouped).
+            `auto` (grouped, or static on XLA devices).
     """
 
     moe_aux_loss_coef: float = 1e-2

@@ -63,7 +63,7 @@ class Assistant:
             settings = yaml.safe_load((checkpoint_dir / "lora_config.yaml").read_text())
             trained_nf4 = settings.pop("quantize", None) == "nf4"
             add_lora(lm, LoRASettings(**{**settings, "dropout": 0.0}))
-            lm.load_state_dict(torch.load(lora_file, map_location=device, weights_only=True), strict=False)
+            lm.load_state_dict(torch.load(lora_file, map_location="cpu", weights_only=True), strict=False)
             quantize = quantize or ("nf4" if trained_nf4 else None)  # the function the adapters were trained on
         if quantize == "nf4":
             quantize_nf4(lm, torch.bfloat16 if device.startswith("cuda") else torch.float32)

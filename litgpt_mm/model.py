@@ -201,10 +201,11 @@ def load_model(checkpoint_dir: Path, device: torch.device | str = "cpu", **confi
     config = Config.from_checkpoint(checkpoint_dir, **config_overrides)
     with torch.device("meta"):
         model = GPT(config)
-    state = torch.load(path, map_location=device, mmap=True, weights_only=True)
+    load_on = "cpu" if torch.device(device).type == "xla" else device  # torch.load cannot map onto XLA
+    state = torch.load(path, map_location=load_on, mmap=True, weights_only=True)
     state = state.get("model", state)
     model.load_state_dict(state, assign=True)
     # the rope cache is not in the state dict: rebuild it off the meta device
-    cos, sin = model.rope_cache(device=torch.device(device))
+    cos, sin = model.rope_cache(device=torch.device(load_on))
     model.cos, model.sin = cos, sin
-    return model
+    return model if load_on == device else model.to(device)

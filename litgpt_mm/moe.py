@@ -128,6 +128,8 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         gates, top_idx = self.route(x)
         impl = self.config.moe_impl
+        if impl == "auto":
+            impl = "static" if x.device.type == "xla" else "grouped"
         if impl == "loop":
             y = self._forward_loop(x, gates, top_idx)
         elif impl == "static":

@@ -225,7 +225,12 @@ def main(
         max_steps = train.max_steps
     else:
         max_steps = max(1, (train.epochs or 1) * len(loaders["train"].dataset) // accum_batch)
-    stage = Stage(loss_fn, save_fn, tokens_fn=lambda b: sum(len(i) for i in b["ids"]), on_eval=on_eval)
+    def tokens_fn(batch: dict) -> int:  # caption tokens, padding (static-shape batches on XLA) excluded
+        if "labels" in batch:
+            return sum(int((lab != -100).sum()) for lab in batch["labels"])
+        return sum(len(i) for i in batch["ids"])
+
+    stage = Stage(loss_fn, save_fn, tokens_fn=tokens_fn, on_eval=on_eval)
     result = fit(
         fabric, stage, state, out_dir=out_dir, train=train, eval=eval, max_steps=max_steps,
         learning_rate=peak_lr, val_loader=loaders["val"], resumed_from=resume_dir,

@@ -147,3 +147,53 @@ def test_pretrain_launcher_runs_on_the_xla_cpu_device(prepared_gutenberg, tmp_pa
 
     model = load_model(out / "final")  # saved from the XLA device in litgpt's layout, reloads on CPU
     assert model.config.moe_impl == "static" and len(model.moe_layers) == 4
+
+
+def _xla_cpu(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**__import__("os").environ, "PJRT_DEVICE": "CPU"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_xla") is None, reason="torch_xla is not installed")
+def test_align_launcher_runs_on_the_xla_cpu_device(pretrained_tiny, tmp_path):
+    """`xla/align.py`: `recipes/align.py`'s stage with static caption buckets, on XLA's CPU device."""
+    import yaml
+
+    load_script("scripts/prepare_coco.py").prepare(
+        out_dir=tmp_path / "coco", features=True, feature_dir=tmp_path / "features", clip_pretrained=None
+    )
+    config = {
+        "lm_checkpoint_dir": str(pretrained_tiny[0] / "final"), "data_dir": str(tmp_path / "coco"),
+        "out_dir": str(tmp_path / "align"), "clip_pretrained": None, "feature_dir": str(tmp_path / "features"),
+        "num_workers": 0, "num_sample_images": 0,
+        "train": {"save_interval": 3, "log_interval": 1, "global_batch_size": 4, "micro_batch_size": 4,
+                  "max_steps": 3, "lr_warmup_steps": 1, "max_norm": 1.0, "min_lr": 1e-4},
+        "eval": {"interval": 3, "max_iters": 1, "initial_validation": False, "max_new_tokens": 4},
+    }  # fmt: skip
+    (tmp_path / "align.yaml").write_text(yaml.safe_dump(config))
+    proc = _xla_cpu(["xla/align.py", "--recipe_config", str(tmp_path / "align.yaml"), "--caption_bucket", "32",
+                     "--precision", "32-true"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = (tmp_path / "align" / "logs" / "train_log.csv").read_text().splitlines()[1:]
+    assert len(rows) == 3 and all(0 < float(r.split(",")[3]) < 10 for r in rows)
+    assert (tmp_path / "align" / "final" / "projector.pth").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_xla") is None, reason="torch_xla is not installed")
+def test_generate_launcher_on_the_xla_cpu_device_matches_cpu(checkpoints, tmp_path):
+    """`xla/generate_mm.py` (bucketed prompts, fixed batch, static decoding) gives the CPU's greedy answers."""
+    import json
+
+    from litgpt_mm.inference import Assistant, GenerationSettings
+
+    image = REPO / "data" / "images" / "coffee.png"
+    rows = [{"id": "a", "prompt": "What is in the cup?", "image": str(image)}, {"id": "b", "prompt": "Describe."}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = _xla_cpu(["xla/generate_mm.py", "--checkpoint_dir", str(checkpoints["merged"]), "--input",
+                     str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--batch_size", "2",
+                     "--max_new_tokens", "6"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [json.loads(line)["answer"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    cpu = Assistant.load(checkpoints["merged"], device="cpu")
+    want = cpu.answer_batch([r["prompt"] for r in rows], [[image], []], GenerationSettings(6))
+    assert got == want

@@ -1,8 +1,8 @@
 """Align CLIP to the LM on TPUs: `recipes/align.py`'s loop on an XLA Fabric with static shapes.
 
-    PJRT_DEVICE=TPU python xla/align.py --config my_align.yaml --devices 8
+    PJRT_DEVICE=TPU python xla/align.py --recipe_config my_align.yaml --devices 8
 
-`--config` is a YAML of `recipes/align.py` arguments. What differs: `XLAStrategy` data parallelism (only the
+`--recipe_config` is a YAML of `recipes/align.py` arguments. What differs: `XLAStrategy` data parallelism (only the
 projector trains, so the frozen LM is replicated; `--fsdp true` shards an LM too large for one chip), bf16, the
 MoE's `static` path, and every caption padded or cut to `--caption_bucket` tokens (padding ignored by the loss) so
 that every step has the same shapes.
@@ -21,12 +21,12 @@ sys.path.insert(0, str(ROOT))
 from xla.utils import load_recipe, recipe_arguments, static_caption_collate, xla_fabric  # noqa: E402
 
 
-def setup(config: Path | None = None, devices: int | str = "auto", fsdp: bool = False, caption_bucket: int = 64,
+def setup(recipe_config: Path | None = None, devices: int | str = "auto", fsdp: bool = False, caption_bucket: int = 64,
           precision: str = "bf16-true") -> None:  # fmt: skip
     """Run `recipes/align.py`'s stage on TPUs.
 
     Args:
-        config: YAML of `recipes/align.py` arguments.
+        recipe_config: YAML of `recipes/align.py` arguments.
         devices: TPU chips.
         fsdp: shard the LM with `XLAFSDPStrategy` instead of replicating it.
         caption_bucket: captions are padded or cut to this many tokens.
@@ -34,7 +34,7 @@ def setup(config: Path | None = None, devices: int | str = "auto", fsdp: bool = 
     """
     recipe = load_recipe("align")
     recipe.coco.collate_pairs = static_caption_collate(caption_bucket)
-    args = recipe_arguments(recipe.setup, config, {"max_caption_tokens": caption_bucket})
+    args = recipe_arguments(recipe.setup, recipe_config, {"max_caption_tokens": caption_bucket})
     fabric = xla_fabric(devices, fsdp, precision)
     names = list(recipe.main.__code__.co_varnames[1 : recipe.main.__code__.co_argcount])
     renamed = {"lm_dir": "lm_checkpoint_dir", "optimizer_spec": "optimizer"}

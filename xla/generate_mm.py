@@ -24,7 +24,8 @@ from litgpt_mm.multimodal import generate_batch  # noqa: E402
 from xla.utils import bucket  # noqa: E402
 
 
-def main(checkpoint_dir: Path, input: Path, output: Path | None = None, batch_size: int = 8,
+def main(checkpoint_dir: Path = Path("out/qlora_instruct/merged"), input: Path = Path("prompts.jsonl"),
+         output: Path | None = None, batch_size: int = 8,
          max_new_tokens: int = 128, template: str = "phi2", device: str | None = None) -> None:  # fmt: skip
     """Batch answers of a prompts jsonl (`{"id", "prompt", "image"}` rows) into `{"id", "answer"}` rows.
 
