@@ -192,17 +192,20 @@ def save_checkpoint(model: GPT, checkpoint_dir: Path) -> None:
     atomic_torch_save(model.state_dict(), checkpoint_dir / "lit_model.pth")
 
 
-def load_model(checkpoint_dir: Path, device: torch.device | str = "cpu", **config_overrides) -> GPT:
-    """Build a `GPT` from a litgpt-layout checkpoint directory and load its weights."""
+def load_model(
+    checkpoint_dir: Path, device: torch.device | str = "cpu", state: dict | None = None, **config_overrides
+) -> GPT:
+    """Build a `GPT` from a litgpt-layout checkpoint directory and load its weights (or the given `state`)."""
     checkpoint_dir = Path(checkpoint_dir)
     path = checkpoint_dir / "lit_model.pth"
-    if not path.is_file():
+    if state is None and not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} not found: expected a litgpt checkpoint directory (lit_model.pth).")
     config = Config.from_checkpoint(checkpoint_dir, **config_overrides)
     with torch.device("meta"):
         model = GPT(config)
     load_on = "cpu" if torch.device(device).type == "xla" else device  # torch.load cannot map onto XLA
-    state = torch.load(path, map_location=load_on, mmap=True, weights_only=True)
+    if state is None:
+        state = torch.load(path, map_location=load_on, mmap=True, weights_only=True)
     state = state.get("model", state)
     model.load_state_dict(state, assign=True)
     # the rope cache is not in the state dict: rebuild it off the meta device

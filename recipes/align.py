@@ -225,6 +225,7 @@ def main(
         max_steps = train.max_steps
     else:
         max_steps = max(1, (train.epochs or 1) * len(loaders["train"].dataset) // accum_batch)
+
     def tokens_fn(batch: dict) -> int:  # caption tokens, padding (static-shape batches on XLA) excluded
         if "labels" in batch:
             return sum(int((lab != -100).sum()) for lab in batch["labels"])
