@@ -146,7 +146,7 @@ class MultimodalGPT(nn.Module):
         prefixes: list[torch.Tensor | None] = [None] * len(features)
         if sum(n_images):
             stacked = torch.cat([f.to(device) for f in features if f is not None and f.size(0)])
-            flat = iter(self.image_prefix(stacked).split(n_images_nonzero(n_images)))
+            flat = iter(self.image_prefix(stacked).split([n for n in n_images if n]))
             prefixes = [next(flat).flatten(0, 1) if n else None for n in n_images]
         rows, label_rows = [], []
         for i, ids in enumerate(input_ids):
@@ -174,10 +174,6 @@ class MultimodalGPT(nn.Module):
         embeds, out_labels, _ = self.build_inputs(features, input_ids, labels)
         checkpointed = getattr(self.lm, "activation_checkpointing", False) and self.training
         return forward_embeds(self.lm, embeds, checkpointed=checkpointed), out_labels
-
-
-def n_images_nonzero(n_images: list[int]) -> list[int]:
-    return [n for n in n_images if n]
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

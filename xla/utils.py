@@ -16,8 +16,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from litgpt_mm.flops import TPU_PEAK_FLOPS
-
 BUCKETS = (64, 128, 256, 512, 1024, 2048)
 
 
@@ -124,19 +122,6 @@ def load_sequentially(fabric, path: Path) -> dict:
             state = state.get("model", state)
         fabric.barrier()
     return state
-
-
-def tpu_peak_flops(version: str | None = None) -> float:
-    """bf16 peak FLOP/s of one chip (`version` like `v5e`; read from torch_xla when not given)."""
-    if version is None:
-        from torch_xla._internal import tpu
-
-        version = f"v{tpu.version()}"
-    version = version.lower()
-    for key, value in TPU_PEAK_FLOPS.items():
-        if version.startswith(key):
-            return value
-    raise ValueError(f"unknown TPU {version!r}: known {sorted(TPU_PEAK_FLOPS)}")
 
 
 def memory_per_chip_gb(params: float, chips: int, seq: int, micro_batch: int, n_layer: int, n_embd: int) -> float:
