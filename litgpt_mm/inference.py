@@ -86,19 +86,32 @@ class Assistant:
         return self.encoder.encode_images(pil)
 
     def prompt_ids(self, prompt: str, n_images: int, max_new_tokens: int) -> torch.Tensor:
-        """Template-rendered prompt tokens, cut from the left (with a notice) to fit the context."""
+        """Template-rendered prompt tokens; a prompt too long for the context loses its middle (with a notice), the
+        template around it is kept."""
         t = self.template
-        ids = self.tokenizer.encode(t.system + t.user.format(prompt.strip()) + t.assistant_prefix, bos=False, eos=False)
+        user_head, user_tail = t.user.split("{}", 1)
+
+        def encode(text: str) -> torch.Tensor:
+            return self.tokenizer.encode(text, bos=False, eos=False)
+
+        ids = encode(t.system + t.user.format(prompt.strip()) + t.assistant_prefix)
         prefix = n_images * (self.model.config.num_patches + 1)
         room = self.model.lm.config.block_size - prefix - max_new_tokens
-        if room < 1:
+        head, tail = encode(t.system + user_head), encode(user_tail + t.assistant_prefix)
+        if room < head.numel() + tail.numel() + 2:
             raise ValueError(
                 f"{n_images} image(s) ({prefix} positions) + max_new_tokens {max_new_tokens} leave no room for the "
                 f"prompt in the model's context of {self.model.lm.config.block_size}: use fewer images or tokens"
             )
         if ids.numel() > room:
-            print(f"notice: prompt of {ids.numel()} tokens cut to its last {room} to fit the context", file=sys.stderr)
-            ids = ids[-room:]
+            body = encode(prompt.strip())
+            keep = room - head.numel() - tail.numel()
+            print(
+                f"notice: prompt of {body.numel()} tokens cut to its first {keep // 2} and last {keep - keep // 2} "
+                "to fit the context",
+                file=sys.stderr,
+            )
+            ids = torch.cat([head, body[: keep // 2], body[body.numel() - (keep - keep // 2) :], tail])
         self.model.lm.max_seq_length = self.model.lm.config.block_size
         return ids.to(self.device)
 

@@ -123,11 +123,13 @@ def forward_embeds(
     input_pos_maxp1: int | None = None,
     lm_head_chunk_size: int = 0,
     checkpointed: bool = False,
+    head: bool = True,
 ) -> torch.Tensor | list[torch.Tensor]:
     """litgpt `GPT.forward` from input embeddings `x` (B, T, n_embd) instead of token ids.
 
     Works on any litgpt `GPT` instance (ours, litgpt's, litgpt's LoRA `GPT`): it uses only the attributes litgpt's
-    forward uses (rope and mask caches, blocks, `ln_f`, `lm_head`).
+    forward uses (rope and mask caches, blocks, `ln_f`, `lm_head`). `head=False` returns the final hidden states
+    (after `ln_f`), for callers that need logits at a few positions only (`lm_logits`).
     """
     T = x.size(1)
     if model.max_seq_length < T:
@@ -164,6 +166,11 @@ def forward_embeds(
         else:
             x = block(x, c, s, mask, input_pos, input_pos_maxp1)
     x = model.transformer.ln_f(x)
+    return lm_logits(model, x, lm_head_chunk_size) if head else x
+
+
+def lm_logits(model: lit_model.GPT, x: torch.Tensor, lm_head_chunk_size: int = 0) -> torch.Tensor | list[torch.Tensor]:
+    """Logits of final hidden states `x` (after `ln_f`), soft-capped as the config asks."""
     clamp_head = (
         partial(do_softcapping, thresh=model.config.final_logit_softcapping)
         if model.config.final_logit_softcapping is not None

@@ -176,8 +176,13 @@ class MoE(nn.Module):
         dtype = _compute_dtype(x)
 
         xs = _GatherSlots.apply(x, order, inv_order, k)
-        h = self._act(grouped_linear(xs, self.w1, self.b1, counts, sorted_expert, dtype))
-        out = grouped_linear(h, self.w2, self.b2, counts, sorted_expert, dtype)
+        if _grouped_mm_available(x.device, dtype):
+            h = self._act(grouped_linear(xs, self.w1, self.b1, counts, sorted_expert, dtype))
+            out = grouped_linear(h, self.w2, self.b2, counts, sorted_expert, dtype)
+        else:
+            b1, b2 = (None, None) if self.b1 is None else (self.b1.to(dtype), self.b2.to(dtype))
+            args = (xs.to(dtype), self.w1.to(dtype), b1, self.w2.to(dtype), b2)
+            out = _SegmentMLP.apply(*args, counts.tolist(), self.config.gelu_approximate)
         out = _Permute.apply(out, inv_order, order).view(x.size(0), k, -1)
         return (out * gates.unsqueeze(-1).to(out.dtype)).sum(dim=1)
 
@@ -190,21 +195,79 @@ def grouped_linear(
     sorted_expert: torch.Tensor,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """`xs[rows of group e] @ weight[e].T + bias[e]` for contiguous row groups of sizes `counts`.
-
-    Uses `torch._grouped_mm` (one kernel, no host sync) on CUDA devices and dtypes that support it, and a loop over
-    contiguous segments elsewhere. `sorted_expert` gives each row's group (used for the bias on the grouped path).
-    """
+    """`xs[rows of group e] @ weight[e].T + bias[e]` for contiguous row groups of sizes `counts`, in one
+    `torch._grouped_mm` kernel (no host sync). `sorted_expert` gives each row's group (for the bias)."""
     xs, weight = xs.to(dtype), weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    if _grouped_mm_available(xs.device, dtype):
-        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        out = torch._grouped_mm(xs, weight.transpose(-2, -1), offs=offs)
-        return out if bias is None else _ExpertBias.apply(out, bias, sorted_expert)
-    segments = xs.split(counts.tolist())
-    return torch.cat(
-        [F.linear(seg, weight[e], None if bias is None else bias[e]) for e, seg in enumerate(segments)], dim=0
-    )
+    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    out = torch._grouped_mm(xs, weight.transpose(-2, -1), offs=offs)
+    return out if bias is None else _ExpertBias.apply(out, bias.to(dtype), sorted_expert)
+
+
+class _SegmentMLP(torch.autograd.Function):
+    """The experts without `torch._grouped_mm`: for each contiguous segment of rows, its expert's whole MLP
+    (`W2 act(W1 x + b1) + b2`) written into that segment of one output.
+
+    Per segment the hidden activation stays small enough for the CPU cache, and only the pre-activations are kept
+    for the backward (the activation is recomputed); each expert's weight gradient goes straight into its slice of
+    the stacked gradient, instead of autograd's zero-filled full-size gradient per indexed expert.
+    """
+
+    @staticmethod
+    def forward(ctx, xs, w1, b1, w2, b2, sizes, approximate):
+        out = xs.new_empty(xs.size(0), w2.size(1))
+        pre = []
+        for e, rows in _segments(sizes):
+            a = xs[rows] @ w1[e].t() if b1 is None else torch.addmm(b1[e], xs[rows], w1[e].t())
+            h = F.gelu(a, approximate=approximate)
+            if b2 is None:
+                torch.mm(h, w2[e].t(), out=out[rows])
+            else:
+                torch.addmm(b2[e], h, w2[e].t(), out=out[rows])
+            pre.append(a)
+        ctx.save_for_backward(xs, w1, w2, *pre)
+        ctx.sizes, ctx.approximate, ctx.bias = sizes, approximate, b1 is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        xs, w1, w2, *pre = ctx.saved_tensors
+        grad = grad.contiguous()
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        gx = torch.empty_like(xs) if need_x else None
+        idle = [e for e, n in enumerate(ctx.sizes) if n == 0]  # experts without tokens get zero gradients
+        gw1 = torch.empty_like(w1) if need_w1 else None
+        gw2 = torch.empty_like(w2) if need_w2 else None
+        for gw in (gw1, gw2):
+            if gw is not None and idle:
+                gw[idle] = 0
+        gb1 = grad.new_zeros(w1.shape[:2]) if ctx.bias and need_b1 else None
+        gb2 = grad.new_zeros(w2.shape[:2]) if ctx.bias and need_b2 else None
+        for (e, rows), a in zip(_segments(ctx.sizes), pre, strict=True):
+            g = grad[rows]
+            if gw2 is not None:
+                torch.mm(g.t(), F.gelu(a, approximate=ctx.approximate), out=gw2[e])
+            if gb2 is not None:
+                torch.sum(g, dim=0, out=gb2[e])
+            if not (need_x or need_w1 or need_b1):
+                continue
+            ga = torch.ops.aten.gelu_backward(g @ w2[e], a, approximate=ctx.approximate)
+            if gw1 is not None:
+                torch.mm(ga.t(), xs[rows], out=gw1[e])
+            if gb1 is not None:
+                torch.sum(ga, dim=0, out=gb1[e])
+            if gx is not None:
+                torch.mm(ga, w1[e], out=gx[rows])
+        return gx, gw1, gb1, gw2, gb2, None, None
+
+
+def _segments(sizes: list[int]) -> list[tuple[int, slice]]:
+    """(group, row slice) of each non-empty contiguous group of sizes `sizes`."""
+    out, start = [], 0
+    for e, n in enumerate(sizes):
+        if n:
+            out.append((e, slice(start, start + n)))
+        start += n
+    return out
 
 
 class _Permute(torch.autograd.Function):

@@ -9,10 +9,13 @@ exact function the adapted model computes, in litgpt's key layout.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from litgpt import lora as lit_lora
 
 
@@ -111,6 +114,39 @@ def _plain_weight(linear: nn.Module) -> torch.Tensor:
 
         return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
     return w.data.float()
+
+
+class _DequantizedLinear(nn.Module):
+    """What a bnb `Linear4bit` computes, from a weight dequantised once (input cast to the compute dtype and back)."""
+
+    def __init__(self, q: nn.Module) -> None:
+        super().__init__()
+        self.in_features, self.out_features = q.in_features, q.out_features
+        dtype = q.compute_dtype or torch.float32
+        self.weight = _plain_weight(q).to(dtype)
+        self.bias = None if q.bias is None else q.bias.data.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+@contextmanager
+def dequantized(model: nn.Module) -> Iterator[int]:
+    """Within the block every nf4 `Linear4bit` of `model` runs from a weight dequantised once, instead of once per
+    call; yields how many were swapped. For gradient-free passes that call the model many times, such as the decoding
+    pass of scheduled teacher forcing; it holds the LM's linear weights in the compute dtype meanwhile."""
+    swapped = []
+    for name, mod in list(model.named_modules()):
+        if mod.__class__.__name__ == "Linear4bit":
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, _DequantizedLinear(mod))
+            swapped.append((parent, child, mod))
+    try:
+        yield len(swapped)
+    finally:
+        for parent, child, mod in swapped:
+            setattr(parent, child, mod)
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

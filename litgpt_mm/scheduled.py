@@ -1,12 +1,24 @@
-"""Autoregressive training with scheduled teacher forcing, in O(n) steps per sample through a KV cache.
+"""Autoregressive training with scheduled teacher forcing (Bengio et al., 2015), exact and at about twice the cost
+of one-pass training.
 
 Over the answer tokens the model predicts one position at a time; the next input is the ground-truth token with
-probability `p` and the model's own greedy prediction otherwise (Bengio et al., 2015). The image prefix, the
-prompt and later questions are always ground truth. Each step feeds one position and attends to cached keys and
-values, so a sample costs n single-position forwards instead of the original capstone's n full re-forwards (O(n^2)).
-The cache keeps autograd history (keys and values are concatenated out of place), so the loss backpropagates
-through the whole unrolled pass. With `p = 1` every input is the ground truth and the loss equals the one-pass
-(standard) loss.
+probability `p` and the model's own greedy prediction otherwise. The image prefix, the prompt and later questions
+are always ground truth. The original capstone re-forwarded the whole sequence for every answer token (O(n^2)).
+
+Here the coin flips are drawn up front and a sample is trained in two passes:
+
+1. `scheduled_inputs` (no gradient): decode through the KV cache only as far as each model-fed position needs,
+   and write the model's greedy prediction there. Runs of ground-truth inputs are fed as one chunk, so this is one
+   forward over the sequence split into one chunk per model-fed position; with `lookahead = k` a chunk also runs
+   past the next `k` model-fed positions, guessing that the model predicts the ground truth there, and is cut back
+   only where it does not (speculative decoding), so an accurate model needs fewer chunks. nf4 weights are
+   dequantised once for the whole pass (`litgpt_mm.qlora.dequantized`), not once per chunk.
+2. One ordinary teacher-forced forward and backward over these mixed inputs against the ground-truth labels.
+
+Pass 2 gives exactly the loss and gradients of the token-by-token unrolled pass: a greedy choice is discrete (no
+gradient flows through it), so once the inputs are fixed every position's logits depend only on its prefix of
+mixed inputs, which is what a causal forward computes. With `p = 1` pass 1 does nothing and the loss is the
+standard loss. In training mode pass 1 sees its own dropout masks, as each step of an unrolled pass would.
 
 Schedules of `p` over training progress `t = step / total` in [0, 1]: `constant` (p_start), `linear`
 (p_start -> p_end), `exponential` (p_end + (p_start - p_end) e^{-5t}), `cyclic` (triangle between p_start and p_end
@@ -16,14 +28,14 @@ with `cycles` periods, the original capstone's cyclic ratio).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from litgpt.model import KVCache, build_mask_cache
 
-from litgpt_mm.model import embed_tokens, forward_embeds
-from litgpt_mm.multimodal import IGNORE_INDEX, MultimodalGPT
+from litgpt_mm.model import embed_tokens, forward_embeds, lm_logits
+from litgpt_mm.multimodal import IGNORE_INDEX, MultimodalGPT, shifted_cross_entropy
+from litgpt_mm.qlora import dequantized
 
 SCHEDULES = ("constant", "linear", "exponential", "cyclic")
 
@@ -45,68 +57,124 @@ def teacher_forcing_p(
     raise ValueError(f"Unknown schedule {schedule!r}; choose from {SCHEDULES}")
 
 
-class GradKVCache(KVCache):
-    """KV cache that keeps autograd history: positions must come in order, keys/values are concatenated."""
+@dataclass
+class ScheduledBatch:
+    """Inputs of a batch after scheduled teacher forcing.
 
-    def __init__(self) -> None:
-        nn.Module.__init__(self)
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+    Attributes:
+        input_ids: per sample, the ids with the model's predictions at model-fed positions.
+        candidates: answer inputs that could be model-fed (those read by a later scored position).
+        model_fed: how many of them the coin flips gave to the model.
+        changed: how many model-fed inputs differ from the ground truth.
+        chunks: cached forwards of the decoding pass (0 when nothing is model-fed).
+    """
 
-    def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start = 0 if self.k is None else self.k.size(2)
-        if int(input_pos.reshape(-1)[0]) != start:
-            raise ValueError(f"GradKVCache expects position {start} next, got {int(input_pos.reshape(-1)[0])}")
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
+    input_ids: list[torch.Tensor]
+    candidates: int
+    model_fed: int
+    changed: int
+    chunks: int
 
-    def reset_parameters(self) -> None:
-        self.k = self.v = None
+
+@torch.no_grad()
+def scheduled_inputs(
+    model: MultimodalGPT,
+    features: Sequence[torch.Tensor | None],
+    input_ids: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor],
+    p: float,
+    generator: torch.Generator | None = None,
+    lookahead: int = 0,
+) -> ScheduledBatch:
+    """Pass 1: the inputs the token-by-token pass with teacher-forcing probability `p` would read.
+
+    Args:
+        model: the multimodal model (its current train/eval mode is kept).
+        features: per sample, image features or None (as `MultimodalGPT.build_inputs`).
+        input_ids: per sample, 1-D ground-truth ids.
+        labels: per sample, ids with `IGNORE_INDEX` outside the answers.
+        p: probability that an answer input is the ground truth.
+        generator: source of the coin flips, drawn per sample in order (CPU).
+        lookahead: model-fed positions a chunk speculates past (0: stop at the next one).
+    """
+    if lookahead < 0:
+        raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+    lm = model.lm
+    embeds, lab, lengths = model.build_inputs(features, input_ids, labels)
+    device = embeds.device
+    ids = [x.to(device).clone() for x in input_ids]
+    offsets = [int(n) - x.numel() for n, x in zip(lengths, ids, strict=True)]  # image prefix before the text
+    gold = [x.tolist() for x in input_ids]
+    fed: list[list[int]] = []
+    candidates = 0
+    for row in lab:
+        scored = (row[1:] != IGNORE_INDEX).nonzero().flatten()
+        cand = (scored + 1)[scored + 1 <= (scored.max() if scored.numel() else -1)]
+        candidates += cand.numel()
+        if p < 1.0:
+            cand = cand[(torch.rand(cand.numel(), generator=generator) >= p).to(device)]
+            fed.append(cand.tolist())
+        else:
+            fed.append([])
+    n_fed = sum(len(f) for f in fed)
+    if n_fed == 0:
+        return ScheduledBatch(ids, candidates, 0, 0, 0)
+
+    B, T = lab.shape
+    nxt = [0] * B  # index of each sample's first unresolved model-fed position
+    start = [0] * B  # where each sample's cache stops being final
+    changed = chunks = 0
+    lm.set_kv_cache(batch_size=B, max_seq_length=T, device=device)
+    try:
+        with dequantized(lm):  # one dequantisation of nf4 weights for all chunks
+            while True:
+                waiting = [b for b in range(B) if nxt[b] < len(fed[b])]
+                if not waiting:
+                    break
+                # each row runs its own span [start, end); rows share one width, so a shorter span starts earlier
+                # (recomputing final positions) and finished rows recompute their first positions
+                end = [fed[b][min(nxt[b] + lookahead, len(fed[b]) - 1)] if b in waiting else 1 for b in range(B)]
+                width = max(end[b] - start[b] for b in waiting)
+                first = [max(end[b] - width, 0) for b in range(B)]
+                pos = torch.tensor(first, device=device)[:, None] + torch.arange(width, device=device)
+                chunk = embeds[torch.arange(B, device=device)[:, None], pos]
+                hidden = forward_embeds(lm, chunk, pos, int(pos[:, -1].max()) + 1, head=False)
+                chunks += 1
+                wanted = [(b, q) for b in waiting for q in fed[b][nxt[b] :] if q <= end[b]]  # logits at q - 1 predict q
+                rows = torch.tensor([b for b, _ in wanted], device=device)
+                cols = torch.tensor([q - 1 - first[b] for b, q in wanted], device=device)
+                guesses = dict(zip(wanted, lm_logits(lm, hidden[rows, cols]).argmax(-1).tolist(), strict=True))
+                for b in waiting:
+                    start[b] = end[b]
+                    while nxt[b] < len(fed[b]) and fed[b][nxt[b]] <= end[b]:
+                        q = fed[b][nxt[b]]
+                        nxt[b] += 1
+                        i = q - offsets[b]
+                        if guesses[b, q] != gold[b][i]:
+                            ids[b][i] = guesses[b, q]
+                            embeds[b, q] = embed_tokens(lm, ids[b][i : i + 1]).to(embeds.dtype)[0]
+                            changed += 1
+                            start[b] = q  # later positions read this input: recompute from here
+                            break
+    finally:
+        lm.clear_kv_cache()
+    return ScheduledBatch(ids, candidates, n_fed, changed, chunks)
 
 
 def autoregressive_loss(
     model: MultimodalGPT,
-    features: torch.Tensor | None,
-    ids: torch.Tensor,
-    labels: torch.Tensor,
+    features: Sequence[torch.Tensor | None],
+    input_ids: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor],
     p: float,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the answer tokens of one sample, and how many there are.
+    lookahead: int = 0,
+    forward: torch.nn.Module | None = None,
+) -> tuple[torch.Tensor, ScheduledBatch]:
+    """Mean next-token loss over the answers of a batch with scheduled teacher forcing (both passes).
 
-    The coin flips (ground truth with probability `p`) are drawn up front; every run of ground-truth inputs is fed
-    as one chunk through the cache and only an input the model must predict starts a new chunk, so a sample costs
-    one forward per model-fed token plus one (a single forward, the standard pass, when `p = 1`).
+    `forward` is the module that runs pass 2 (e.g. Fabric's wrapper of `model`; default `model`).
     """
-    lm = model.lm
-    embeds, lab, _ = model.build_inputs([features], [ids], [labels])
-    lab = lab[0]
-    T = embeds.size(1)
-    predict_at = (lab[1:] != IGNORE_INDEX).nonzero().flatten()  # positions whose output is scored
-    if predict_at.numel() == 0:
-        return embeds.sum() * 0.0, 0
-    answer_inputs = predict_at[1:] + 1  # inputs that are answer tokens after the first prediction
-    if p < 1.0 and answer_inputs.numel():
-        draws = torch.rand(answer_inputs.numel(), generator=generator)
-        model_fed = answer_inputs[(draws >= p).to(answer_inputs.device)].tolist()
-    else:
-        model_fed = []
-    device = embeds.device
-    lm.mask_cache = build_mask_cache(lm.max_seq_length, device)
-    for block in lm.transformer.h:
-        block.attn.kv_cache = GradKVCache()
-    try:
-        outputs, start = [], 0
-        for pos in [*model_fed, T]:
-            chunk = embeds[:, start:pos]
-            if outputs:  # this chunk opens with the model's own prediction for position `start`
-                guess = outputs[-1][:, -1].argmax(-1).view(1, 1).detach()
-                chunk = torch.cat([embed_tokens(lm, guess).to(embeds.dtype), embeds[:, start + 1 : pos]], dim=1)
-            outputs.append(forward_embeds(lm, chunk, torch.arange(start, pos, device=device), pos))
-            start = pos
-    finally:
-        lm.clear_kv_cache()
-    logits = torch.cat(outputs, dim=1)[0]  # (T, vocab): position j predicts j + 1
-    loss = F.cross_entropy(logits[predict_at].float(), lab[predict_at + 1], reduction="sum")
-    return loss, int(predict_at.numel())
+    batch = scheduled_inputs(model, features, input_ids, labels, p, generator, lookahead)
+    logits, out_labels = (forward or model)(features, batch.input_ids, labels)
+    return shifted_cross_entropy(logits, out_labels), batch

@@ -73,6 +73,7 @@ def setup(
     p_start: float = 1.0,
     p_end: float = 0.5,
     cycles: int = 4,
+    lookahead: int = 0,
     quantize: Literal["nf4", "none"] = "nf4",
     lora: LoRASettings = LoRASettings(),
     projector_lr_scale: float = 0.1,
@@ -103,11 +104,14 @@ def setup(
         out_dir: checkpoints, logs and the merged model.
         feature_dir: CLIP feature cache root (features are built for images not cached yet).
         method: `standard` (one pass, teacher forcing everywhere) or `autoregressive` (token by token with
-            scheduled teacher forcing through the KV cache).
+            scheduled teacher forcing: a cached greedy decoding pass fixes the model-fed inputs, then one
+            teacher-forced pass over them; see `litgpt_mm.scheduled`).
         schedule: how the teacher-forcing probability moves from `p_start` to `p_end` over training.
         p_start: teacher-forcing probability at the start.
         p_end: teacher-forcing probability at the end (the low point of `cyclic`).
         cycles: periods of the `cyclic` schedule.
+        lookahead: model-fed positions a decoding chunk speculates past (fewer chunks when the model is often
+            right; 0: one chunk per model-fed position).
         quantize: `nf4` (QLoRA) or `none` (plain LoRA).
         lora: rank, alpha, dropout and target projections (litgpt's LoRA fields).
         projector_lr_scale: the projector's learning rate as a fraction of the LoRA learning rate.
@@ -120,6 +124,12 @@ def setup(
         seed: seed for the adapters, the data order and the teacher-forcing draws.
         merge: write `out_dir/merged/` at the end.
     """
+    bad = [f"--{k} {v}" for k, v in (("p_start", p_start), ("p_end", p_end)) if not 0.0 <= v <= 1.0]
+    bad += [f"--cycles {cycles}"] if cycles < 1 else []
+    bad += [f"--lookahead {lookahead}"] if lookahead < 0 else []
+    if bad:
+        allowed = "p_start and p_end are probabilities in [0, 1], cycles >= 1, lookahead >= 0"
+        raise ValueError(f"{', '.join(bad)}: {allowed}")
     cuda = torch.cuda.is_available()
     precision = precision or ("bf16-mixed" if cuda else "32-true")
     fabric = L.Fabric(accelerator="cuda" if cuda else "cpu", devices=1, precision=precision)
@@ -195,13 +205,12 @@ def setup(
             return loss, {"loss": loss}
         p = teacher_forcing_p(schedule, state["step"], max_steps, p_start, p_end, cycles)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + loaders["train"].batches_served)  # resumes exactly
-        total, count = 0.0, 0
         with fabric.autocast():
-            for f, ids, labels in zip(feats, batch["ids"], batch["labels"], strict=True):
-                s, n = autoregressive_loss(mm, f, ids.to(fabric.device), labels.to(fabric.device), p, gen)
-                total, count = total + s, count + n
-        loss = total / max(count, 1)
-        return loss, {"loss": loss.detach(), "teacher_forcing_p": torch.tensor(p)}
+            loss, info = autoregressive_loss(mm, feats, batch["ids"], batch["labels"], p, gen, lookahead, model)
+        metrics = {"loss": loss.detach(), "teacher_forcing_p": torch.tensor(p),
+                   "model_fed": torch.tensor(info.model_fed / max(info.candidates, 1)),
+                   "model_changed": torch.tensor(info.changed / max(info.candidates, 1))}  # fmt: skip
+        return loss, metrics
 
     def save_fn(ckpt_dir: Path) -> None:
         atomic_torch_save(lora_state_dict(lm), ckpt_dir / "lora.pth")

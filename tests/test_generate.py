@@ -44,8 +44,10 @@ def test_batch_equals_one_by_one_and_images_matter(checkpoints):
 def test_context_limits(checkpoints, capsys):
     assistant = Assistant.load(checkpoints["merged"], device="cpu")
     block = assistant.model.lm.config.block_size  # 256 for the tiny preset
-    ids = assistant.prompt_ids("word " * 400, n_images=1, max_new_tokens=16)
-    assert ids.numel() == block - 50 - 16 and "cut to its last" in capsys.readouterr().err
+    ids = assistant.prompt_ids("First words. " + "word " * 400 + "Last question?", n_images=1, max_new_tokens=16)
+    assert ids.numel() == block - 50 - 16 and "cut to its first" in capsys.readouterr().err
+    text = assistant.tokenizer.decode(ids)
+    assert text.startswith("Instruct: First words. word") and text.endswith("word Last question?\nOutput: ")
     with pytest.raises(ValueError, match="leave no room"):
         assistant.prompt_ids("hi", n_images=5, max_new_tokens=16)
 

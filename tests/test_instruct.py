@@ -12,9 +12,9 @@ from litgpt.tokenizer import Tokenizer
 from litgpt_mm.config import Config
 from litgpt_mm.data import llava
 from litgpt_mm.model import GPT, embed_tokens, forward_embeds
-from litgpt_mm.multimodal import IGNORE_INDEX, MultimodalConfig, MultimodalGPT, shifted_cross_entropy
-from litgpt_mm.qlora import LoRASettings, add_lora, lora_state_dict, merged_state_dict, quantize_nf4
-from litgpt_mm.scheduled import autoregressive_loss, teacher_forcing_p
+from litgpt_mm.multimodal import IGNORE_INDEX, MultimodalConfig, MultimodalGPT, generate, shifted_cross_entropy
+from litgpt_mm.qlora import LoRASettings, add_lora, dequantized, lora_state_dict, merged_state_dict, quantize_nf4
+from litgpt_mm.scheduled import autoregressive_loss, scheduled_inputs, teacher_forcing_p
 
 SAMPLE = DATA / "llava_instruct" / "llava_bench_coco_45_llava_format.json"
 
@@ -107,46 +107,114 @@ def tiny_mm(quantized: bool = True) -> MultimodalGPT:
     return MultimodalGPT(lm, MultimodalConfig(vision_width=32, num_patches=4)).eval()
 
 
-def sample():
-    ids = torch.randint(0, 300, (24,))
+def sample(n: int = 24, images: int = 1):
+    ids = torch.randint(0, 300, (n,))
     labels = ids.clone()
     labels[:6] = IGNORE_INDEX
     labels[14:17] = IGNORE_INDEX  # a second question
-    return torch.randn(1, 4, 32), ids, labels
+    return (torch.randn(images, 4, 32) if images else None), ids, labels
 
 
 def capstone_reference(model, feats, ids, labels, p, generator):
-    """O(n^2) token-by-token re-forward with the same coin flips (the original capstone's loop)."""
+    """The original capstone's loop with the same coin flips: one full re-forward of the sequence so far per answer
+    token, the next input the truth with probability p, else the greedy prediction; summed loss."""
     embeds, lab, _ = model.build_inputs([feats], [ids], [labels])
     lab = lab[0]
     predict_at = (lab[1:] != IGNORE_INDEX).nonzero().flatten()
-    inputs = predict_at[1:] + 1
+    inputs = predict_at + 1
+    inputs = inputs[inputs <= predict_at.max()]  # an input that a later scored position reads
     fed = set(inputs[torch.rand(inputs.numel(), generator=generator) >= p].tolist()) if p < 1 else set()
-    seq = embeds.clone()
-    for pos in sorted(fed):
-        guess = forward_embeds(model.lm, seq[:, :pos])[:, -1].argmax(-1).view(1, 1)
-        seq = torch.cat([seq[:, :pos], embed_tokens(model.lm, guess), seq[:, pos + 1 :]], dim=1)
-    logits = forward_embeds(model.lm, seq)[0]
-    return torch.nn.functional.cross_entropy(logits[predict_at], lab[predict_at + 1], reduction="sum")
+    seq, losses = embeds.clone(), []
+    for j in predict_at.tolist():
+        last = forward_embeds(model.lm, seq[:, : j + 1])[0, -1]
+        losses.append(torch.nn.functional.cross_entropy(last, lab[j + 1]))
+        if j + 1 in fed:
+            guess = embed_tokens(model.lm, last.argmax().view(1, 1).detach())
+            seq = torch.cat([seq[:, : j + 1], guess, seq[:, j + 2 :]], dim=1)
+    return torch.stack(losses).sum()
 
 
-def test_autoregressive_with_p1_equals_standard_and_matches_the_quadratic_loop():
+def lora_grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    trained = [p for n, p in model.named_parameters() if "lora_" in n or "projector" in n]
+    return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in trained])
+
+
+def test_autoregressive_with_p1_equals_standard():
+    model = tiny_mm()
+    batch = [sample(24), sample(19, images=2), sample(21, images=0)]
+    feats, ids, labels = (list(x) for x in zip(*batch, strict=True))
+    logits, lab = model(feats, ids, labels)
+    standard = shifted_cross_entropy(logits, lab)
+    loss, info = autoregressive_loss(model, feats, ids, labels, 1.0)
+    assert torch.equal(loss, standard) and info.model_fed == info.chunks == 0 and info.candidates > 0
+
+
+@pytest.mark.parametrize("lookahead", [0, 3])
+@pytest.mark.parametrize("p", [0.7, 0.0])
+def test_autoregressive_equals_the_quadratic_loop_in_loss_and_gradients(p, lookahead):
+    model = tiny_mm()
+    batch = [sample(24), sample(19, images=2), sample(21, images=0)]
+    refs, ref_grads, n, n_b = [], 0, 0, []
+    gen = torch.Generator().manual_seed(5)
+    for feats, ids, labels in batch:  # the reference loop, one sample at a time, coin flips drawn in order
+        ref = capstone_reference(model, feats, ids, labels, p, gen)
+        refs.append(ref.detach())
+        ref_grads = ref_grads + lora_grads(model, ref)
+        n_b.append(int((labels[1:] != IGNORE_INDEX).sum()))
+        n += n_b[-1]
+    feats, ids, labels = (list(x) for x in zip(*batch, strict=True))
+    loss, info = autoregressive_loss(model, feats, ids, labels, p, torch.Generator().manual_seed(5), lookahead)
+    assert torch.allclose(loss * n, sum(refs), atol=1e-4), (loss * n, sum(refs))
+    assert torch.allclose(lora_grads(model, loss) * n, ref_grads, atol=1e-4)
+    assert info.candidates == n - len(batch)  # every answer input but the last is read by a later scored position
+    if p == 0.0:
+        assert info.model_fed == info.candidates and info.changed > 0
+        assert 0 < info.chunks <= (max(n_b) - 1 if lookahead == 0 else info.model_fed)
+    assert model.lm.mask_cache is None and all(b.attn.kv_cache is None for b in model.lm.transformer.h)
+
+
+def test_autoregressive_speculation_saves_chunks_when_the_model_is_right():
+    """With a model that predicts the ground truth, model-fed inputs change nothing and lookahead skips chunks."""
+    model = tiny_mm()
+    feats, ids, labels = sample(40)
+    ids = torch.cat([ids[:6], torch.tensor(list(generate(model, feats, ids[:6], 34)))])
+    labels = ids.clone()
+    labels[:6] = IGNORE_INDEX
+    plain = scheduled_inputs(model, [feats], [ids], [labels], 0.0, torch.Generator().manual_seed(0), lookahead=0)
+    spec = scheduled_inputs(model, [feats], [ids], [labels], 0.0, torch.Generator().manual_seed(0), lookahead=8)
+    assert plain.changed == spec.changed == 0 and torch.equal(plain.input_ids[0], ids)
+    assert plain.chunks == plain.model_fed == 33 and spec.chunks == 4  # ceil(33 / (8 + 1))
+
+
+def test_dequantized_linear_layers_compute_what_nf4_computes():
     model = tiny_mm()
     feats, ids, labels = sample()
-    logits, lab = model([feats], [ids], [labels])
-    standard = shifted_cross_entropy(logits, lab)
-    total, n = autoregressive_loss(model, feats, ids, labels, 1.0)
-    assert n == 15 and torch.allclose(total / n, standard, atol=1e-5)
-    for p in (0.7, 0.0):
-        ours, _ = autoregressive_loss(model, feats, ids, labels, p, torch.Generator().manual_seed(5))
-        ref = capstone_reference(model, feats, ids, labels, p, torch.Generator().manual_seed(5))
-        assert torch.allclose(ours, ref, atol=1e-4), (p, ours, ref)
-    model.train()
-    loss, _ = autoregressive_loss(model, feats, ids, labels, 0.5, torch.Generator().manual_seed(1))
-    loss.backward()
-    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
-    assert grads and all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
-    assert model.lm.mask_cache is None
+    with torch.no_grad():
+        nf4, _ = model([feats], [ids], [labels])
+        with dequantized(model.lm) as n:
+            plain, _ = model([feats], [ids], [labels])
+            assert not any(m.__class__.__name__ == "Linear4bit" for m in model.lm.modules())
+    assert n == 16 and sum(m.__class__.__name__ == "Linear4bit" for m in model.lm.modules()) == 16
+    assert torch.allclose(plain, nf4, atol=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch):
+    import litgpt_mm.model
+
+    calls = []
+    real = litgpt_mm.model.checkpoint
+    monkeypatch.setattr(litgpt_mm.model, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = []
+    for flag in (False, True):
+        model = tiny_mm().train()
+        model.lm.activation_checkpointing = flag
+        feats, ids, labels = sample()
+        loss = shifted_cross_entropy(*model([feats], [ids], [labels]))
+        results.append((loss.detach(), lora_grads(model, loss)))
+    assert len(calls) == model.lm.config.n_layer  # only the checkpointed run, once per block
+    assert torch.equal(results[0][0], results[1][0]) and torch.allclose(results[0][1], results[1][1], atol=1e-6)
 
 
 def test_merged_equals_unmerged_and_lora_checkpoint_is_small():
@@ -201,7 +269,8 @@ def instruct_args(root, out, method, steps=24):
 @pytest.mark.parametrize("method", ["standard", "autoregressive"])
 def test_both_methods_lower_the_loss(aligned, tmp_path, method):
     steps = 24 if method == "standard" else 12
-    proc = run_python([*instruct_args(aligned, tmp_path / method, method, steps), "--p_end", "0.8"])
+    extra = ["--p_end", "0.8", "--activation_checkpointing", str(method == "autoregressive").lower()]
+    proc = run_python([*instruct_args(aligned, tmp_path / method, method, steps), *extra])
     assert proc.returncode == 0, proc.stderr[-3000:]
     val = list(csv.DictReader(open(tmp_path / method / "logs" / "val_log.csv")))
     assert float(val[-1]["val_loss"]) < float(val[0]["val_loss"]) - 0.05
@@ -210,9 +279,19 @@ def test_both_methods_lower_the_loss(aligned, tmp_path, method):
         p.name for p in merged.iterdir()
     }
     if method == "autoregressive":
-        p = [float(r["teacher_forcing_p"]) for r in csv.DictReader(open(tmp_path / method / "logs" / "train_log.csv"))]
+        rows = list(csv.DictReader(open(tmp_path / method / "logs" / "train_log.csv")))
+        p = [float(r["teacher_forcing_p"]) for r in rows]
+        fed = [float(r["model_fed"]) for r in rows]
+        assert fed[0] == 0 and max(fed) > 0  # nothing model-fed at p = 1, some once p < 1
         assert p[0] == 1.0 and p[-1] == pytest.approx(1 - 0.2 * 11 / 12)  # linear 1.0 -> 0.8 over the run
         assert p == sorted(p, reverse=True)
+
+
+def test_bad_scheduling_arguments_fail_before_any_work(tmp_path):
+    proc = run_python(["recipes/qlora_instruct.py", "--align_dir", str(tmp_path / "none"), "--p_end", "1.5",
+                       "--lookahead", "-1"])  # fmt: skip
+    assert proc.returncode != 0
+    assert "--p_end 1.5, --lookahead -1: p_start and p_end are probabilities in [0, 1]" in proc.stderr
 
 
 def test_instruct_resume_after_kill(aligned, tmp_path):

@@ -35,6 +35,29 @@ def test_loop_and_grouped_give_same_outputs_and_gradients(k, other):
     assert torch.all(loop.w1.grad.flatten(1).abs().sum(1)[used] > 0)
 
 
+@pytest.mark.parametrize("frozen_experts", [False, True])
+def test_grouped_handles_idle_and_frozen_experts(frozen_experts):
+    """Experts that get no tokens have zero gradients; frozen experts (as under QLoRA) still pass input gradients."""
+    loop, grouped = _moe("loop"), _moe("grouped")
+    with torch.no_grad():
+        loop.router.weight.abs_()
+        loop.router.weight[:2] = -1.0  # positive inputs never pick experts 0 and 1
+    grouped.load_state_dict(loop.state_dict())
+    x = torch.rand(2, 29, loop.config.n_embd) + 0.1
+    grads = []
+    for m in (loop, grouped):
+        for name in ("w1", "w2", "b1", "b2"):
+            getattr(m, name).requires_grad_(not frozen_experts)
+        xi = x.clone().requires_grad_(True)
+        (m(xi) * torch.linspace(-1, 1, x.size(-1))).sum().backward()
+        grads.append([xi.grad] + [p.grad for p in m.parameters() if p.requires_grad])
+    assert grouped.stats.tokens_per_expert[:2].sum() == 0 and grouped.stats.tokens_per_expert[2:].min() > 0
+    for g_loop, g_grouped in zip(*grads, strict=True):
+        torch.testing.assert_close(g_loop, g_grouped, rtol=1e-5, atol=1e-6)
+    if not frozen_experts:
+        assert torch.equal(grouped.w1.grad[:2], torch.zeros_like(grouped.w1.grad[:2]))
+
+
 def test_balance_loss_is_one_for_uniform_routing_and_e_over_k_for_collapse():
     N, E, k = 64, 8, 2
     probs = torch.full((N, E), 1.0 / E)
