@@ -85,8 +85,10 @@ def main(
         print(text)
     else:
         print()
-    ttft = (first or time.perf_counter()) - start
-    print(f"[{len(assistant.tokenizer.encode(text))} tokens, first after {ttft:.2f} s]", file=sys.stderr)
+    if first is None:
+        print(f"[empty answer: the model ended it at once, after {time.perf_counter() - start:.2f} s]", file=sys.stderr)
+    else:
+        print(f"[{len(assistant.tokenizer.encode(text))} tokens, first after {first - start:.2f} s]", file=sys.stderr)
     return text
 
 
