@@ -97,21 +97,22 @@ class Assistant:
         ids = encode(t.system + t.user.format(prompt.strip()) + t.assistant_prefix)
         prefix = n_images * (self.model.config.num_patches + 1)
         room = self.model.lm.config.block_size - prefix - max_new_tokens
-        head, tail = encode(t.system + user_head), encode(user_tail + t.assistant_prefix)
-        if room < head.numel() + tail.numel() + 2:
-            raise ValueError(
-                f"{n_images} image(s) ({prefix} positions) + max_new_tokens {max_new_tokens} leave no room for the "
-                f"prompt in the model's context of {self.model.lm.config.block_size}: use fewer images or tokens"
-            )
         if ids.numel() > room:
-            body = encode(prompt.strip())
-            keep = room - head.numel() - tail.numel()
+            # cut the one encoding the model was trained on; the template's own lengths say where its text ends
+            head, tail = encode(t.system + user_head).numel(), encode(user_tail + t.assistant_prefix).numel()
+            if room < head + tail + 2:
+                raise ValueError(
+                    f"{n_images} image(s) ({prefix} positions) + max_new_tokens {max_new_tokens} leave no room for "
+                    f"the prompt in the model's context of {self.model.lm.config.block_size}: use fewer images or "
+                    "tokens"
+                )
+            first = head + (room - head - tail) // 2
             print(
-                f"notice: prompt of {body.numel()} tokens cut to its first {keep // 2} and last {keep - keep // 2} "
-                "to fit the context",
+                f"notice: prompt of {ids.numel() - head - tail} tokens cut to its first {first - head} and last "
+                f"{room - first - tail} to fit the context",
                 file=sys.stderr,
             )
-            ids = torch.cat([head, body[: keep // 2], body[body.numel() - (keep - keep // 2) :], tail])
+            ids = torch.cat([ids[:first], ids[ids.numel() - (room - first) :]])
         self.model.lm.max_seq_length = self.model.lm.config.block_size
         return ids.to(self.device)
 

@@ -136,13 +136,13 @@ def dequantized(model: nn.Module) -> Iterator[int]:
     call; yields how many were swapped. For gradient-free passes that call the model many times, such as the decoding
     pass of scheduled teacher forcing; it holds the LM's linear weights in the compute dtype meanwhile."""
     swapped = []
-    for name, mod in list(model.named_modules()):
-        if mod.__class__.__name__ == "Linear4bit":
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, _DequantizedLinear(mod))
-            swapped.append((parent, child, mod))
     try:
+        for name, mod in list(model.named_modules()):
+            if mod.__class__.__name__ == "Linear4bit":
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, _DequantizedLinear(mod))
+                swapped.append((parent, child, mod))
         yield len(swapped)
     finally:
         for parent, child, mod in swapped:

@@ -44,10 +44,16 @@ def test_batch_equals_one_by_one_and_images_matter(checkpoints):
 def test_context_limits(checkpoints, capsys):
     assistant = Assistant.load(checkpoints["merged"], device="cpu")
     block = assistant.model.lm.config.block_size  # 256 for the tiny preset
-    ids = assistant.prompt_ids("First words. " + "word " * 400 + "Last question?", n_images=1, max_new_tokens=16)
+    long = "First words. " + "word " * 400 + "Last question?"
+    ids = assistant.prompt_ids(long, n_images=1, max_new_tokens=16)
     assert ids.numel() == block - 50 - 16 and "cut to its first" in capsys.readouterr().err
     text = assistant.tokenizer.decode(ids)
     assert text.startswith("Instruct: First words. word") and text.endswith("word Last question?\nOutput: ")
+    whole = assistant.tokenizer.encode(f"Instruct: {long}\nOutput: ", bos=False, eos=False)
+    assert torch.equal(ids[:20].cpu(), whole[:20]) and torch.equal(ids[-20:].cpu(), whole[-20:])  # as trained
+    short = assistant.tokenizer.encode("Instruct: hi\nOutput: ", bos=False, eos=False)
+    exact = assistant.prompt_ids("hi", n_images=0, max_new_tokens=block - short.numel())  # fills the context
+    assert torch.equal(exact.cpu(), short) and capsys.readouterr().err == ""
     with pytest.raises(ValueError, match="leave no room"):
         assistant.prompt_ids("hi", n_images=5, max_new_tokens=16)
 

@@ -117,7 +117,8 @@ def sample(n: int = 24, images: int = 1):
 
 def capstone_reference(model, feats, ids, labels, p, generator):
     """The original capstone's loop with the same coin flips: one full re-forward of the sequence so far per answer
-    token, the next input the truth with probability p, else the greedy prediction; summed loss."""
+    token, the next input the truth with probability p, else the greedy prediction (a real token, not a padding id);
+    summed loss."""
     embeds, lab, _ = model.build_inputs([feats], [ids], [labels])
     lab = lab[0]
     predict_at = (lab[1:] != IGNORE_INDEX).nonzero().flatten()
@@ -129,7 +130,7 @@ def capstone_reference(model, feats, ids, labels, p, generator):
         last = forward_embeds(model.lm, seq[:, : j + 1])[0, -1]
         losses.append(torch.nn.functional.cross_entropy(last, lab[j + 1]))
         if j + 1 in fed:
-            guess = embed_tokens(model.lm, last.argmax().view(1, 1).detach())
+            guess = embed_tokens(model.lm, last[: model.lm.config.vocab_size].argmax().view(1, 1).detach())
             seq = torch.cat([seq[:, : j + 1], guess, seq[:, j + 2 :]], dim=1)
     return torch.stack(losses).sum()
 
@@ -175,9 +176,29 @@ def test_autoregressive_equals_the_quadratic_loop_in_loss_and_gradients(p, looka
     assert model.lm.mask_cache is None and all(b.attn.kv_cache is None for b in model.lm.transformer.h)
 
 
+def test_decoding_pass_is_dropout_free_never_feeds_padding_ids_and_restores_train_mode():
+    model = tiny_mm().train()
+    for m in model.lm.modules():
+        if hasattr(m, "lora_dropout"):
+            m.lora_dropout = torch.nn.Dropout(0.5)
+    batch = [sample(24), sample(19, images=2)]
+    feats, ids, labels = (list(x) for x in zip(*batch, strict=True))
+    runs = [
+        scheduled_inputs(model, feats, ids, labels, 0.0, torch.Generator().manual_seed(3), dequantize=d)
+        for d in (True, True, False)
+    ]
+    assert model.training and all(m.training for m in model.modules())
+    assert runs[0].changed > 0
+    for run in runs[1:]:  # eval mode: the same picks every time, with or without the dequantised weights
+        assert all(torch.equal(a, b) for a, b in zip(runs[0].input_ids, run.input_ids, strict=True))
+    assert max(int(x.max()) for x in runs[0].input_ids) < model.lm.config.vocab_size < 320
+
+
 def test_autoregressive_speculation_saves_chunks_when_the_model_is_right():
     """With a model that predicts the ground truth, model-fed inputs change nothing and lookahead skips chunks."""
     model = tiny_mm()
+    with torch.no_grad():
+        model.lm.lm_head.bias[300:] = -1e4  # greedy generation picks no padding id either
     feats, ids, labels = sample(40)
     ids = torch.cat([ids[:6], torch.tensor(list(generate(model, feats, ids[:6], 34)))])
     labels = ids.clone()
