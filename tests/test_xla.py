@@ -29,7 +29,6 @@ def test_buckets_and_padding():
     assert torch.equal(out_labels[0, :5], labels[0])
     with pytest.raises(ValueError, match="static batch"):
         utils.pad_batch(ids * 3, None, batch_size=4, pad_id=0)
-    assert utils.pad_features(torch.ones(3, 49, 8), 8).shape == (8, 49, 8)
 
 
 def test_static_caption_collate_gives_fixed_shapes():

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 BUCKETS = (64, 128, 256, 512, 1024, 2048)
 
@@ -52,11 +51,6 @@ def pad_batch(
         out_labels[i, : len(lab)] = lab
         lengths[i] = len(row)
     return out_ids, out_labels, lengths
-
-
-def pad_features(features: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Pad image features (n, patches, width) with zero rows to a static `batch_size`."""
-    return F.pad(features, (0, 0, 0, 0, 0, batch_size - features.size(0)))
 
 
 def block_wrap_policy(block_classes: set[type] | None = None):
