@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import random
 import statistics
 import sys
 import time
@@ -37,14 +38,18 @@ def timeit(fn: Callable[[], object], device: torch.device, warmup: int = 2, iter
 def timeit_interleaved(
     fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2, iters: int = 5
 ) -> dict[str, float]:
-    """Median seconds of each function, timed round-robin so that drift in the machine hits all alike."""
+    """Median seconds of each function, timed round-robin so that drift in the machine hits all alike; each round
+    runs them in a new (seeded) order, so that no function always follows the same one (a large one leaves the
+    allocator and caches cold for whatever comes next)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
+    for i in range(iters):
+        order = list(fns.items())
+        random.Random(i).shuffle(order)
+        for name, fn in order:
             start = time.perf_counter()
             fn()
             sync(device)

@@ -3,8 +3,10 @@
 * `standard`: one forward over the whole batch (teacher forcing everywhere) + backward.
 * `ours p=..`: scheduled teacher forcing as `recipes/qlora_instruct.py --method autoregressive` runs it: a cached
   greedy decoding pass without gradients fixes the model-fed inputs (one chunk per model-fed position, or fewer with
-  `lookahead`), then one teacher-forced forward + backward over them. The LM has random weights, so its guesses are
-  never the ground truth: the worst case for `lookahead`, whose speculated chunks are all cut back.
+  `lookahead`), then one teacher-forced forward + backward over them. The LM has random weights, so on the random
+  answers its guesses are never the ground truth: the worst case for `lookahead`, whose speculated chunks are all
+  cut back. `_own_answers` variants train on the model's own greedy answers instead: every guess is right, the best
+  case for `lookahead`.
 * `capstone O(n^2) p=..`: the original capstone's loop, one full re-forward of the sequence so far per answer
   token, each scored, one sample at a time.
 
@@ -30,7 +32,7 @@ from common import save, timeit_interleaved  # noqa: E402
 
 from litgpt_mm.config import Config  # noqa: E402
 from litgpt_mm.model import GPT, embed_tokens, forward_embeds  # noqa: E402
-from litgpt_mm.multimodal import IGNORE_INDEX, MultimodalConfig, MultimodalGPT, shifted_cross_entropy  # noqa: E402
+from litgpt_mm.multimodal import IGNORE_INDEX, MultimodalConfig, MultimodalGPT, generate, shifted_cross_entropy  # noqa: E402,E501
 from litgpt_mm.qlora import LoRASettings, add_lora, quantize_nf4  # noqa: E402
 from litgpt_mm.scheduled import autoregressive_loss, scheduled_inputs  # noqa: E402
 
@@ -89,6 +91,16 @@ def main() -> None:
     for lab in labels:
         lab[: args.prompt_tokens] = IGNORE_INDEX
     feats = [torch.randn(1, 49, 768, device=device) for _ in range(B)]
+    P, A = args.prompt_tokens, args.answer_tokens
+    with autocast:  # answers the model itself predicts: the best case for `lookahead`
+        own = [
+            torch.cat([i[:P], torch.tensor(list(generate(model, f, i[:P], A)))])
+            for f, i in zip(feats, ids, strict=True)
+        ]
+    own_labels = [x.clone() for x in own]
+    for lab in own_labels:
+        lab[:P] = IGNORE_INDEX
+    data = {"": (ids, labels), "_own_answers": (own, own_labels)}
 
     def run(fn):
         def step():
@@ -103,8 +115,8 @@ def main() -> None:
         logits, lab = model(feats, ids, labels)
         return shifted_cross_entropy(logits, lab)
 
-    def ours(p, lookahead=0):
-        return lambda: autoregressive_loss(model, feats, ids, labels, p, torch.Generator().manual_seed(0), lookahead)[0]
+    def ours(p, lookahead, i, lab):
+        return lambda: autoregressive_loss(model, feats, i, lab, p, torch.Generator().manual_seed(0), lookahead)[0]
 
     def capstone(p):
         gen = torch.Generator().manual_seed(0)
@@ -113,15 +125,16 @@ def main() -> None:
         )
 
     fns = {"standard": run(standard)}
-    variants = [(1.0, 0), (0.9, 0), (0.9, 4), (0.5, 0)]
-    for p, k in variants:
-        fns[f"ours_p{p}" + (f"_lookahead{k}" if k else "")] = run(ours(p, k))
+    variants = [(1.0, 0, ""), (0.9, 0, ""), (0.9, 4, ""), (0.5, 0, ""), (0.9, 0, "_own_answers"),
+                (0.9, 4, "_own_answers")]  # fmt: skip
+    for p, k, d in variants:
+        fns[f"ours_p{p}" + (f"_lookahead{k}" if k else "") + d] = run(ours(p, k, *data[d]))
     for p in (0.9, 0.5) if args.capstone else ():
         fns[f"capstone_O(n^2)_p{p}"] = run(capstone(p))
     times = timeit_interleaved(fns, device, warmup=1, iters=args.iters)
     base = times["standard"]
-    chunks = {f"p{p}_lookahead{k}": scheduled_inputs(model, feats, ids, labels, p, torch.Generator().manual_seed(0), k)
-              for p, k in variants}  # fmt: skip
+    chunks = {f"p{p}_lookahead{k}{d}": scheduled_inputs(model, feats, *data[d], p, torch.Generator().manual_seed(0), k)
+              for p, k, d in variants}  # fmt: skip
     rows = [{"variant": k, "ms_per_sample": t * 1e3 / B, "x_of_standard": t / base} for k, t in times.items()]
     if cuda:
         for row in rows:
@@ -137,7 +150,8 @@ def main() -> None:
         else "capstone-style loop skipped (--capstone 0)",
         "decoding pass: "
         + "; ".join(
-            f"{k}: {c.model_fed} of {c.candidates} inputs model-fed, {c.chunks} chunks" for k, c in chunks.items()
+            f"{k}: {c.model_fed} of {c.candidates} inputs model-fed, {c.changed} changed, {c.chunks} chunks"
+            for k, c in chunks.items()
         ),
         f"batch of {B}, each 50 image positions + {args.prompt_tokens} prompt + {args.answer_tokens} answer tokens; "
         f"LM {args.lm}"
