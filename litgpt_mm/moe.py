@@ -165,18 +165,19 @@ class MoE(nn.Module):
         return y
 
     def _forward_grouped(self, x: torch.Tensor, gates: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
-        """Sort the N·k routing slots by expert, run one grouped matmul per projection, scatter back."""
+        """Sort the N·k routing slots by expert, run the experts on their contiguous segments (one grouped matmul per
+        projection, or one fused MLP per segment without `torch._grouped_mm`), scatter back."""
         k = self.config.n_expert_per_token
         flat_expert = top_idx.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)
         inv_order = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        sorted_expert = flat_expert.index_select(0, order)
         counts = torch.zeros(self.config.n_expert, device=x.device, dtype=torch.int64)
         counts.index_add_(0, flat_expert, torch.ones_like(flat_expert))
         dtype = _compute_dtype(x)
 
         xs = _GatherSlots.apply(x, order, inv_order, k)
         if _grouped_mm_available(x.device, dtype):
+            sorted_expert = flat_expert.index_select(0, order)
             h = self._act(grouped_linear(xs, self.w1, self.b1, counts, sorted_expert, dtype))
             out = grouped_linear(h, self.w2, self.b2, counts, sorted_expert, dtype)
         else:

@@ -106,25 +106,29 @@ def scheduled_inputs(
     if lookahead < 0:
         raise ValueError(f"lookahead must be >= 0, got {lookahead}")
     lm = model.lm
+    fed: list[list[int]] = []  # per sample, text positions whose input the model predicts
+    candidates = 0
+    for f, row_labels in zip(features, labels, strict=True):
+        targets = (row_labels != IGNORE_INDEX).nonzero().flatten()
+        if f is None or f.size(0) == 0:
+            targets = targets[targets > 0]  # without an image prefix nothing predicts the first token
+        cand = targets[:-1]  # every answer input but the last is read by a later scored position
+        candidates += cand.numel()
+        if p >= 1.0:
+            fed.append([])
+            continue
+        fed.append(cand[(torch.rand(cand.numel(), generator=generator) >= p).to(cand.device)].tolist())
+    ids = [x.clone() for x in input_ids]
+    if not any(fed):
+        return ScheduledBatch(ids, candidates, 0, 0, 0)
+
     embeds, lab, lengths = model.build_inputs(features, input_ids, labels)
     device = embeds.device
-    ids = [x.to(device).clone() for x in input_ids]
+    ids = [x.to(device) for x in ids]
     offsets = [int(n) - x.numel() for n, x in zip(lengths, ids, strict=True)]  # image prefix before the text
-    gold = [x.tolist() for x in input_ids]
-    fed: list[list[int]] = []
-    candidates = 0
-    for row in lab:
-        scored = (row[1:] != IGNORE_INDEX).nonzero().flatten()
-        cand = (scored + 1)[scored + 1 <= (scored.max() if scored.numel() else -1)]
-        candidates += cand.numel()
-        if p < 1.0:
-            cand = cand[(torch.rand(cand.numel(), generator=generator) >= p).to(device)]
-            fed.append(cand.tolist())
-        else:
-            fed.append([])
+    fed = [[t + off for t in row] for row, off in zip(fed, offsets, strict=True)]  # positions in `embeds`
     n_fed = sum(len(f) for f in fed)
-    if n_fed == 0:
-        return ScheduledBatch(ids, candidates, 0, 0, 0)
+    gold = [x.tolist() for x in input_ids]
 
     B, T = lab.shape
     nxt = [0] * B  # index of each sample's first unresolved model-fed position
