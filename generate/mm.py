@@ -85,8 +85,8 @@ def main(
         print(text)
     else:
         print()
-    if first is None:
-        print(f"[empty answer: the model ended it at once, after {time.perf_counter() - start:.2f} s]", file=sys.stderr)
+    if not text:
+        print(f"[empty answer (only EOS or whitespace), after {time.perf_counter() - start:.2f} s]", file=sys.stderr)
     else:
         print(f"[{len(assistant.tokenizer.encode(text))} tokens, first after {first - start:.2f} s]", file=sys.stderr)
     return text

@@ -78,6 +78,16 @@ def test_cli_single_and_batch_mode(checkpoints, tmp_path):
     assert bad.returncode != 0 and "bad.jsonl:1" in bad.stderr
 
 
+def test_cli_reports_an_empty_answer(checkpoints, monkeypatch, capsys):
+    from conftest import load_script
+
+    mm = load_script("generate/mm.py")
+    for pieces, told in (([" \n"], "[empty answer"), (["Yes", " it is"], "tokens, first after")):
+        monkeypatch.setattr(Assistant, "stream", lambda self, *a, p=pieces, **k: iter(p))
+        text = mm.main(checkpoint_dir=checkpoints["merged"], prompt="Anything?", device="cpu")
+        assert text == "".join(pieces).strip() and told in capsys.readouterr().err
+
+
 def test_cli_feeds_the_speech_transcript_into_the_prompt(checkpoints, tmp_path):
     from conftest import load_script
 
