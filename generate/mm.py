@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from jsonargparse import CLI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.inference import Assistant, GenerationSettings  # noqa: E402
 
 
@@ -138,4 +138,4 @@ def _batch(assistant, settings, speech: _Speech, input: Path, output: Path, batc
 
 
 if __name__ == "__main__":
-    CLI(main)
+    run_cli(main)

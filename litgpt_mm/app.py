@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from litgpt_mm.cli import run_cli
 from litgpt_mm.inference import Assistant, GenerationSettings
 
 
@@ -135,6 +136,4 @@ def main(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
-
-    CLI(main)
+    run_cli(main)

@@ -117,6 +117,7 @@ class SpeechToText:
     def pipeline(self):
         """The `whisperx` `FasterWhisperPipeline` (Whisper model and VAD), loaded on first access."""
         if self._pipeline is None:
+            _quiet_whisperx()
             import whisperx
 
             self._pipeline = whisperx.load_model(
@@ -204,6 +205,21 @@ def prompt_with_speech(prompt: str, transcript: Transcript) -> str:
     if not prompt.strip():
         return text
     return f"{prompt.rstrip()}\nSpeech: {text}"
+
+
+def _quiet_whisperx() -> None:
+    """Silence what WhisperX's dependencies print on every load and that a user cannot act on: pyannote's torchcodec
+    warning without FFmpeg's shared libraries (we decode with ffmpeg or PyAV ourselves), Lightning's note that it
+    upgraded the VAD checkpoint in memory, and WhisperX's INFO lines."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"\s*torchcodec is not installed correctly", category=UserWarning)
+    logging.getLogger("lightning.pytorch.utilities.migration.utils").setLevel(logging.WARNING)
+    logging.getLogger("whisperx").setLevel(logging.WARNING)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("whisperx."):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _ffmpeg_available() -> bool:

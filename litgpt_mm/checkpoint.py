@@ -56,3 +56,17 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     for name in found:
         shutil.copy2(Path(src) / name, Path(dst) / name)
     return found
+
+
+def load_tokenizer(directory: Path, made_by: str = "`litgpt download` or one of our recipes"):
+    """litgpt's `Tokenizer` for `directory`, or one clear error naming the directory and what writes it."""
+    from litgpt.tokenizer import Tokenizer
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} does not exist: expected a tokenizer directory written by {made_by}")
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise FileNotFoundError(
+            f"{directory} holds no tokenizer (tokenizer.json or tokenizer.model): pass a directory written by {made_by}"
+        )
+    return Tokenizer(directory)

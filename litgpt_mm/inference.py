@@ -20,12 +20,25 @@ import yaml
 from litgpt.tokenizer import Tokenizer
 from PIL import Image
 
+from litgpt_mm.checkpoint import load_tokenizer
 from litgpt_mm.data.coco import load_rgb
 from litgpt_mm.data.llava import TEMPLATES
 from litgpt_mm.model import load_model
 from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, generate, generate_batch
 from litgpt_mm.qlora import LoRASettings, add_lora, quantize_nf4
 from litgpt_mm.vision import CLIPPatchEncoder
+
+
+def open_image(path: Path) -> Image.Image:
+    """An image file as RGB, or one clear `ValueError` naming the file when it is missing or cannot be decoded."""
+    if not path.is_file():
+        raise ValueError(f"image {path}: no such file")
+    try:
+        return load_rgb(path)[0]
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(
+            f"image {path}: cannot be decoded ({type(err).__name__}: {err}); pass a JPEG, PNG, WebP, BMP or GIF file"
+        ) from None
 
 
 @dataclass
@@ -76,13 +89,13 @@ class Assistant:
         model.projector.to(lm.transformer.wte.weight.dtype)
         encoder = CLIPPatchEncoder(config.clip_model, config.clip_pretrained, layer=config.clip_layer).to(device)
         tok_dir = checkpoint_dir if (checkpoint_dir / "tokenizer.json").is_file() else lm_dir
-        return cls(model, encoder, Tokenizer(tok_dir), template)
+        return cls(model, encoder, load_tokenizer(tok_dir), template)
 
     def features(self, images: Sequence[Path | Image.Image]) -> torch.Tensor | None:
         """Patch features (n_images, num_patches, width) of image files or PIL images, or None without images."""
         if not images:
             return None
-        pil = [img.convert("RGB") if isinstance(img, Image.Image) else load_rgb(Path(img))[0] for img in images]
+        pil = [img.convert("RGB") if isinstance(img, Image.Image) else open_image(Path(img)) for img in images]
         return self.encoder.encode_images(pil)
 
     def prompt_ids(self, prompt: str, n_images: int, max_new_tokens: int) -> torch.Tensor:

@@ -66,9 +66,18 @@ class MultimodalConfig:
 
     @classmethod
     def load(cls, directory: Path) -> MultimodalConfig:
-        path = Path(directory) / CONFIG_FILE
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(
+                f"checkpoint directory {directory} does not exist: pass a directory written by recipes/align.py "
+                "(final/) or recipes/qlora_instruct.py (final/ or merged/)"
+            )
+        path = directory / CONFIG_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: expected a directory written by recipes/align.py")
+            raise FileNotFoundError(
+                f"{directory} is not a multimodal checkpoint (no {CONFIG_FILE}): pass a directory written by "
+                "recipes/align.py (final/) or recipes/qlora_instruct.py (final/ or merged/)"
+            )
         return cls(**yaml.safe_load(path.read_text()))
 
 

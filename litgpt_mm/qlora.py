@@ -9,6 +9,8 @@ exact function the adapted model computes, in litgpt's key layout.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from litgpt import lora as lit_lora
+
+# On CPU, bitsandbytes' paged optimizers fall back to plain buffers (what we want there), and its nf4 matmul looks
+# for the optional `kernels` package first; both say so on every run.
+warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from litgpt.args import EvalArgs, TrainArgs
 from litgpt.pretrain import get_lr
 from tqdm import tqdm
 
-from litgpt_mm.flops import peak_flops
+from litgpt_mm.flops import compute_dtype, peak_flops
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -247,7 +247,8 @@ def fit(
     accum = train.gradient_accumulation_iters(fabric.world_size, 1)
     warmup = train.lr_warmup_steps or int((train.lr_warmup_fraction or 0.0) * max_steps)
     logs = Logs(fabric, out_dir, state["step"] if resumed_from else None)
-    peak = peak_flops(fabric.device) if stage.flops_per_token else None
+    dtype = compute_dtype(getattr(fabric.strategy.precision, "precision", None))
+    peak = peak_flops(fabric.device, dtype) if stage.flops_per_token else None
     start_step = state["step"]
     if fabric.device.type == "xla":  # a Python float LR is a graph constant on XLA: one recompile per new value
         for group in optimizer.param_groups:

@@ -8,7 +8,9 @@ ViT-B/32 at 224 px gives a 7 x 7 grid: 49 patch embeddings of width 768 per imag
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -40,7 +42,7 @@ class CLIPPatchEncoder(nn.Module):
 
         if model_name not in open_clip.list_models():
             raise ValueError(f"Unknown open_clip model {model_name!r}; choose from open_clip.list_models()")
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _without_random_init_warning():
             torch.manual_seed(0)  # without pretrained weights: the same random CLIP in every process
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained or None, cache_dir=cache_dir
@@ -99,3 +101,18 @@ class CLIPPatchEncoder(nn.Module):
         """Patch features of PIL images, in batches."""
         chunks = [self(self.pixels(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
         return torch.cat(chunks)
+
+
+@contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    """Drop open_clip's root-logger warning for `pretrained=None`: random weights are what was asked for (offline
+    tests and the demo), and the choice is recorded in the feature-cache key and `multimodal_config.yaml`."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    logging.root.addFilter(keep)
+    try:
+        yield
+    finally:
+        logging.root.removeFilter(keep)

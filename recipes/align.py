@@ -21,17 +21,17 @@ from typing import Literal
 
 import lightning as L
 import torch
-from jsonargparse import CLI
 from lightning.fabric.strategies import DDPStrategy
 from litgpt.args import EvalArgs, TrainArgs
-from litgpt.tokenizer import Tokenizer
 from litgpt.utils import instantiate_torch_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from litgpt_mm.checkpoint import copy_tokenizer_files  # noqa: E402
+from litgpt_mm.checkpoint import copy_tokenizer_files, load_tokenizer  # noqa: E402
+from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.data import coco  # noqa: E402
 from litgpt_mm.data.tokens import ResumableLoader, ResumableSampler  # noqa: E402
+from litgpt_mm.flops import warn_if_slow_bf16  # noqa: E402
 from litgpt_mm.model import load_model  # noqa: E402
 from litgpt_mm.multimodal import (  # noqa: E402
     MultimodalConfig,
@@ -103,6 +103,7 @@ def setup(
     """
     cuda = torch.cuda.is_available()
     precision = precision or ("bf16-mixed" if cuda else "32-true")
+    warn_if_slow_bf16("cuda" if cuda else "cpu", precision)
     strategy = DDPStrategy(process_group_backend="gloo" if not cuda else "nccl") if devices > 1 else "auto"
     fabric = L.Fabric(accelerator="cuda" if cuda else "cpu", devices=devices, strategy=strategy, precision=precision)
     return fabric.launch(
@@ -119,7 +120,9 @@ def main(
 ) -> dict[str, float]:  # fmt: skip
     resume_dir = resolve_resume(resume, out_dir)
     fabric.seed_everything(seed)
-    tokenizer = Tokenizer(lm_dir)
+    tokenizer = load_tokenizer(lm_dir, "`litgpt download` or recipes/pretrain_moe.py")
+    if not (data_dir / "meta.json").is_file():
+        raise FileNotFoundError(f"{data_dir} holds no COCO index (meta.json): run scripts/prepare_coco.py first")
     lm = load_model(lm_dir, device=fabric.device)
     if "bf16" in str(fabric.strategy.precision.precision) and fabric.device.type == "cuda":
         lm = lm.to(torch.bfloat16)
@@ -241,4 +244,4 @@ def main(
 
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
-    CLI(setup)
+    run_cli(setup)

@@ -26,11 +26,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from jsonargparse import CLI  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.config import Config  # noqa: E402
 from litgpt_mm.flops import active_params  # noqa: E402
 from litgpt_mm.model import GPT  # noqa: E402
@@ -291,4 +291,4 @@ def _throughput_plot(runs: list[Run], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    CLI(main)
+    run_cli(main)

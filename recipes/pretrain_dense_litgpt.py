@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from jsonargparse import CLI
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.config import find_multiple
-from litgpt.tokenizer import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from litgpt_mm.checkpoint import load_tokenizer  # noqa: E402
+from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.config import Config  # noqa: E402
 from litgpt_mm.training import PRETRAIN_EVAL, PRETRAIN_TRAIN  # noqa: E402
 
@@ -74,7 +74,7 @@ def setup(
     if config.n_expert:
         raise ValueError(f"{model_name} is a MoE preset: this recipe trains litgpt's dense model; use pretrain_moe.py")
     data_dir = Path(data_dir or f"data/prepared/{data}")
-    vocab = Tokenizer(data_dir / "tokenizer").vocab_size
+    vocab = load_tokenizer(data_dir / "tokenizer", f"scripts/prepare_{data}.py").vocab_size
     T = train.max_seq_length or config.block_size
     if T > config.block_size:
         raise ValueError(f"--train.max_seq_length {T} exceeds {config.name}'s block_size {config.block_size}")
@@ -117,4 +117,4 @@ def setup(
 
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
-    CLI(setup)
+    run_cli(setup)

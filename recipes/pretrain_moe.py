@@ -19,7 +19,6 @@ from typing import Literal
 
 import lightning as L
 import torch
-from jsonargparse import CLI
 from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.config import find_multiple
@@ -29,10 +28,11 @@ from litgpt.utils import chunked_cross_entropy, instantiate_torch_optimizer, num
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from litgpt_mm.checkpoint import save_config  # noqa: E402
+from litgpt_mm.checkpoint import load_tokenizer, save_config  # noqa: E402
+from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.config import Config  # noqa: E402
 from litgpt_mm.data.tokens import TokenShards  # noqa: E402
-from litgpt_mm.flops import active_params, training_flops_per_token  # noqa: E402
+from litgpt_mm.flops import active_params, training_flops_per_token, warn_if_slow_bf16  # noqa: E402
 from litgpt_mm.model import GPT, Block  # noqa: E402
 from litgpt_mm.moe import MoE  # noqa: E402
 from litgpt_mm.training import (  # noqa: E402
@@ -94,7 +94,7 @@ def setup(
     config = model_config or Config.from_name(model_name)
     data_dir = Path(data_dir or f"data/prepared/{data}")
     out_dir = Path(out_dir or f"out/pretrain/{config.name}-{data}")
-    tokenizer = Tokenizer(data_dir / "tokenizer")
+    tokenizer = load_tokenizer(data_dir / "tokenizer", f"scripts/prepare_{data}.py")
     vocab = tokenizer.vocab_size
     T = train.max_seq_length or config.block_size
     if T > config.block_size:
@@ -103,6 +103,7 @@ def setup(
 
     cuda = torch.cuda.is_available()
     precision = precision or ("bf16-mixed" if cuda else "32-true")
+    warn_if_slow_bf16("cuda" if cuda else "cpu", precision)
     n_devices = (torch.cuda.device_count() if cuda else 1) if devices == "auto" else int(devices)
     if n_devices * num_nodes > 1:
         if cuda:
@@ -210,4 +211,4 @@ def main(
 
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
-    CLI(setup)
+    run_cli(setup)

@@ -24,7 +24,6 @@ from typing import Literal
 import lightning as L
 import torch
 import yaml
-from jsonargparse import CLI
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.utils import instantiate_torch_optimizer
 from torch.utils.data import Dataset
@@ -32,8 +31,10 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from litgpt_mm.checkpoint import atomic_torch_save, copy_tokenizer_files, save_config  # noqa: E402
+from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.data import coco  # noqa: E402
 from litgpt_mm.data.tokens import ResumableLoader, ResumableSampler  # noqa: E402
+from litgpt_mm.flops import warn_if_slow_bf16  # noqa: E402
 from litgpt_mm.model import load_model  # noqa: E402
 from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, shifted_cross_entropy  # noqa: E402
 from litgpt_mm.qlora import LoRASettings, add_lora, lora_state_dict, merged_state_dict, quantize_nf4  # noqa: E402
@@ -135,6 +136,7 @@ def setup(
         raise ValueError(f"{', '.join(bad)}: {allowed}")
     cuda = torch.cuda.is_available()
     precision = precision or ("bf16-mixed" if cuda else "32-true")
+    warn_if_slow_bf16("cuda" if cuda else "cpu", precision)
     fabric = L.Fabric(accelerator="cuda" if cuda else "cpu", devices=1, precision=precision)
     fabric.seed_everything(seed)
     out_dir, align_dir = Path(out_dir), Path(align_dir)
@@ -268,4 +270,4 @@ def _hf_phi_config(cfg) -> dict:
 
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
-    CLI(setup, fail_untyped=False)  # bitsandbytes optimizers have untyped `params`
+    run_cli(setup, fail_untyped=False)  # bitsandbytes optimizers have untyped `params`

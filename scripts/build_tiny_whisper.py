@@ -14,6 +14,8 @@ import json
 import shutil
 from pathlib import Path
 
+from jsonargparse import CLI
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
 

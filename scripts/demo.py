@@ -19,6 +19,7 @@ Everything goes under `out/demo/` (replaced on each run).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -26,12 +27,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# no torch_xla import through transformers/accelerate (see litgpt_mm/__init__.py), no Gradio/HF telemetry calls
+ENV = {**os.environ, "USE_TORCH_XLA": os.environ.get("USE_TORCH_XLA", "0"), "HF_HUB_OFFLINE": "1"}
 
 
 def run(title: str, *args: str) -> None:
     print(f"\n=== {title}\n$ python {' '.join(args)}", flush=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, env=ENV)
     print(f"=== {title}: done in {time.perf_counter() - start:.0f} s", flush=True)
 
 

@@ -18,11 +18,11 @@ import zipfile
 from pathlib import Path
 from typing import Literal
 
-from jsonargparse import CLI
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.data import coco  # noqa: E402
 from litgpt_mm.data.download import download  # noqa: E402
 
@@ -123,4 +123,4 @@ def _download_split(records, split, root, image_source, base_url, summary) -> No
 
 
 if __name__ == "__main__":
-    CLI(prepare)
+    run_cli(prepare)

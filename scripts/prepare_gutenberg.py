@@ -14,11 +14,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from jsonargparse import CLI
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.data import gutenberg as pg  # noqa: E402
 from litgpt_mm.data.tokens import PrepSummary, build_tokenizer, split_by_document, write_split  # noqa: E402
 
@@ -111,4 +111,4 @@ def _gather(input_dir, ids, catalog_language, catalog_count, cache_dir, mirror, 
 
 
 if __name__ == "__main__":
-    CLI(prepare)
+    run_cli(prepare)

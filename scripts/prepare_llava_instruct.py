@@ -19,12 +19,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from jsonargparse import CLI
-from litgpt.tokenizer import Tokenizer
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from litgpt_mm.checkpoint import load_tokenizer  # noqa: E402
+from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.data import coco, llava  # noqa: E402
 from litgpt_mm.data.download import download  # noqa: E402
 
@@ -66,7 +66,7 @@ def prepare(
     """
     if template not in llava.TEMPLATES:
         raise SystemExit(f"--template {template!r} unknown: choose from {sorted(llava.TEMPLATES)}")
-    tokenizer = Tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, "`litgpt download` or recipes/pretrain_moe.py (its final/)")
     if download_llava:
         data_path = download(llava.LLAVA_INSTRUCT_URL, Path(cache_dir) / "llava_instruct_150k.json")
         images_dir = images_dir or Path(cache_dir) / "train2017"
@@ -144,4 +144,4 @@ def _resolve_images(images, images_dir, map_missing_to, skipped) -> tuple[dict[s
 
 
 if __name__ == "__main__":
-    CLI(prepare)
+    run_cli(prepare)

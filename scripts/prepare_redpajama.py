@@ -16,11 +16,11 @@ import random
 import sys
 from pathlib import Path
 
-from jsonargparse import CLI
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.data import redpajama as rp  # noqa: E402
 from litgpt_mm.data.download import download  # noqa: E402
 from litgpt_mm.data.tokens import PrepSummary, build_tokenizer, write_split  # noqa: E402
@@ -106,4 +106,4 @@ def prepare(
 
 
 if __name__ == "__main__":
-    CLI(prepare)
+    run_cli(prepare)

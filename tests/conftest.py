@@ -8,6 +8,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("USE_TORCH_XLA", "0")  # see litgpt_mm/__init__.py; child processes inherit it
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -21,13 +22,28 @@ def gutenberg_dir() -> Path:
     return DATA / "gutenberg"
 
 
+def require_tool(name: str, apt_package: str) -> str:
+    """Path of a system executable. Missing: skip with a reason, or fail in CI (`.ci/run` installs it)."""
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing: .ci/run installs it with apt-get ({apt_package})")
+        pytest.skip(f"needs the system package {apt_package} (apt-get install {apt_package})")
+    return path
+
+
 def load_script(relative: str):
     """Import a script under `recipes/`, `scripts/` or `benchmarks/` as a module."""
     import importlib.util
+    import sys
 
     path = REPO / relative
-    spec = importlib.util.spec_from_file_location(path.stem.replace("-", "_"), path)
+    name = relative.removesuffix(".py").replace("/", "_").replace("-", "_")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # jsonargparse resolves postponed annotations through the module
     spec.loader.exec_module(module)
     return module
 

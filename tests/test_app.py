@@ -10,7 +10,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import DATA, REPO
+from conftest import DATA, REPO, require_tool
 
 from litgpt_mm.inference import Assistant, GenerationSettings
 
@@ -30,9 +30,7 @@ def _free_port() -> int:
 @pytest.fixture
 def app_url(checkpoints, tmp_path):
     if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: .ci/run installs it with apt-get")
-        pytest.skip("needs Debian's chromium (apt-get install chromium)")
+        require_tool("chromium", "chromium")
     port = _free_port()
     log = open(tmp_path / "app.log", "w")
     proc = subprocess.Popen(

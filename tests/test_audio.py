@@ -6,7 +6,7 @@ import wave
 
 import numpy as np
 import pytest
-from conftest import DATA, load_script, run_python
+from conftest import DATA, load_script, require_tool, run_python
 
 from litgpt_mm import audio as audio_module
 from litgpt_mm.audio import SAMPLE_RATE, SpeechToText, Transcript, load_audio, prompt_with_speech
@@ -100,6 +100,7 @@ def test_load_audio_resamples_and_downmixes():
 
 
 def test_load_audio_without_ffmpeg_uses_pyav(monkeypatch):
+    require_tool("ffmpeg", "ffmpeg")
     with_ffmpeg = load_audio(JFK)
     monkeypatch.setattr(audio_module, "_ffmpeg_available", lambda: False)
     without = load_audio(JFK)
@@ -109,6 +110,8 @@ def test_load_audio_without_ffmpeg_uses_pyav(monkeypatch):
 
 @pytest.mark.parametrize("ffmpeg", [True, False], ids=["ffmpeg", "pyav"])
 def test_bad_audio_files_raise_one_clear_error(tmp_path, monkeypatch, ffmpeg):
+    if ffmpeg:
+        require_tool("ffmpeg", "ffmpeg")
     monkeypatch.setattr(audio_module, "_ffmpeg_available", lambda: ffmpeg)
     text = tmp_path / "speech.wav"
     text.write_text("This is a text file, not a recording.\n")

@@ -13,11 +13,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from jsonargparse import CLI
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.model import load_model  # noqa: E402
 from xla.utils import load_recipe, load_sequentially, recipe_arguments, static_caption_collate, xla_fabric  # noqa: E402
 
@@ -47,4 +46,4 @@ def setup(recipe_config: Path | None = None, devices: int | str = "auto", fsdp: 
 
 
 if __name__ == "__main__":
-    CLI(setup)
+    run_cli(setup)

@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 import torch
-from jsonargparse import CLI
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.inference import Assistant  # noqa: E402
 from litgpt_mm.multimodal import generate_batch  # noqa: E402
 from xla.utils import bucket  # noqa: E402
@@ -68,4 +68,4 @@ def main(checkpoint_dir: Path = Path("out/qlora_instruct/merged"), input: Path =
 
 
 if __name__ == "__main__":
-    CLI(main)
+    run_cli(main)

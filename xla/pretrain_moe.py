@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from jsonargparse import CLI
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.config import find_multiple
 from litgpt.tokenizer import Tokenizer
@@ -20,6 +19,7 @@ from litgpt.tokenizer import Tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.config import Config  # noqa: E402
 from litgpt_mm.training import PRETRAIN_EVAL, PRETRAIN_TRAIN  # noqa: E402
 from xla.utils import load_recipe, xla_fabric  # noqa: E402
@@ -55,4 +55,4 @@ def setup(
 
 
 if __name__ == "__main__":
-    CLI(setup)
+    run_cli(setup)

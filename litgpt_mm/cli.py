@@ -1,0 +1,31 @@
+"""Command-line entry points: jsonargparse's `CLI`, with bad input reported in one line instead of a traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from jsonargparse import CLI
+
+DEBUG_ENV = "LITGPT_MM_DEBUG"
+# What bad input raises here (a missing or unreadable file, a malformed field, a refused setting). Anything else is a
+# bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
+def run_cli(component: Callable | list[Callable], **kwargs: Any) -> Any:
+    """Run `jsonargparse.CLI(component, **kwargs)`; a `ValueError` or `OSError` prints `error: <message>` on stderr
+    and exits with status 2. Set `LITGPT_MM_DEBUG=1` to see the full traceback instead."""
+    try:
+        return CLI(component, **kwargs)
+    except USER_ERRORS as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        message = str(err) or type(err).__name__
+        if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
+            message = f"{err.filename}: {message}"
+        print(f"error: {message}", file=sys.stderr)
+        print(f"(set {DEBUG_ENV}=1 for the full traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
