@@ -184,7 +184,7 @@ class MoE(nn.Module):
             b1, b2 = (None, None) if self.b1 is None else (self.b1.to(dtype), self.b2.to(dtype))
             args = (xs.to(dtype), self.w1.to(dtype), b1, self.w2.to(dtype), b2)
             out = _SegmentMLP.apply(*args, counts.tolist(), self.config.gelu_approximate)
-        out = _Permute.apply(out, inv_order, order).view(x.size(0), k, -1)
+        out = _Permute.apply(out, inv_order, order).view(x.size(0), k, x.size(-1))
         return (out * gates.unsqueeze(-1).to(out.dtype)).sum(dim=1)
 
 

@@ -29,7 +29,8 @@ def _number(value: str | None) -> float | None:
 
 
 def plot_run(out_dir: Path) -> list[Path]:
-    """Write `loss.png`, `throughput.png` and (for MoE runs) `expert_load.png` next to the logs."""
+    """Write `loss.png`, `throughput.png`, `accuracy.png` (when the run evaluated questions) and (for MoE runs)
+    `expert_load.png` next to the logs."""
     logs = Path(out_dir) / "logs"
     train, val = read_csv(logs / "train_log.csv"), read_csv(logs / "val_log.csv")
     written = []
@@ -47,10 +48,31 @@ def plot_run(out_dir: Path) -> list[Path]:
         ax.set(xlabel="optimizer step", ylabel="tokens/s", title="throughput")
         ax.grid(alpha=0.3)
         written.append(_save(fig, logs / "throughput.png"))
+    if val and any(k.endswith("_image") for k in val[-1]):
+        written.append(plot_accuracy(val, logs / "accuracy.png", Path(out_dir).name))
     experts = read_csv(logs / "expert_load.csv")
     if experts:
         written.append(plot_expert_load(experts, logs / "expert_load.png"))
     return written
+
+
+def plot_accuracy(val: list[dict[str, float]], path: Path, title: str) -> Path:
+    """Accuracy per question type against the optimizer step: with the image (solid), blind (dashed) and with another
+    image (dotted), from the `<type>_<condition>` columns of `val_log.csv`."""
+    kinds = sorted({k.rsplit("_", 1)[0] for k in val[-1] if k.endswith("_image")})
+    styles = {"image": "-", "blind": "--", "shuffled": ":"}
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, kind in enumerate(kinds):
+        colour = f"C{i}"
+        for condition, style in styles.items():
+            rows = [r for r in val if f"{kind}_{condition}" in r]
+            if rows:
+                ax.plot([r["step"] for r in rows], [r[f"{kind}_{condition}"] for r in rows], style, color=colour,
+                        marker="o" if condition == "image" else None, label=f"{kind} ({condition})")  # fmt: skip
+    ax.set(xlabel="optimizer step", ylabel="accuracy", ylim=(-0.02, 1.02), title=f"{title}: held-out accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
 
 
 def plot_expert_load(rows: list[dict[str, float]], path: Path, title: str = "expert load") -> Path:

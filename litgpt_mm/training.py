@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import psutil
 import torch
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.pretrain import get_lr
@@ -241,7 +242,7 @@ def fit(
 ) -> dict[str, float]:
     """Run optimizer steps until `max_steps`. `state` holds `model`, `optimizer`, `train_dataloader`, `step`.
 
-    Returns the final train and validation loss.
+    Returns the final train and validation loss, and the seconds from process start to the first step.
     """
     model, optimizer, loader = state["model"], state["optimizer"], state["train_dataloader"]
     accum = train.gradient_accumulation_iters(fabric.world_size, 1)
@@ -262,6 +263,8 @@ def fit(
             row.update(stage.on_eval(0))
         logs.log("val_log", row)
 
+    startup_s = time.time() - psutil.Process().create_time()
+    fabric.print(f"Set-up: {startup_s:.1f} s from process start to the first step")
     batches = _batches(loader)
     progress = tqdm(
         total=max_steps, initial=start_step, desc="train", disable=fabric.global_rank != 0, dynamic_ncols=True
@@ -336,7 +339,7 @@ def fit(
         fabric.print(f"Final train loss {loss_value:.4f}, val loss {val_loss:.4f}")
         fabric.print(f"Checkpoint: {final}  logs and plots: {Path(out_dir) / 'logs'}")
     fabric.barrier()
-    return {"train_loss": loss_value, "val_loss": val_loss}
+    return {"train_loss": loss_value, "val_loss": val_loss, "startup_s": startup_s}
 
 
 def _only_artefacts(directory: str, names: list[str]) -> list[str]:

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from litgpt_mm.checkpoint import atomic_torch_save, copy_tokenizer_files, save_config  # noqa: E402
+from litgpt_mm.checkpoint import atomic_torch_save, copy_tokenizer_files, load_tokenizer, save_config  # noqa: E402
 from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.data import coco  # noqa: E402
 from litgpt_mm.data.tokens import ResumableLoader, ResumableSampler  # noqa: E402
@@ -96,6 +96,9 @@ def setup(
     resume: bool | Literal["auto"] | Path = False,
     seed: int = 42,
     merge: bool = True,
+    eval_questions: Path | None = None,
+    eval_images_root: Path | None = None,
+    eval_limit: int = 200,
 ) -> dict[str, float]:
     """Instruction-tune the aligned model with QLoRA.
 
@@ -127,6 +130,10 @@ def setup(
         resume: `auto` or a `step-*` directory.
         seed: seed for the adapters, the data order and the teacher-forcing draws.
         merge: write `out_dir/merged/` at the end.
+        eval_questions: a `recipes/evaluate.py vqa` question file answered at every validation (accuracy per
+            question type with the image, blind and with another image, in `val_log.csv` and `accuracy.png`).
+        eval_images_root: where those questions' images are (default: next to the file).
+        eval_limit: questions answered at each validation (the first N).
     """
     bad = [f"--{k} {v}" for k, v in (("p_start", p_start), ("p_end", p_end)) if not 0.0 <= v <= 1.0]
     bad += [f"--cycles {cycles}"] if cycles < 1 else []
@@ -156,7 +163,8 @@ def setup(
         cache.build(encoder.to(fabric.device), [coco.CaptionRecord(p, p, []) for p in images], Path("/"),
                     coco.CocoSummary())  # fmt: skip
         datasets[split] = ds
-    del encoder
+    if eval_questions is None:
+        del encoder
 
     lm = load_model(lm_dir, device=fabric.device)
     lm.requires_grad_(False)
@@ -225,7 +233,16 @@ def setup(
         (ckpt_dir / "lora_config.yaml").write_text(yaml.safe_dump({**asdict(lora), "quantize": quantize}))
         copy_tokenizer_files(lm_dir, ckpt_dir)
 
-    stage = Stage(loss_fn, save_fn, tokens_fn=lambda b: sum(int((lab != -100).sum()) for lab in b["labels"]))
+    on_eval = None
+    if eval_questions is not None:
+        from litgpt_mm.eval.hook import vqa_on_eval
+
+        meta = Path(data_dir) / "meta.json"
+        template = json.loads(meta.read_text()).get("template", "phi2") if meta.is_file() else "phi2"
+        tokenizer = load_tokenizer(lm_dir)
+        on_eval = vqa_on_eval(mm, encoder, tokenizer, template, eval_questions, eval_images_root, eval_limit)
+    tokens_fn = lambda b: sum(int((lab != -100).sum()) for lab in b["labels"])
+    stage = Stage(loss_fn, save_fn, tokens_fn=tokens_fn, on_eval=on_eval)
     result = fit(
         fabric, stage, state, out_dir=out_dir, train=train, eval=eval, max_steps=max_steps, learning_rate=peak_lr,
         val_loader=loaders["val"], resumed_from=resume_dir,

@@ -37,6 +37,8 @@ class Template:
 TEMPLATES = {
     # Phi-2's documented QA format
     "phi2": Template(system="", user="Instruct: {}\n", assistant_prefix="Output: ", answer_end="\n"),
+    # the raw text right after the image prefix, as alignment trains captions (evaluating an aligned projector)
+    "plain": Template(system="", user="{}", assistant_prefix="", answer_end="\n"),
     # LLaVA v1 conversation format
     "llava_v1": Template(
         system=(

@@ -1,0 +1,184 @@
+"""Answering benchmark questions with a trained model, always beside two baselines, and writing the results.
+
+Every multimodal task answers each question three times in one run:
+
+* `image`: with its own image;
+* `blind`: with no image at all (what the language model guesses from the text alone);
+* `shuffled`: with another question's image (a fixed derangement of the distinct images), so the prefix has the
+  same statistics as a real image but the wrong content.
+
+A score counts as *grounded* only when its 95 % bootstrap interval lies above both baselines' intervals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from litgpt_mm.checkpoint import atomic_write
+from litgpt_mm.eval.metrics import Result, bootstrap_ci, format_results, mean_ci
+from litgpt_mm.inference import Assistant, GenerationSettings, open_image
+from litgpt_mm.multimodal import generate_batch
+
+CONDITIONS = ("image", "blind", "shuffled")
+
+
+@dataclass
+class Item:
+    """One question: an id, the image files it is about, and the user prompt."""
+
+    id: str
+    images: list[Path]
+    prompt: str
+
+
+@dataclass
+class Scored:
+    """A metric under each condition: the value with its 95 % interval, plus whether `image` beats both baselines."""
+
+    metric: str
+    conditions: dict[str, Result]
+    chance: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def grounded(self) -> bool:
+        if "image" not in self.conditions:
+            return False
+        image = self.conditions["image"]
+        others = [self.conditions[c] for c in ("blind", "shuffled") if c in self.conditions]
+        if not others or image.low is None or any(o.high is None for o in others):
+            return False  # no interval, no claim
+        return all(image.low > o.high for o in others)
+
+    def to_dict(self) -> dict:
+        out = {"metric": self.metric, "grounded": self.grounded, "chance": self.chance, **self.extra}
+        out["conditions"] = {c: r.to_dict() for c, r in self.conditions.items()}
+        return out
+
+
+def derangement(keys: Sequence, seed: int) -> dict:
+    """A seeded map from each distinct key to a different one (identity when there is only one)."""
+    distinct = sorted(set(keys), key=str)
+    order = distinct[:]
+    random.Random(seed).shuffle(order)
+    return {a: b for a, b in zip(order, order[1:] + order[:1], strict=True)}
+
+
+class Answerer:
+    """Batched greedy answers of an `Assistant` under the three conditions, with CLIP features computed once per
+    image. Rows are sorted by prompt length before batching, so padding stays small."""
+
+    def __init__(self, assistant: Assistant, settings: GenerationSettings, batch_size: int = 16, seed: int = 0):
+        self.assistant, self.settings, self.batch_size, self.seed = assistant, settings, batch_size, seed
+        self._features: dict[Path, torch.Tensor] = {}
+
+    def features(self, paths: Sequence[Path]) -> None:
+        """Encode the images not seen yet, in batches of `batch_size`, with a progress bar."""
+        todo = sorted({Path(p) for p in paths} - set(self._features), key=str)
+        for i in tqdm(range(0, len(todo), self.batch_size), desc="CLIP features", disable=len(todo) < 2, leave=False):
+            chunk = todo[i : i + self.batch_size]
+            feats = self.assistant.encoder.encode_images([open_image(p) for p in chunk])
+            self._features.update(zip(chunk, feats, strict=True))
+
+    def answer(self, items: Sequence[Item], condition: str) -> list[str]:
+        """Answers to every item under `condition` (`image`, `blind` or `shuffled`), in the items' order."""
+        if condition not in CONDITIONS:
+            raise ValueError(f"condition {condition!r}: choose from {CONDITIONS}")
+        swap = derangement([p for it in items for p in it.images], self.seed) if condition == "shuffled" else {}
+        if condition != "blind":
+            self.features([p for it in items for p in it.images])
+        inputs = []
+        for it in items:
+            images = [] if condition == "blind" else [swap.get(p, p) for p in it.images]
+            feats = torch.stack([self._features[Path(p)] for p in images]) if images else None
+            ids = self.assistant.prompt_ids(it.prompt, len(images), self.settings.max_new_tokens)
+            if ids.numel() == 0 and not images:  # nothing to condition on (blind, empty prompt): start a document
+                ids = torch.tensor([self.assistant.tokenizer.eos_id], device=ids.device)
+            inputs.append((feats, ids))
+        order = sorted(range(len(items)), key=lambda i: inputs[i][1].numel())
+        answers: list[str] = [""] * len(items)
+        tok, s = self.assistant.tokenizer, self.settings
+        with tqdm(total=len(items), desc=f"answer ({condition})", leave=False) as bar:
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                out = generate_batch(
+                    self.assistant.model, [inputs[i][0] for i in chunk], [inputs[i][1] for i in chunk],
+                    s.max_new_tokens, s.temperature, s.top_k, s.top_p, eos_id=tok.eos_id,
+                )  # fmt: skip
+                for i, row in zip(chunk, out, strict=True):
+                    answers[i] = tok.decode(torch.tensor([t for t in row if t != tok.eos_id], dtype=torch.long))
+                    answers[i] = answers[i].strip()
+                bar.update(len(chunk))
+        return answers
+
+    def answer_all(self, items: Sequence[Item], conditions: Sequence[str] = CONDITIONS) -> dict[str, list[str]]:
+        return {c: self.answer(items, c) for c in conditions}
+
+
+def score_mean(metric: str, per_item: dict[str, list[float]], seed: int, chance: float | None = None) -> Scored:
+    """A mean of per-item scores (accuracy, VQA score, CIDEr) with a bootstrap interval under each condition."""
+    conditions = {}
+    for c, values in per_item.items():
+        low, high = mean_ci(values, seed=seed) if len(values) > 1 else (float("nan"), float("nan"))
+        conditions[c] = Result(metric, sum(values) / max(len(values), 1), low, high, len(values))
+    return Scored(metric, conditions, chance)
+
+
+def score_statistic(
+    metric: str, pairs: dict[str, list], statistic: Callable[[Sequence], float], seed: int, chance: float | None = None
+) -> Scored:
+    """A statistic over (prediction, reference) pairs (F1, corpus WER) with a bootstrap interval per condition."""
+    conditions = {}
+    for c, items in pairs.items():
+        low, high = bootstrap_ci(items, statistic, seed=seed) if len(items) > 1 else (float("nan"), float("nan"))
+        conditions[c] = Result(metric, statistic(items), low, high, len(items))
+    return Scored(metric, conditions, chance)
+
+
+def checkpoint_hash(directory: Path) -> str:
+    """sha256 over the weight files of a checkpoint directory (names and contents), first 16 hex digits."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).glob("*.pth")):
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def write_results(
+    out_dir: Path, task: str, scores: Sequence[Scored], predictions: list[dict], meta: dict, started: float
+) -> dict:
+    """Write `results.json` and `predictions.jsonl` atomically under `out_dir`, print the table, return the results."""
+    out_dir = Path(out_dir)
+    results = {"task": task, **meta, "seconds": round(time.perf_counter() - started, 1)}
+    results["scores"] = [s.to_dict() for s in scores]
+    atomic_write(out_dir / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
+    lines = "".join(json.dumps(p) + "\n" for p in predictions)
+    atomic_write(out_dir / "predictions.jsonl", lambda f: f.write(lines.encode()))
+    print(results_table(scores))
+    print(f"Wrote {out_dir / 'results.json'} and {out_dir / 'predictions.jsonl'}")
+    return results
+
+
+def results_table(scores: Sequence[Scored], markdown: bool = False) -> str:
+    """One row per metric and condition, with the chance level and whether the image score is grounded."""
+    rows = []
+    for s in scores:
+        for c, r in s.conditions.items():
+            name = f"{s.metric} [{c}]"
+            if c == "image" and len(s.conditions) > 1:
+                name += " grounded" if s.grounded else " NOT grounded"
+            rows.append(Result(name, r.value, r.low, r.high, r.n))
+        if s.chance is not None:
+            rows.append(Result(f"{s.metric} [chance]", s.chance))
+    return format_results(rows, markdown=markdown)
