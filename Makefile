@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install demo test lint bench
+.PHONY: install demo demo-long test lint bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(STAMP)
 ## The main job end to end on the bundled sample data, tiny preset, CPU.
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+## The same with more shapes images and training steps.
+demo-long: $(STAMP)
+	$(PY) scripts/demo.py --long
 
 ## Install and run the whole test suite (what CI runs).
 test: $(STAMP)

@@ -1,24 +1,28 @@
-"""The whole pipeline end to end on the bundled sample data with tiny presets, on CPU, in minutes.
+"""The whole pipeline end to end on bundled and generated data with tiny presets, on CPU, in minutes.
 
-    python scripts/demo.py            # or: make demo
+    python scripts/demo.py            # or: make demo       (a few minutes)
+    python scripts/demo.py --long     # or: make demo-long  (more images and steps)
 
 1. Prepare the 13 bundled Gutenberg books (cleaning, split by book, a 4,096-token BPE, token shards), then
    pretrain the tiny Phi-2 + MoE-after-MLP model on them.
-2. Prepare the 20 bundled COCO images (validated index, CLIP ViT-B/32 patch-feature cache), then align CLIP to the
-   pretrained LM by training the projector. Without internet the CLIP weights are a seeded random initialisation;
-   with it, pass `--clip_pretrained openai` to the two commands.
-3. Prepare the bundled LLaVA-Bench conversations (their COCO val2014 images are not bundled, so they are mapped onto
-   bundled photos), then instruction-tune the aligned model with QLoRA (LoRA on nf4 linear layers + the projector)
-   and write the merged model.
-4. Answer a question about a bundled photo and the JFK speech clip with the merged model: WhisperX transcribes the
-   first 10 s of speech into the prompt. Offline, Whisper is a random tiny model built locally (its transcript is
-   gibberish; pass `--whisper_model large-v3` to generate/mm.py for the real one).
+2. Generate the shapes world (`scripts/prepare_shapes.py`: images of coloured shapes with known content), prepare its
+   COCO-format captions with a CLIP ViT-B/32 patch-feature cache, then align CLIP to the pretrained LM by training
+   the projector. Offline, the CLIP weights are a seeded random initialisation (pass `--clip_pretrained openai` to
+   the commands where the weights can be downloaded).
+3. Prepare the shapes world's LLaVA-format conversations and instruction-tune the aligned model with QLoRA (LoRA on
+   nf4 linear layers + the projector), answering held-out questions at every validation; write the merged model.
+4. Answer a question about a held-out shapes image and the JFK speech clip with the merged model: WhisperX
+   transcribes the first 10 s of speech into the prompt. Offline, Whisper is a random tiny model built locally (its
+   transcript is gibberish; pass `--whisper_model large-v3` to generate/mm.py for the real one).
+5. Evaluate on the held-out shapes questions: accuracy per question type with the image, blind and with another
+   image, beside chance (`recipes/evaluate.py vqa`).
 
-Everything goes under `out/demo/` (replaced on each run).
+Everything goes under `out/demo/` (or `out/demo-long/`), replaced on each run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -27,8 +31,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# no torch_xla import through transformers/accelerate (see litgpt_mm/__init__.py), no Gradio/HF telemetry calls
+# no torch_xla import through transformers/accelerate (see litgpt_mm/__init__.py), no Hub calls
 ENV = {**os.environ, "USE_TORCH_XLA": os.environ.get("USE_TORCH_XLA", "0"), "HF_HUB_OFFLINE": "1"}
+SIZES = {  # shapes images, alignment steps, instruction steps
+    False: {"n_train": 400, "n_val": 40, "n_test": 120, "align_steps": 40, "instruct_steps": 150},
+    True: {"n_train": 2000, "n_val": 100, "n_test": 300, "align_steps": 300, "instruct_steps": 1500},
+}
 
 
 def run(title: str, *args: str) -> None:
@@ -38,58 +46,92 @@ def run(title: str, *args: str) -> None:
     print(f"=== {title}: done in {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def main(out: Path = ROOT / "out" / "demo") -> None:
+def main(long: bool = False) -> None:
+    """Run every stage; `long` uses more shapes images and steps (see `make demo-long`)."""
+    out = ROOT / "out" / ("demo-long" if long else "demo")
+    size = SIZES[long]
     if out.exists():
         shutil.rmtree(out)
-    data = out / "data" / "gutenberg"
-    pretrain = out / "pretrain-moe"
+    started = time.perf_counter()
+    data, pretrain = out / "data" / "gutenberg", out / "pretrain-moe"
     run("prepare Gutenberg", "scripts/prepare_gutenberg.py", "--vocab_size", "4096", "--out_dir", str(data))
     run(
         "pretrain Phi-2 + MoE (tiny)",
         "recipes/pretrain_moe.py", "--config", "recipes/configs/pretrain_moe_tiny.yaml",
         "--data_dir", str(data), "--out_dir", str(pretrain),
     )  # fmt: skip
-    coco_data, features, align = out / "data" / "coco", out / "data" / "clip_features", out / "align"
+
+    shapes, coco_data, features = (out / "data" / n for n in ("shapes", "coco", "clip_features"))
+    align = out / "align"
     run(
-        "prepare COCO captions + CLIP features",
-        "scripts/prepare_coco.py", "--out_dir", str(coco_data), "--features", "true", "--clip_pretrained", "null",
-        "--feature_dir", str(features),
+        "generate the shapes world",
+        "scripts/prepare_shapes.py", "--out_dir", str(shapes), "--n_train", str(size["n_train"]),
+        "--n_val", str(size["n_val"]), "--n_test", str(size["n_test"]),
+    )  # fmt: skip
+    run(
+        "prepare captions + CLIP features",
+        "scripts/prepare_coco.py", "--source_dir", str(shapes), "--out_dir", str(coco_data), "--subset", "null",
+        "--val_subset", "null", "--features", "true", "--clip_pretrained", "null", "--feature_dir", str(features),
     )  # fmt: skip
     run(
         "align CLIP patches to the LM (projector only)",
         "recipes/align.py", "--config", "recipes/configs/align_tiny.yaml", "--lm_checkpoint_dir",
         str(pretrain / "final"), "--data_dir", str(coco_data), "--feature_dir", str(features), "--out_dir", str(align),
+        "--train.max_steps", str(size["align_steps"]),
     )  # fmt: skip
+
     llava_data, instruct = out / "data" / "llava_instruct", out / "qlora_instruct"
     run(
-        "prepare LLaVA instructions",
-        "scripts/prepare_llava_instruct.py", "--tokenizer_dir", str(pretrain / "final"), "--map_missing_to",
-        "data/coco/val2017", "--max_tokens", "200", "--val_fraction", "0.2", "--out_dir", str(llava_data),
+        "prepare instructions",
+        "scripts/prepare_llava_instruct.py", "--tokenizer_dir", str(pretrain / "final"), "--data_path",
+        str(shapes / "llava_train.json"), "--images_dir", str(shapes / "train2017"), "--subset_images", "null",
+        "--max_tokens", "64", "--val_fraction", "0.05", "--out_dir", str(llava_data),
     )  # fmt: skip
     run(
         "QLoRA instruction tuning",
         "recipes/qlora_instruct.py", "--config", "recipes/configs/qlora_instruct_tiny.yaml", "--align_dir",
         str(align / "final"), "--data_dir", str(llava_data), "--feature_dir", str(features), "--out_dir", str(instruct),
+        "--train.max_steps", str(size["instruct_steps"]), "--eval.interval", str(size["instruct_steps"] // 3),
+        "--eval_questions", str(shapes / "eval" / "vqa_val.jsonl"), "--eval_images_root", str(shapes),
     )  # fmt: skip
+
     whisper = out / "whisper-tiny-random"
+    test_image = next(iter(sorted((shapes / "test").iterdir())))
     run("build a random tiny Whisper (offline stand-in)", "scripts/build_tiny_whisper.py", "--out_dir", str(whisper))
     run(
-        "answer about a photo and a speech clip",
-        "generate/mm.py", "--checkpoint_dir", str(instruct / "merged"), "--image", "data/images/astronaut.png",
-        "--audio", "data/audio/jfk.flac", "--prompt", "What does the picture show, and what was said?",
-        "--whisper_model", str(whisper), "--max_new_tokens", "48", "--device", "cpu",
+        "answer about a held-out image and a speech clip",
+        "generate/mm.py", "--checkpoint_dir", str(instruct / "merged"), "--image", str(test_image),
+        "--audio", "data/audio/jfk.flac", "--prompt", "What colour is the shape?", "--whisper_model", str(whisper),
+        "--max_new_tokens", "8", "--device", "cpu",
     )  # fmt: skip
-    print("\nArtefacts:")
-    print(f"  token shards + tokenizer : {data}")
-    print(f"  pretrained MoE checkpoint: {pretrain / 'final'}  (litgpt layout)")
-    print(f"  pretraining logs, plots  : {pretrain / 'logs'}  (CSV, TensorBoard, loss.png, expert_load.png)")
-    print(f"  COCO index, CLIP features: {coco_data}, {features}")
-    print(f"  aligned projector        : {align / 'final'}  (projector.pth, multimodal_config.yaml)")
-    print(f"  alignment logs, captions : {align / 'logs'}  (samples.md: captions of fixed validation images)")
-    print(f"  instruction data         : {llava_data}  (train/val.jsonl with answer-only labels, summary.json)")
-    print(f"  LoRA + projector         : {instruct / 'final'}  (lora.pth, projector.pth)")
-    print(f"  merged multimodal model  : {instruct / 'merged'}  (litgpt layout + projector)")
+    evaluation = out / "eval"
+    run(
+        "evaluate on held-out shapes questions (with the image, blind, with another image)",
+        "recipes/evaluate.py", "vqa", "--checkpoint_dir", str(instruct / "merged"), "--questions",
+        str(shapes / "eval" / "vqa_test.jsonl"), "--images_root", str(shapes), "--prompt_suffix", "",
+        "--device", "cpu", "--out_dir", str(evaluation),
+    )  # fmt: skip
+    summary(out, evaluation, time.perf_counter() - started)
+
+
+def summary(out: Path, evaluation: Path, seconds: float) -> None:
+    """Where everything went, and the colour-question result against its baselines."""
+    results = json.loads((evaluation / "results.json").read_text())
+    colour = next((s for s in results["scores"] if s["metric"] == "accuracy/colour"), None)
+    if colour:
+        c = colour["conditions"]
+        print(
+            f"\nHeld-out colour questions: {c['image']['value']:.2f} with the image, {c['blind']['value']:.2f} blind, "
+            f"{c['shuffled']['value']:.2f} with another image (chance {colour['chance']:.2f}): "
+            + ("grounded in the image" if colour["grounded"] else "not grounded yet")
+        )
+    print(f"\nAll stages done in {seconds / 60:.1f} min. Artefacts under {out}:")
+    print("  pretrain-moe/final      pretrained MoE LM (litgpt layout); logs/: CSV, TensorBoard and plots")
+    print("  data/shapes             the shapes world (images, captions, conversations, eval questions)")
+    print("  align/final             aligned projector; logs/samples.md: captions of fixed validation images")
+    print("  qlora_instruct/merged   merged multimodal model; qlora_instruct/logs/accuracy.png: accuracy vs step")
+    print("  eval/                   results.json and predictions.jsonl of the held-out evaluation")
 
 
 if __name__ == "__main__":
-    main()
+    main(long="--long" in sys.argv[1:])

@@ -62,6 +62,20 @@ class CocoSummary:
         Path(path).write_text(json.dumps(payload, indent=2))
 
 
+def load_coco_json(path: Path, kind: str, keys: tuple[str, ...]) -> dict:
+    """A COCO annotation file (`kind`: "captions" or "instances") as a dict holding `keys`, or one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"COCO {kind} file {path} does not exist (expected {kind}_*.json)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or any(k not in data for k in keys):
+        raise ValueError(f"{path}: not a COCO {kind} file; expected the keys {', '.join(repr(k) for k in keys)}")
+    return data
+
+
 def read_annotations(path: Path, split_dir: str, summary: CocoSummary) -> list[CaptionRecord]:
     """Parse a `captions_*.json` file. Empty or missing captions, captions of unknown images, and images left with no
     caption are reported through `summary.skip` and left out."""

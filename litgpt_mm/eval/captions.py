@@ -3,10 +3,11 @@ Python stand-in for the PTB tokenizer the COCO toolkit runs in Java, and a reade
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
+
+from litgpt_mm.data.coco import load_coco_json
 
 # Tokens pycocoevalcap's PTBTokenizer drops after tokenising. It runs the tokenizer with -lowerCase, so the bracket
 # tokens come out as "-lrb-" etc. and are not dropped; `tokenize` keeps them too.
@@ -173,14 +174,7 @@ def read_coco_references(captions_json: str | Path) -> tuple[dict[int, list[str]
             image id; the message names the file and the annotation.
     """
     path = Path(captions_json)
-    if not path.is_file():
-        raise FileNotFoundError(f"COCO captions file {path} does not exist (expected captions_*.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ValueError(f"{path}: not a COCO captions file; expected the keys 'images' and 'annotations'")
+    data = load_coco_json(path, "captions", ("images", "annotations"))
     files = {}
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:

@@ -16,6 +16,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from litgpt_mm.data.coco import load_coco_json
+
 log = logging.getLogger(__name__)
 
 TEMPLATE = "Is there a {} in the image?"
@@ -86,14 +88,7 @@ def read_pope(path: str | Path) -> list[PopeQuestion]:
 
 def _read_instances(path: Path) -> tuple[dict[int, str], dict[int, str], dict[int, set[int]]]:
     """Image file names, category names and the set of category ids present in each image."""
-    if not path.is_file():
-        raise FileNotFoundError(f"COCO instances file {path} does not exist (expected instances_*.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict) or any(k not in data for k in ("images", "annotations", "categories")):
-        raise ValueError(f"{path}: not a COCO instances file; expected the keys 'images', 'annotations', 'categories'")
+    data = load_coco_json(path, "instances", ("images", "annotations", "categories"))
     files, names = {}, {}
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
