@@ -74,6 +74,7 @@ def setup(
     seed: int = 42,
     num_workers: int = 2,
     num_sample_images: int = 3,
+    feature_norm: Literal["none", "standardize"] = "none",
 ) -> dict[str, float]:
     """Train the projector (and learned separator) between frozen CLIP and a frozen LM on COCO captions.
 
@@ -100,6 +101,9 @@ def setup(
         seed: seed for the projector initialisation and the data order.
         num_workers: DataLoader workers.
         num_sample_images: validation images captioned at each evaluation.
+        feature_norm: `standardize` divides the CLIP features, centred on their training mean, by their standard
+            deviation per channel before the projector (statistics from up to 1,024 training images, saved with the
+            projector); it helps a random or weak vision tower, whose features barely differ between images.
     """
     cuda = torch.cuda.is_available()
     precision = precision or ("bf16-mixed" if cuda else "32-true")
@@ -109,7 +113,7 @@ def setup(
     return fabric.launch(
         main, Path(lm_checkpoint_dir), Path(data_dir), Path(out_dir), clip_model, clip_pretrained, clip_layer,
         feature_cache, Path(feature_dir), projector, separator, max_caption_tokens, train, eval, optimizer, resume,
-        seed, num_workers, num_sample_images,
+        seed, num_workers, num_sample_images, feature_norm,
     )  # fmt: skip
 
 
@@ -117,6 +121,7 @@ def main(
     fabric: L.Fabric, lm_dir: Path, data_dir: Path, out_dir: Path, clip_model: str, clip_pretrained: str | None,
     clip_layer: int, feature_cache: bool, feature_dir: Path, projector: str, separator: str, max_caption_tokens: int,
     train: TrainArgs, eval: EvalArgs, optimizer_spec, resume, seed: int, num_workers: int, num_sample_images: int,
+    feature_norm: str = "none",
 ) -> dict[str, float]:  # fmt: skip
     resume_dir = resolve_resume(resume, out_dir)
     fabric.seed_everything(seed)
@@ -144,12 +149,19 @@ def main(
     mm_config = MultimodalConfig(
         clip_model=clip_model, clip_pretrained=clip_pretrained, clip_layer=encoder.layer,
         vision_width=encoder.width, num_patches=encoder.num_patches, projector=projector, separator=separator,
-        lm_checkpoint_dir=str(lm_dir.resolve()),
+        lm_checkpoint_dir=str(lm_dir.resolve()), feature_norm=feature_norm,
     )  # fmt: skip
     sep_id = None if separator == "learned" else separator_token_id(tokenizer, separator)
     with fabric.init_module():
         mm = MultimodalGPT(lm, mm_config, separator_id=sep_id)
     mm.projector.float()
+    if feature_norm == "standardize" and resume_dir is None:
+        sample = records["train"][:1024]
+        if cache is not None:
+            feats = torch.stack([cache.get(r.image_id).float() for r in sample])
+        else:
+            feats = encoder.encode_images([coco.load_rgb(images_root / r.file)[0] for r in sample[:256]])
+        mm.set_feature_statistics(feats.to(fabric.device))
     if mm.separator is not None:
         mm.separator.data = mm.separator.data.float()
     prefix = encoder.num_patches + 1

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # no torch_xla import through transformers/accelerate (see litgpt_mm/__init__.py), no Hub calls
 ENV = {**os.environ, "USE_TORCH_XLA": os.environ.get("USE_TORCH_XLA", "0"), "HF_HUB_OFFLINE": "1"}
 SIZES = {  # shapes images, alignment steps, instruction steps
-    False: {"n_train": 400, "n_val": 40, "n_test": 120, "align_steps": 40, "instruct_steps": 150},
+    False: {"n_train": 400, "n_val": 40, "n_test": 100, "align_steps": 40, "instruct_steps": 450},
     True: {"n_train": 2000, "n_val": 100, "n_test": 300, "align_steps": 300, "instruct_steps": 1500},
 }
 
@@ -77,7 +77,7 @@ def main(long: bool = False) -> None:
         "align CLIP patches to the LM (projector only)",
         "recipes/align.py", "--config", "recipes/configs/align_tiny.yaml", "--lm_checkpoint_dir",
         str(pretrain / "final"), "--data_dir", str(coco_data), "--feature_dir", str(features), "--out_dir", str(align),
-        "--train.max_steps", str(size["align_steps"]),
+        "--train.max_steps", str(size["align_steps"]), "--feature_norm", "standardize",
     )  # fmt: skip
 
     llava_data, instruct = out / "data" / "llava_instruct", out / "qlora_instruct"
@@ -91,7 +91,9 @@ def main(long: bool = False) -> None:
         "QLoRA instruction tuning",
         "recipes/qlora_instruct.py", "--config", "recipes/configs/qlora_instruct_tiny.yaml", "--align_dir",
         str(align / "final"), "--data_dir", str(llava_data), "--feature_dir", str(features), "--out_dir", str(instruct),
-        "--train.max_steps", str(size["instruct_steps"]), "--eval.interval", str(size["instruct_steps"] // 3),
+        "--train.max_steps", str(size["instruct_steps"]), "--eval.interval", str(size["instruct_steps"] // 2),
+        "--train.global_batch_size", "16", "--train.micro_batch_size", "16", "--optimizer.init_args.lr", "3e-3",
+        "--projector_lr_scale", "1.0", "--lora.r", "16", "--lora.alpha", "32", "--lora.key", "true",
         "--eval_questions", str(shapes / "eval" / "vqa_val.jsonl"), "--eval_images_root", str(shapes),
     )  # fmt: skip
 

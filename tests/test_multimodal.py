@@ -174,3 +174,22 @@ def test_adapter_round_trip(tmp_path):
     other.load_adapter(tmp_path)
     feats, ids = torch.randn(1, 4, 32), torch.randint(0, 300, (4,))
     torch.testing.assert_close(other([feats], [ids])[0], model([feats], [ids])[0])
+
+
+def test_standardized_features_reach_the_projector_and_travel_with_it(tmp_path):
+    lm = GPT(Config.from_name("phi-2-moe-tiny", vocab_size=300, padded_vocab_size=320))
+    config = MultimodalConfig(vision_width=32, num_patches=4, feature_norm="standardize")
+    model = MultimodalGPT(lm, config).eval()
+    train = torch.randn(50, 4, 32) * torch.linspace(0.5, 3, 32) + 7.0  # a large shared offset, uneven scales
+    model.set_feature_statistics(train)
+    flat = train.reshape(-1, 32)
+    assert torch.allclose(model.feature_mean, flat.mean(0)) and torch.allclose(model.feature_std, flat.std(0))
+    feats = torch.randn(2, 4, 32) + 7.0
+    want = model.projector((feats - flat.mean(0)) / flat.std(0))
+    assert torch.allclose(model.image_prefix(feats)[:, :4], want, atol=1e-6)
+    model.save_adapter(tmp_path)
+    again = MultimodalGPT(lm, MultimodalConfig.load(tmp_path)).eval()
+    again.load_adapter(tmp_path)
+    assert torch.equal(again.feature_mean, model.feature_mean) and torch.equal(again.feature_std, model.feature_std)
+    with pytest.raises(ValueError, match="feature_norm 'whiten'"):
+        MultimodalGPT(lm, MultimodalConfig(vision_width=32, num_patches=4, feature_norm="whiten"))
