@@ -57,21 +57,28 @@ def plot_run(out_dir: Path) -> list[Path]:
 
 
 def plot_accuracy(val: list[dict[str, float]], path: Path, title: str) -> Path:
-    """Accuracy per question type against the optimizer step: with the image (solid), blind (dashed) and with another
-    image (dotted), from the `<type>_<condition>` columns of `val_log.csv`."""
-    kinds = sorted({k.rsplit("_", 1)[0] for k in val[-1] if k.endswith("_image")})
-    styles = {"image": "-", "blind": "--", "shuffled": ":"}
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for i, kind in enumerate(kinds):
-        colour = f"C{i}"
-        for condition, style in styles.items():
-            rows = [r for r in val if f"{kind}_{condition}" in r]
-            if rows:
-                ax.plot([r["step"] for r in rows], [r[f"{kind}_{condition}"] for r in rows], style, color=colour,
-                        marker="o" if condition == "image" else None, label=f"{kind} ({condition})")  # fmt: skip
-    ax.set(xlabel="optimizer step", ylabel="accuracy", ylim=(-0.02, 1.02), title=f"{title}: held-out accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    """One panel per question type: held-out accuracy against the optimizer step with the image, blind and with
+    another image, from the `<type>_<condition>` columns of `val_log.csv`."""
+    kinds = sorted({k.rsplit("_", 1)[0] for k in val[-1] if k.endswith("_image")}, key=lambda k: (k != "vqa", k))
+    styles = {"image": ("C0", "-", "o"), "blind": ("C3", "--", None), "shuffled": ("C7", ":", None)}
+    cols = min(3, len(kinds))
+    rows = (len(kinds) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), sharex=True, sharey=True, squeeze=False)
+    for ax, kind in zip(axes.flat, kinds, strict=False):
+        for condition, (colour, style, marker) in styles.items():
+            points = [(r["step"], r[f"{kind}_{condition}"]) for r in val if f"{kind}_{condition}" in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, color=colour, marker=marker, label=condition)
+        ax.set(title="all questions" if kind == "vqa" else kind, ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(kinds) :]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("optimizer step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"{title}: held-out accuracy with the image, blind and with another image")
     return _save(fig, path)
 
 

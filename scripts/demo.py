@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "USE_TORCH_XLA": os.environ.get("USE_TORCH_XLA", "0"), "HF_HUB_OFFLINE": "1"}
 SIZES = {  # shapes images, alignment steps, instruction steps
     False: {"n_train": 400, "n_val": 40, "n_test": 100, "align_steps": 40, "instruct_steps": 450},
-    True: {"n_train": 2000, "n_val": 100, "n_test": 300, "align_steps": 300, "instruct_steps": 1500},
+    True: {"n_train": 1200, "n_val": 100, "n_test": 200, "align_steps": 200, "instruct_steps": 1200},
 }
 
 

@@ -16,6 +16,9 @@ from litgpt_mm.model import GPT, Block
 from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, generate_batch
 from xla import utils
 
+# LLVM without optimisation passes: the graphs compile several times faster, and a test runs each only a few times
+XLA_FLAGS = "--xla_backend_optimization_level=0"
+
 
 def test_buckets_and_padding():
     assert utils.bucket(1) == 64 and utils.bucket(64) == 64 and utils.bucket(65) == 128
@@ -120,7 +123,7 @@ def test_training_step_on_the_xla_cpu_device():
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**__import__("os").environ, "PJRT_DEVICE": "CPU"},
+        env={**__import__("os").environ, "PJRT_DEVICE": "CPU", "XLA_FLAGS": XLA_FLAGS},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -136,7 +139,7 @@ def test_pretrain_launcher_runs_on_the_xla_cpu_device(prepared_gutenberg, tmp_pa
          "--train.log_interval", "1", "--train.save_interval", "4", "--train.lr_warmup_steps", "1",
          "--eval.interval", "4", "--eval.max_iters", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=900,
-        env={**__import__("os").environ, "PJRT_DEVICE": "CPU"},
+        env={**__import__("os").environ, "PJRT_DEVICE": "CPU", "XLA_FLAGS": XLA_FLAGS},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = (out / "logs" / "train_log.csv").read_text().splitlines()[1:]
@@ -149,7 +152,7 @@ def test_pretrain_launcher_runs_on_the_xla_cpu_device(prepared_gutenberg, tmp_pa
 
 
 def _xla_cpu(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**__import__("os").environ, "PJRT_DEVICE": "CPU"}
+    env = {**__import__("os").environ, "PJRT_DEVICE": "CPU", "XLA_FLAGS": XLA_FLAGS}
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
