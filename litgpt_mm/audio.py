@@ -117,7 +117,6 @@ class SpeechToText:
     def pipeline(self):
         """The `whisperx` `FasterWhisperPipeline` (Whisper model and VAD), loaded on first access."""
         if self._pipeline is None:
-            _quiet_whisperx()
             import whisperx
 
             self._pipeline = whisperx.load_model(
@@ -220,6 +219,9 @@ def _quiet_whisperx() -> None:
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("whisperx."):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+_quiet_whisperx()
 
 
 def _ffmpeg_available() -> bool:

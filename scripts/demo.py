@@ -33,9 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # no torch_xla import through transformers/accelerate (see litgpt_mm/__init__.py), no Hub calls
 ENV = {**os.environ, "USE_TORCH_XLA": os.environ.get("USE_TORCH_XLA", "0"), "HF_HUB_OFFLINE": "1"}
-SIZES = {  # shapes images, alignment steps, instruction steps
-    False: {"n_train": 400, "n_val": 40, "n_test": 100, "align_steps": 40, "instruct_steps": 450},
-    True: {"n_train": 1200, "n_val": 100, "n_test": 200, "align_steps": 200, "instruct_steps": 1200},
+SIZES = {  # shapes images, and the optimizer steps of each training stage
+    False: {"n_train": 400, "n_val": 40, "n_test": 100, "align_steps": 40, "instruct_steps": 380, "pretrain_steps": 120},
+    True: {"n_train": 1200, "n_val": 100, "n_test": 200, "align_steps": 200, "instruct_steps": 1200, "pretrain_steps": 150},
 }
 
 
@@ -58,7 +58,7 @@ def main(long: bool = False) -> None:
     run(
         "pretrain Phi-2 + MoE (tiny)",
         "recipes/pretrain_moe.py", "--config", "recipes/configs/pretrain_moe_tiny.yaml",
-        "--data_dir", str(data), "--out_dir", str(pretrain),
+        "--data_dir", str(data), "--out_dir", str(pretrain), "--train.max_steps", str(size["pretrain_steps"]),
     )  # fmt: skip
 
     shapes, coco_data, features = (out / "data" / n for n in ("shapes", "coco", "clip_features"))

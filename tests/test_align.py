@@ -44,6 +44,10 @@ def test_prepare_coco_sample(prepared_coco):
     want = encoder.encode_images([coco.load_rgb(DATA / "coco" / rec.file)[0]])[0]
     torch.testing.assert_close(cache.get(rec.image_id).float(), want, atol=2e-2, rtol=1e-2)  # fp16 storage
     assert cache.build(encoder, train, DATA / "coco", coco.CocoSummary()) == 0  # reused, nothing recomputed
+    by_path = str((DATA / "coco" / rec.file).resolve())  # how instruction data names an image
+    assert torch.equal(cache.get(by_path), cache.get(rec.image_id))
+    by_path_record = [coco.CaptionRecord(by_path, by_path, [])]
+    assert cache.build(encoder, by_path_record, Path("/"), coco.CocoSummary()) == 0 and len(cache) == 20
     other = CLIPPatchEncoder("ViT-B-32", pretrained=None, layer=-2)
     assert other.key() != encoder.key()  # another layer: another cache
 

@@ -195,7 +195,8 @@ class FeatureCache:
 
     The key names the CLIP model, weights, layer and norm, so runs with the same encoder reuse the cache across
     epochs and runs, and a different encoder builds a new one. Shards are written atomically and the index after
-    each shard, so an interrupted build resumes where it stopped.
+    each shard, so an interrupted build resumes where it stopped. Every image is also found by its resolved file path,
+    so instruction data (which names images by path) reuses the features the caption preparation computed.
     """
 
     def __init__(self, root: Path, key: str) -> None:
@@ -208,35 +209,38 @@ class FeatureCache:
         return str(image_id) in self.index
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len({tuple(v) for v in self.index.values()})  # images, not keys (an image has an id and a path)
 
     def build(self, encoder, records: list[CaptionRecord], images_root: Path, summary: CocoSummary,
               batch_size: int = 32, shard_size: int = 1024) -> int:  # fmt: skip
         """Encode the images not cached yet. Returns how many were added."""
-        todo = [r for r in records if r.image_id not in self]
+        todo = [r for r in records if r.image_id not in self and _path_key(images_root, r.file) not in self]
         self.dir.mkdir(parents=True, exist_ok=True)
         shard = max((s for s, _ in self.index.values()), default=-1) + 1
         added = 0
         with tqdm(total=len(todo), desc=f"CLIP features ({self.dir.name})", unit="img") as bar:
             for start in range(0, len(todo), shard_size):
-                ids, feats = [], []
+                ids, paths, feats = [], [], []
                 chunk = todo[start : start + shard_size]
                 for b in range(0, len(chunk), batch_size):
-                    images, batch_ids = [], []
+                    images, batch_ids, batch_paths = [], [], []
                     for rec in chunk[b : b + batch_size]:
                         try:
                             images.append(load_rgb(Path(images_root) / rec.file)[0])
                             batch_ids.append(rec.image_id)
+                            batch_paths.append(_path_key(images_root, rec.file))
                         except (OSError, ValueError) as err:
                             summary.skip(rec.file, f"unreadable image while caching features: {err}")
                     if images:
                         feats.append(encoder.encode_images(images).half().cpu())
                         ids += batch_ids
+                        paths += batch_paths
                     bar.update(len(chunk[b : b + batch_size]))
                 if not ids:
                     continue
                 atomic_torch_save(torch.cat(feats), self.dir / f"shard-{shard:05d}.pt")
                 self.index.update({str(i): [shard, row] for row, i in enumerate(ids)})
+                self.index.update({path: [shard, row] for row, path in enumerate(paths)})
                 text = json.dumps(self.index)
                 atomic_write(self.index_path, lambda f, t=text: f.write(t.encode()))
                 shard += 1
@@ -248,6 +252,10 @@ class FeatureCache:
         if shard not in self._shards:
             self._shards[shard] = torch.load(self.dir / f"shard-{shard:05d}.pt", mmap=True, weights_only=True)
         return self._shards[shard][row]
+
+
+def _path_key(images_root: Path, file: str) -> str:
+    return str((Path(images_root) / file).resolve())
 
 
 class CaptionPairs(Dataset):
