@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # no torch_xla import through transformers/accelerate (see litgpt_mm/__init__.py), no Hub calls
 ENV = {**os.environ, "USE_TORCH_XLA": os.environ.get("USE_TORCH_XLA", "0"), "HF_HUB_OFFLINE": "1"}
 SIZES = {  # shapes images, and the optimizer steps of each training stage
-    False: dict(n_train=400, n_val=40, n_test=100, pretrain_steps=120, align_steps=40, instruct_steps=380),
+    False: dict(n_train=400, n_val=40, n_test=120, pretrain_steps=150, align_steps=40, instruct_steps=450),
     True: dict(n_train=1200, n_val=100, n_test=200, pretrain_steps=150, align_steps=200, instruct_steps=1200),
 }
 
