@@ -20,6 +20,7 @@ import yaml
 from litgpt.tokenizer import Tokenizer
 from PIL import Image
 
+from litgpt_mm.chat import PromptBuilder, TextStream, Turn
 from litgpt_mm.checkpoint import load_tokenizer
 from litgpt_mm.data.coco import load_rgb
 from litgpt_mm.data.llava import TEMPLATES
@@ -98,57 +99,41 @@ class Assistant:
         pil = [img.convert("RGB") if isinstance(img, Image.Image) else open_image(Path(img)) for img in images]
         return self.encoder.encode_images(pil)
 
-    def prompt_ids(self, prompt: str, n_images: int, max_new_tokens: int) -> torch.Tensor:
-        """Template-rendered prompt tokens; a prompt too long for the context loses its middle (with a notice), the
-        template around it is kept."""
-        t = self.template
-        user_head, user_tail = t.user.split("{}", 1)
+    @property
+    def prompts(self) -> PromptBuilder:
+        lm = self.model.lm
+        return PromptBuilder(self.tokenizer, self.template, lm.config.block_size, self.model.config.num_patches)
 
-        def encode(text: str) -> torch.Tensor:
-            return self.tokenizer.encode(text, bos=False, eos=False)
-
-        ids = encode(t.system + t.user.format(prompt.strip()) + t.assistant_prefix)
-        prefix = n_images * (self.model.config.num_patches + 1)
-        room = self.model.lm.config.block_size - prefix - max_new_tokens
-        if ids.numel() > room:
-            # cut the one encoding the model was trained on; the template's own lengths say where its text ends
-            head, tail = encode(t.system + user_head).numel(), encode(user_tail + t.assistant_prefix).numel()
-            if room < head + tail + 2:
-                raise ValueError(
-                    f"{n_images} image(s) ({prefix} positions) + max_new_tokens {max_new_tokens} leave no room for "
-                    f"the prompt in the model's context of {self.model.lm.config.block_size}: use fewer images or "
-                    "tokens"
-                )
-            first = head + (room - head - tail) // 2
-            print(
-                f"notice: prompt of {ids.numel() - head - tail} tokens cut to its first {first - head} and last "
-                f"{room - first - tail} to fit the context",
-                file=sys.stderr,
-            )
-            ids = torch.cat([ids[:first], ids[ids.numel() - (room - first) :]])
+    def prompt_ids(self, prompt: str | Sequence[Turn], n_images: int, max_new_tokens: int) -> torch.Tensor:
+        """Template-rendered ids of a question (or of a conversation's turns) cut to fit the context with the
+        images and `max_new_tokens` (see `PromptBuilder`); what was cut is noticed on stderr."""
+        turns = [Turn("user", prompt)] if isinstance(prompt, str) else list(prompt)
+        built = self.prompts.build(turns, n_images, max_new_tokens)
+        if built.notice:
+            print(f"notice: {built.notice}", file=sys.stderr)
         self.model.lm.max_seq_length = self.model.lm.config.block_size
-        return ids.to(self.device)
+        return built.ids.to(self.device)
 
     def stream(
-        self, prompt: str, images: Sequence[Path | Image.Image] = (), settings: GenerationSettings | None = None
+        self,
+        prompt: str | Sequence[Turn],
+        images: Sequence[Path | Image.Image] = (),
+        settings: GenerationSettings | None = None,
     ) -> Iterator[str]:
-        """Yield the answer as text pieces while it is generated (stops at EOS)."""
+        """Yield the answer to a question (or to the last turn of a conversation) as text pieces while it is
+        generated (stops at EOS)."""
         settings = settings or GenerationSettings()
         feats = self.features(images)
         ids = self.prompt_ids(prompt, len(images), settings.max_new_tokens)
-        tokens: list[int] = []
-        shown = ""
+        text = TextStream(self.tokenizer)
         for token in generate(
             self.model, feats, ids, settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
             eos_id=self.tokenizer.eos_id,
         ):  # fmt: skip
             if token == self.tokenizer.eos_id:
                 break
-            tokens.append(token)
-            text = self.tokenizer.decode(torch.tensor(tokens))
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                yield text[len(shown) :]
-                shown = text
+            if piece := text.push(token):
+                yield piece
 
     def answer(
         self, prompt: str, images: Sequence[Path | Image.Image] = (), settings: GenerationSettings | None = None

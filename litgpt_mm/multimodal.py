@@ -15,7 +15,7 @@ call `GPT.__init__`) by composition and runs its blocks through `litgpt_mm.model
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -269,6 +269,33 @@ def generate(
             lm.clear_kv_cache()
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How one row picks its next token: greedy when `temperature` is 0, else temperature, top-k and top-p sampling
+    drawn from `generator` (a seeded `torch.Generator` makes a row reproducible whatever else shares its batch)."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token (shape (1,)) from one row's last-position logits (vocab,)."""
+        from litgpt.generate.base import sample, sample_top_p
+
+        if self.generator is None or self.temperature <= 0.0 or self.top_p <= 0.0:
+            return sample(logits.view(1, 1, -1).float(), self.temperature, self.top_k, self.top_p).view(1)
+        logits = logits.float()
+        if self.top_k is not None:
+            v, i = torch.topk(logits, min(self.top_k, logits.size(-1)))
+            logits = torch.full_like(logits, float("-inf")).scatter_(-1, i, v)
+        logits = logits / self.temperature
+        if self.top_p < 1.0:
+            logits = sample_top_p(logits, self.top_p)
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs.cpu(), 1, generator=self.generator).to(logits.device)
+
+
 @torch.no_grad()
 def generate_batch(
     model: MultimodalGPT,
@@ -289,16 +316,40 @@ def generate_batch(
     rotary attention depends on relative positions only. `static=True` keeps every step's shapes fixed (attention
     over the whole cache, masked), so XLA compiles one prefill and one decode graph.
     """
-    from litgpt.generate.base import sample
+    out: list[list[int]] = [[] for _ in prompts]
+    n, sampling = len(prompts), Sampling(temperature, top_k, top_p)
+    for step in stream_batch(model, features, prompts, [max_new_tokens] * n, [sampling] * n, eos_id, pad_to, static):
+        for row, token in zip(out, step, strict=True):
+            if token is not None:
+                row.append(token)
+    return out
 
+
+@torch.no_grad()
+def stream_batch(
+    model: MultimodalGPT,
+    features: Sequence[torch.Tensor | None],
+    prompts: Sequence[torch.Tensor],
+    max_new_tokens: Sequence[int],
+    sampling: Sequence[Sampling],
+    eos_id: int | None = None,
+    pad_to: int | None = None,
+    static: bool = False,
+    cancelled: Callable[[int], bool] | None = None,
+) -> Iterator[list[int | None]]:
+    """Decode a batch of prompts together, yielding each step's new token per row (None for a finished row).
+
+    A row finishes at its EOS (which is yielded), after its own `max_new_tokens`, or when `cancelled(row)` says so
+    (a client that went away); decoding ends when every row has finished. See `generate_batch` for the padding.
+    """
     lm = model.lm
     rows = [model.build_inputs([f], [p])[0][0] for f, p in zip(features, prompts, strict=True)]
     lengths = [r.size(0) for r in rows]
-    T0, B = max(max(lengths), pad_to or 0), len(rows)
-    total = T0 + max_new_tokens
+    T0, B, steps = max(max(lengths), pad_to or 0), len(rows), max(max_new_tokens)
+    total = T0 + steps
     if total > lm.max_seq_length:
         raise ValueError(
-            f"the longest prompt ({T0} positions incl. images) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"the longest prompt ({T0} positions incl. images) + max_new_tokens ({steps}) exceeds the "
             f"model's context of {lm.max_seq_length}"
         )
     device = rows[0].device
@@ -309,23 +360,20 @@ def generate_batch(
     mask |= torch.eye(total, dtype=torch.bool, device=device)
     lm.set_kv_cache(batch_size=B, max_seq_length=total, device=device)
     lm.mask_cache = mask
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
+    done = [n <= 0 for n in max_new_tokens]
     try:
         logits = forward_embeds(lm, embeds, torch.arange(T0, device=device), None if static else T0)
-        for i in range(max_new_tokens):
-            tokens = torch.cat(
-                [sample(logits[b : b + 1, -1:].float(), temperature=temperature, top_k=top_k, top_p=top_p)
-                 for b in range(B)]
-            )  # fmt: skip
+        for i in range(steps):
+            tokens = torch.cat([sampling[b](logits[b, -1]) for b in range(B)])
+            step: list[int | None] = []
             for b in range(B):
-                if not done[b]:
-                    out[b].append(int(tokens[b]))
-                    done[b] = eos_id is not None and int(tokens[b]) == eos_id
-            if all(done) or i == max_new_tokens - 1:
+                done[b] = done[b] or (cancelled is not None and cancelled(b))
+                step.append(None if done[b] else int(tokens[b]))
+                done[b] = done[b] or step[b] == eos_id or i + 1 >= max_new_tokens[b]
+            yield step
+            if all(done):
                 break
             emb = embed_tokens(lm, tokens.view(B, 1)).to(embeds.dtype)
             logits = forward_embeds(lm, emb, torch.tensor([T0 + i], device=device), None if static else T0 + i + 1)
     finally:
         lm.clear_kv_cache()
-    return out

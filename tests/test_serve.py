@@ -1,0 +1,232 @@
+"""`python -m litgpt_mm.serve` on a loopback port, driven by the official `openai` client: answers equal the CLI's
+(greedy), streaming equals non-streaming, multi-turn, speech, batching, seeds, stop strings, every error code, and
+a client that disconnects mid-stream."""
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import wave
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import DATA, REPO, load_script
+
+from litgpt_mm.chat import Turn
+from litgpt_mm.inference import Assistant, GenerationSettings, open_image
+from litgpt_mm.messages import parse_messages
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("litserve")
+
+KEY = "test-key"
+IMAGE = DATA / "images" / "coffee.png"
+IMAGE2 = DATA / "coco" / "val2017" / "000000397133.jpg"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_uri(path) -> str:
+    kind = "png" if str(path).endswith(".png") else "jpeg"
+    return f"data:image/{kind};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def jfk_wav() -> bytes:
+    from litgpt_mm.audio import load_audio
+
+    samples = (np.clip(load_audio(DATA / "audio" / "jfk.flac"), -1, 1) * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(samples.tobytes())
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper_dir(tmp_path_factory):
+    pytest.importorskip("whisperx")
+    build = load_script("scripts/build_tiny_whisper.py").build_tiny_whisper
+    return build(tmp_path_factory.mktemp("whisper") / "tiny-ct2")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tiny_whisper_dir, tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "litgpt_mm.serve", "--checkpoint_dir", str(checkpoints["merged"]), "--port", str(port),
+         "--device", "cpu", "--max_batch_size", "4", "--batch_timeout", "0.2", "--api_key", KEY,
+         "--max_payload_mb", "2", "--whisper_model", str(tiny_whisper_dir)],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "USE_TORCH_XLA": "0"},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("server did not come up:\n" + log_path.read_text()[-3000:])
+    yield {"url": url, "log": log_path, "client": openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def local(checkpoints):
+    return Assistant.load(checkpoints["merged"], device="cpu")
+
+
+def user(text: str, *images, audio: bytes | None = None) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": data_uri(p)}} for p in images]
+    if audio is not None:
+        parts.append(
+            {"type": "input_audio", "input_audio": {"data": base64.b64encode(audio).decode(), "format": "wav"}}
+        )
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def ask(server, messages, **kwargs):
+    kwargs = {"temperature": 0, "max_tokens": 12, **kwargs}
+    return server["client"].chat.completions.create(model="tiny", messages=messages, **kwargs)
+
+
+def test_greedy_answer_equals_the_cli_streamed_or_not(server, local, checkpoints):
+    cli = load_script("generate/mm.py").main(
+        checkpoint_dir=checkpoints["merged"], image=IMAGE, prompt="What is in the cup?", max_new_tokens=12,
+        stream=False, device="cpu",
+    )  # fmt: skip
+    out = ask(server, [user("What is in the cup?", IMAGE)])
+    assert out.choices[0].message.content.rstrip() == cli and cli
+    ids = local.prompt_ids("What is in the cup?", 1, 12)
+    assert out.usage.prompt_tokens == ids.numel() + 50  # text + one image prefix (49 patches and the separator)
+    assert 0 < out.usage.completion_tokens <= 12
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    chunks = list(ask(server, [user("What is in the cup?", IMAGE)], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).rstrip() == cli
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+
+
+def test_multi_turn_and_several_images_in_order(server, local):
+    messages = [user("What is this?", IMAGE), {"role": "assistant", "content": "A cup."}, user("And here?", IMAGE2)]
+    turns = [Turn("user", "What is this?"), Turn("assistant", "A cup."), Turn("user", "And here?")]
+    want = local.answer(turns, [IMAGE, IMAGE2], GenerationSettings(12))
+    assert ask(server, messages).choices[0].message.content.rstrip() == want
+    conv = parse_messages(messages)  # what the server parses: images in conversation order, text per turn
+    assert [np.asarray(i).shape for i in conv.images] == [np.asarray(open_image(p)).shape for p in (IMAGE, IMAGE2)]
+    assert [(t.role, t.text) for t in conv.turns] == [(t.role, t.text) for t in turns]
+
+
+def test_speech_joins_the_prompt_as_in_the_cli(server, local, tiny_whisper_dir, tmp_path):
+    from litgpt_mm.audio import SpeechToText, prompt_with_speech
+
+    wav = jfk_wav()
+    (tmp_path / "q.wav").write_bytes(wav)
+    transcript = SpeechToText(str(tiny_whisper_dir), device="cpu").transcribe(tmp_path / "q.wav")
+    want = local.answer(prompt_with_speech("Answer the question.", transcript), [IMAGE], GenerationSettings(12))
+    assert ask(server, [user("Answer the question.", IMAGE, audio=wav)]).choices[0].message.content.rstrip() == want
+
+
+def test_concurrent_requests_are_batched_with_the_same_answers(server, local):
+    prompts = ["What is in the cup?", "Describe the scene.", "Count the objects.", "Which colour?"]
+    want = [local.answer(p, [IMAGE2], GenerationSettings(10)) for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(
+            pool.map(lambda p: ask(server, [user(p, IMAGE2)], max_tokens=10).choices[0].message.content, prompts)
+        )
+    got = [g.rstrip() for g in got]
+    assert got == want
+    sampled = [ask(server, [user("Describe.")], temperature=1.0, seed=7, max_tokens=10) for _ in range(2)]
+    assert sampled[0].choices[0].message.content == sampled[1].choices[0].message.content
+
+
+def test_stop_strings_end_the_answer_before_them(server):
+    full = ask(server, [user("Describe the scene.", IMAGE2)], max_tokens=16).choices[0].message.content
+    words = full.split()
+    assert len(words) >= 3, full
+    cut = ask(server, [user("Describe the scene.", IMAGE2)], max_tokens=16, stop=[words[2]]).choices[0].message.content
+    assert cut == full[: full.index(words[2])]
+    chunks = ask(server, [user("Describe the scene.", IMAGE2)], max_tokens=16, stop=[words[2]], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == cut
+
+
+def _post(server, body: bytes, key: str | None = KEY, path: str = "/v1/chat/completions"):
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(server["url"] + path, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}], "content[0].image_url: not valid"),
+        ([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"no").decode()}}],
+         "cannot be decoded as an image"),
+        ([{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}], "remote image URLs are off"),
+        ([{"type": "video", "text": "x"}], "content[0].type 'video'"),
+        ([{"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFFjunk").decode(), "format": "wav"}}],
+         "input_audio #1"),
+    ],
+)  # fmt: skip
+def test_bad_content_gets_400_and_the_server_stays_up(server, content, fragment):
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(server, [{"role": "user", "content": content}], stream=stream)
+        assert fragment in err.value.body["message"] if isinstance(err.value.body, dict) else str(err.value)
+    assert ask(server, [user("Still there?")], max_tokens=2).choices[0].message.content is not None
+
+
+def test_limits_keys_and_routes(server, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "small.png")
+    with pytest.raises(openai.BadRequestError, match="leave no room|max_tokens"):
+        ask(server, [user("hi", *[tmp_path / "small.png"] * 5)])
+    with pytest.raises(openai.BadRequestError, match="max_tokens 100000"):
+        ask(server, [user("hi")], max_tokens=100000)
+    with pytest.raises(openai.BadRequestError, match="n=2"):
+        ask(server, [user("hi")], n=2)
+    long = ask(server, [user("word " * 2000)], max_tokens=4)  # cut in the middle, as the CLI does
+    assert long.usage.prompt_tokens <= 256
+    status, body = _post(server, b'{"messages": [{"role": "user", "content": "' + b"x" * 2_100_000 + b'"}]}')
+    assert status == 413 and b'"error"' in body
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+    assert _post(server, body, key=None)[0] == 401
+    assert _post(server, body, key="wrong")[0] == 401
+    status, text = _post(server, b'{"messages": [{"role": "user", "content": [{"type": "video"}]}]}')
+    assert status == 400 and b'"error"' in text
+    assert urllib.request.urlopen(server["url"] + "/health", timeout=5).status == 200  # probes carry no key
+    assert [m.id for m in server["client"].models.list().data]
+
+
+def test_a_client_that_disconnects_frees_its_row(server):
+    stream = ask(server, [user("Tell a long story.")], stream=True, max_tokens=180, temperature=1.0, seed=3)
+    for n, _ in enumerate(stream):
+        if n == 2:
+            break
+    stream.close()
+    start = time.time()
+    assert ask(server, [user("hi")], max_tokens=2).choices[0].message.content is not None
+    deadline = time.time() + 30
+    while "client disconnected after" not in server["log"].read_text() and time.time() < deadline:
+        time.sleep(0.2)
+    line = next(x for x in server["log"].read_text().splitlines() if "client disconnected after" in x)
+    assert int(line.split("after ")[1].split()[0]) < 180, line
+    assert time.time() - start < 60
