@@ -47,7 +47,7 @@ class Job:
     """A decoded request, ready for the model (built in the worker)."""
 
     request_id: str
-    features: torch.Tensor | None
+    images: list
     ids: torch.Tensor
     max_tokens: int
     sampling: Sampling
@@ -178,9 +178,8 @@ class MultimodalAPI(ls.LitAPI):
         )
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         positions = prompt.ids.numel() + len(conv.images) * (self.assistant.model.config.num_patches + 1)
-        features = self.assistant.features(conv.images)
         request_id = (request.metadata or {}).get(REQUEST_ID, uuid.uuid4().hex)
-        return Job(request_id, features, prompt.ids, max_tokens, sampling, stop, positions)
+        return Job(request_id, conv.images, prompt.ids, max_tokens, sampling, stop, positions)
 
     def _with_speech(self, text: str, speech) -> str:
         from litgpt_mm.audio import SpeechToText, prompt_with_speech
@@ -204,7 +203,7 @@ class MultimodalAPI(ls.LitAPI):
             return texts[row].stopped or (self.cancel_dir / jobs[row].request_id).exists()
 
         steps = stream_batch(
-            self.assistant.model, [j.features for j in jobs], [j.ids for j in jobs], [j.max_tokens for j in jobs],
+            self.assistant.model, self._features(jobs), [j.ids for j in jobs], [j.max_tokens for j in jobs],
             [j.sampling for j in jobs], eos_id=eos, cancelled=cancelled,
         )  # fmt: skip
         for step in steps:
@@ -226,6 +225,14 @@ class MultimodalAPI(ls.LitAPI):
                 {"role": "assistant", "content": texts[row].flush(), **usage, "total_tokens": sum(usage.values())}
             )
         yield final if batched else final[0]
+
+    def _features(self, jobs: list[Job]) -> list[torch.Tensor | None]:
+        """CLIP features of every image in the batch, encoded in one call and split per job."""
+        counts = [len(j.images) for j in jobs]
+        if not sum(counts):
+            return [None] * len(jobs)
+        flat = iter(self.assistant.features([img for j in jobs for img in j.images]).split([n for n in counts if n]))
+        return [next(flat) if n else None for n in counts]
 
     def unbatch(self, output):
         yield from output
@@ -291,6 +298,7 @@ class PayloadLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         too_large = openai_error(413, f"request body over {self.max_bytes / 1e6:g} MB (--max_payload_mb)")
         if length is not None and int(length) > self.max_bytes:
+            await self._drain(receive, limit=max(4 * self.max_bytes, 64_000_000))
             return await too_large(scope, receive, send)
         seen = 0
 
@@ -303,6 +311,16 @@ class PayloadLimit:
             return message
 
         return await self.app(scope, counted, send)
+
+    @staticmethod
+    async def _drain(receive, limit: int) -> None:
+        """Read and drop a refused body (up to `limit` bytes), so the client reads the 413 instead of a reset."""
+        drained = 0
+        while drained <= limit:
+            message = await receive()
+            drained += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
 
 
 class ChatRequest(ChatCompletionRequest):

@@ -26,13 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.eval import tasks as eval_tasks  # noqa: E402
 from litgpt_mm.eval.metrics import format_results  # noqa: E402
-from litgpt_mm.eval.runner import Answerer, checkpoint_hash, write_results  # noqa: E402
+from litgpt_mm.eval.runner import Answerer, ApiAnswerer, checkpoint_hash, write_results  # noqa: E402
 from litgpt_mm.inference import Assistant, GenerationSettings  # noqa: E402
 
 
 def _answerer(checkpoint_dir: Path, template: str, device: str | None, quantize: str | None, batch_size: int,
-              max_new_tokens: int, seed: int) -> tuple[Answerer, str]:  # fmt: skip
-    """Load a checkpoint of any kind; `template="auto"` is `plain` for an aligned projector, else `phi2`."""
+              max_new_tokens: int, seed: int, api_base: str | None = None,
+              api_key: str | None = None) -> tuple[Answerer | ApiAnswerer, str]:  # fmt: skip
+    """Load a checkpoint of any kind (`template="auto"` is `plain` for an aligned projector, else `phi2`), or talk to
+    the server at `api_base`, which renders its own template."""
+    if api_base:
+        return ApiAnswerer(
+            api_base, api_key, GenerationSettings(max_new_tokens=max_new_tokens), batch_size, seed
+        ), "server"
     checkpoint_dir = Path(checkpoint_dir)
     if template == "auto":
         tuned = any((checkpoint_dir / f).is_file() for f in ("lit_model.pth", "lora.pth"))
@@ -46,8 +52,9 @@ def _out(out_dir: Path | None, task: str, checkpoint_dir: Path) -> Path:
 
 
 def _meta(checkpoint_dir: Path, template: str, seed: int, **extra) -> dict:
-    return {"checkpoint": str(checkpoint_dir), "checkpoint_hash": checkpoint_hash(checkpoint_dir),
-            "template": template, "seed": seed, **extra}  # fmt: skip
+    digest = checkpoint_hash(checkpoint_dir) if Path(checkpoint_dir).is_dir() else None
+    return {"checkpoint": str(checkpoint_dir), "checkpoint_hash": digest, "template": template, "seed": seed,
+            **extra}  # fmt: skip
 
 
 def pope(
@@ -66,6 +73,8 @@ def pope(
     quantize: str | None = None,
     out_dir: Path | None = None,
     seed: int = 0,
+    api_base: str | None = None,
+    api_key: str | None = None,
 ) -> dict:
     """POPE object-hallucination probe: yes/no questions about objects present in or absent from the image.
 
@@ -85,14 +94,19 @@ def pope(
         quantize: `nf4` to store the LM in 4 bits.
         out_dir: where results go (default `out/eval/pope/<checkpoint name>`).
         seed: question building, shuffled-image pairing and bootstrap seed.
+        api_base: evaluate through an OpenAI-compatible server (e.g. `http://127.0.0.1:8000/v1` of
+            `python -m litgpt_mm.serve`) instead of loading `checkpoint_dir`, which then only names the results.
+        api_key: the server's key, if it wants one.
     """
     started = time.perf_counter()
-    answerer, template = _answerer(checkpoint_dir, template, device, quantize, batch_size, max_new_tokens, seed)
+    answerer, template = _answerer(
+        checkpoint_dir, template, device, quantize, batch_size, max_new_tokens, seed, api_base, api_key
+    )
     scores, predictions = eval_tasks.pope(
         answerer, questions or [], instances, strategies, n_per_image, images_root, prompt_suffix, limit, seed
     )
     meta = _meta(checkpoint_dir, template, seed, prompt_suffix=prompt_suffix, questions=[str(q) for q in questions
-                 or []], instances=str(instances) if instances else None)  # fmt: skip
+                 or []], instances=str(instances) if instances else None, api_base=api_base)  # fmt: skip
     return write_results(_out(out_dir, "pope", checkpoint_dir), "pope", scores, predictions, meta, started)
 
 
@@ -110,6 +124,8 @@ def vqa(
     quantize: str | None = None,
     out_dir: Path | None = None,
     seed: int = 0,
+    api_base: str | None = None,
+    api_key: str | None = None,
 ) -> dict:
     """VQA-style accuracy (VQAv2 normalisation; exact match for one reference; letter match for multiple choice).
 
@@ -128,13 +144,20 @@ def vqa(
         quantize: `nf4` to store the LM in 4 bits.
         out_dir: where results go (default `out/eval/vqa/<checkpoint name>`).
         seed: shuffled-image pairing and bootstrap seed.
+        api_base: evaluate through an OpenAI-compatible server (e.g. `http://127.0.0.1:8000/v1` of
+            `python -m litgpt_mm.serve`) instead of loading `checkpoint_dir`, which then only names the results.
+        api_key: the server's key, if it wants one.
     """
     if questions is None:
         raise ValueError("vqa: pass --questions (a jsonl of {id, image, question, answers}, or a LLaVA eval file)")
     started = time.perf_counter()
-    answerer, template = _answerer(checkpoint_dir, template, device, quantize, batch_size, max_new_tokens, seed)
+    answerer, template = _answerer(
+        checkpoint_dir, template, device, quantize, batch_size, max_new_tokens, seed, api_base, api_key
+    )
     scores, predictions = eval_tasks.vqa(answerer, questions, images_root, answers, prompt_suffix, limit, seed)
-    meta = _meta(checkpoint_dir, template, seed, prompt_suffix=prompt_suffix, questions=str(questions))
+    meta = _meta(
+        checkpoint_dir, template, seed, prompt_suffix=prompt_suffix, questions=str(questions), api_base=api_base
+    )
     return write_results(_out(out_dir, "vqa", checkpoint_dir), "vqa", scores, predictions, meta, started)
 
 
@@ -151,6 +174,8 @@ def caption(
     quantize: str | None = None,
     out_dir: Path | None = None,
     seed: int = 0,
+    api_base: str | None = None,
+    api_key: str | None = None,
 ) -> dict:
     """Greedy captions scored with CIDEr, BLEU-4 and ROUGE-L (pycocoevalcap's scorers, the `eval` extra).
 
@@ -170,13 +195,18 @@ def caption(
         quantize: `nf4` to store the LM in 4 bits.
         out_dir: where results go (default `out/eval/caption/<checkpoint name>`).
         seed: shuffled-image pairing and bootstrap seed.
+        api_base: evaluate through an OpenAI-compatible server (e.g. `http://127.0.0.1:8000/v1` of
+            `python -m litgpt_mm.serve`) instead of loading `checkpoint_dir`, which then only names the results.
+        api_key: the server's key, if it wants one.
     """
     started = time.perf_counter()
-    answerer, template = _answerer(checkpoint_dir, template, device, quantize, batch_size, max_new_tokens, seed)
+    answerer, template = _answerer(
+        checkpoint_dir, template, device, quantize, batch_size, max_new_tokens, seed, api_base, api_key
+    )
     if prompt is None:
         prompt = "" if template == "plain" else "Provide a one-sentence caption for the provided image."
     scores, predictions = eval_tasks.caption(answerer, captions, images_root, prompt, limit, seed)
-    meta = _meta(checkpoint_dir, template, seed, prompt=prompt, captions=str(captions))
+    meta = _meta(checkpoint_dir, template, seed, prompt=prompt, captions=str(captions), api_base=api_base)
     return write_results(_out(out_dir, "caption", checkpoint_dir), "caption", scores, predictions, meta, started)
 
 

@@ -1,5 +1,5 @@
-"""The Gradio app in a real headless browser (Debian chromium driven by playwright): upload an image, type a
-question, read the streamed answer; an empty request shows its error in the page."""
+"""The Gradio chat in a real headless browser (Debian chromium driven by playwright): an image and a question, a
+follow-up that needs the first turn, streamed answers equal to the model's, clear, and an empty request's error."""
 
 import os
 import shutil
@@ -12,6 +12,7 @@ import urllib.request
 import pytest
 from conftest import DATA, REPO, require_tool
 
+from litgpt_mm.chat import Turn
 from litgpt_mm.inference import Assistant, GenerationSettings
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -56,36 +57,59 @@ def app_url(checkpoints, tmp_path):
         log.close()
 
 
-def test_upload_ask_and_read_the_streamed_answer(app_url, checkpoints, tmp_path):
+def _last_bot_text(page) -> str:
+    bots = page.locator('#chat [data-testid="bot"]')
+    return bots.last.inner_text().strip() if bots.count() else ""
+
+
+def _wait_for_answer(page, expected: str, timeout: float = 120) -> list[str]:
+    seen: list[str] = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = _last_bot_text(page)
+        if value and (not seen or seen[-1] != value):
+            seen.append(value)
+        if value == expected:
+            break
+        time.sleep(0.05)
+    return seen
+
+
+def test_two_turn_chat_with_an_image_in_the_first(app_url, checkpoints, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     image = DATA / "images" / "coffee.png"
-    question = "What is in the cup?"
-    expected = Assistant.load(checkpoints["merged"], device="cpu").answer(question, [image], GenerationSettings(128))
-    assert expected  # a non-empty answer to look for in the page
+    q1, q2 = "What is in the cup?", "And what colour is it?"
+    local, settings = Assistant.load(checkpoints["merged"], device="cpu"), GenerationSettings(24)
+    a1 = local.answer(q1, [image], settings)
+    a2 = local.answer([Turn("user", q1), Turn("assistant", a1), Turn("user", q2)], [image], settings)
+    assert a1 and a2  # non-empty answers to look for in the page
+    assert a2 != local.answer(q2, [image], settings)  # so the page's second answer shows the history was used
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page()
         page.goto(app_url)
-        page.locator("#image input[type=file]").set_input_files(str(image))
-        page.locator("#question textarea").fill(question)
-        seen: list[str] = []
-        page.locator("#ask").click()
-        answer = page.locator("#answer textarea")
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            value = answer.input_value()
-            if value and (not seen or seen[-1] != value):
-                seen.append(value)
-            if value == expected:
-                break
-            time.sleep(0.05)
-        page.screenshot(path=str(tmp_path / "answer.png"))
-        expect(answer).to_have_value(expected)
-        assert all(expected.startswith(v) for v in seen)  # every value shown on the way is a prefix: streamed
+        page.get_by_text("Generation settings").click()
+        page.locator("#max_new_tokens input[type=number]").fill("24")
+        page.locator("#max_new_tokens input[type=number]").press("Enter")
+        page.locator("#box input[type=file]").set_input_files(str(image))
+        expect(page.locator("#box img").first).to_be_visible(timeout=30000)  # the upload is attached
+        page.locator("#box textarea").fill(q1)
+        page.locator("#box textarea").press("Enter")
+        seen = _wait_for_answer(page, a1)
+        page.screenshot(path=str(tmp_path / "turn1.png"))
+        assert seen and seen[-1] == a1, seen[-3:]
+        assert all(a1.startswith(v) for v in seen)  # every value shown on the way is a prefix: streamed
 
-        page.reload()  # a fresh form: no image, no question
-        page.locator("#ask").click()
+        page.locator("#box textarea").fill(q2)
+        page.locator("#box textarea").press("Enter")
+        seen = _wait_for_answer(page, a2)
+        page.screenshot(path=str(tmp_path / "turn2.png"))
+        assert seen and seen[-1] == a2, seen[-3:]  # the second answer saw the first turn and its image
+
+        page.locator("#clear").click()
+        expect(page.locator('#chat [data-testid="bot"]')).to_have_count(0, timeout=30000)
+        page.locator("#box textarea").press("Enter")  # nothing to send
         expect(page.get_by_text("ask a question, record one, or add an image").first).to_be_visible(timeout=30000)
         browser.close()

@@ -230,3 +230,63 @@ def test_a_client_that_disconnects_frees_its_row(server):
     line = next(x for x in server["log"].read_text().splitlines() if "client disconnected after" in x)
     assert int(line.split("after ")[1].split()[0]) < 180, line
     assert time.time() - start < 60
+
+
+def test_chat_app_against_the_server_answers_as_the_local_model(server, local):
+    from litgpt_mm.app import LocalChat, RemoteChat
+
+    messages = [user("What is this?", IMAGE), {"role": "assistant", "content": "A cup."}, user("Is it full?")]
+    settings = GenerationSettings(12)
+    remote = "".join(RemoteChat(f"{server['url']}/v1", KEY).stream(messages, settings, print)).strip()
+    assert remote == "".join(LocalChat(local).stream(messages, settings, print)).strip() and remote
+    with pytest.raises(ValueError, match="missing or wrong API key"):
+        list(RemoteChat(f"{server['url']}/v1", "wrong").stream(messages, settings, print))
+
+
+def test_evaluate_through_the_server_equals_in_process(server, checkpoints, tmp_path):
+    import json
+
+    evaluate = load_script("recipes/evaluate.py")
+    images = sorted((DATA / "coco" / "val2017").glob("*.jpg"))[:4]
+    rows = [
+        {"id": i, "image": p.name, "question": "What is shown?", "answers": ["a cat"]} for i, p in enumerate(images)
+    ]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = dict(questions=questions, images_root=images[0].parent, max_new_tokens=8, batch_size=4)
+    local = evaluate.vqa(checkpoint_dir=checkpoints["merged"], device="cpu", out_dir=tmp_path / "local", **common)
+    served = evaluate.vqa(checkpoint_dir=checkpoints["merged"], api_base=f"{server['url']}/v1", api_key=KEY,
+                          out_dir=tmp_path / "served", **common)  # fmt: skip
+    read = lambda d: [json.loads(x) for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]  # noqa: E731
+    keys = ("answer_image", "answer_blind", "answer_shuffled")
+    assert [[r[k] for k in keys] for r in read("served")] == [[r[k] for k in keys] for r in read("local")]
+    assert served["scores"] == local["scores"]
+
+
+def test_lm_eval_harness_through_the_server(server, tmp_path, monkeypatch):
+    """lm-evaluation-harness's own `local-chat-completions` model evaluates the served model on a local task."""
+    import json
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    docs = [{"q": "Name a colour.", "a": "red"}, {"q": "Say yes.", "a": "yes"}]
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tiny_gen.yaml").write_text(
+        f"task: tiny_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+        "generation_kwargs:\n  until: ['\\n\\n']\n  max_gen_toks: 8\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    out = simple_evaluate(
+        model="local-chat-completions", tasks=["tiny_gen"], apply_chat_template=True,
+        model_args=f"base_url={server['url']}/v1/chat/completions,model=tiny,max_retries=1,tokenized_requests=False",
+        task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
+    )  # fmt: skip
+    samples = out["samples"]["tiny_gen"]
+    assert len(samples) == 2 and 0 <= out["results"]["tiny_gen"]["exact_match,none"] <= 1
+    want = ask(server, [{"role": "user", "content": "Name a colour."}], max_tokens=8, stop=["\n\n"])
+    got = next(s for s in samples if s["doc"]["q"] == "Name a colour.")["resps"][0][0]
+    assert got.strip() == want.choices[0].message.content.strip()

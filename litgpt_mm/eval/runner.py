@@ -73,6 +73,16 @@ def derangement(keys: Sequence, seed: int) -> dict:
     return {a: b for a, b in zip(order, order[1:] + order[:1], strict=True)}
 
 
+def condition_images(items: Sequence[Item], condition: str, seed: int) -> list[list[Path]]:
+    """The images each item is asked with under `condition`: its own, none (`blind`) or another's (`shuffled`)."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition {condition!r}: choose from {CONDITIONS}")
+    if condition == "blind":
+        return [[] for _ in items]
+    swap = derangement([p for it in items for p in it.images], seed) if condition == "shuffled" else {}
+    return [[swap.get(p, p) for p in it.images] for it in items]
+
+
 class Answerer:
     """Batched greedy answers of an `Assistant` under the three conditions, with CLIP features computed once per
     image. Rows are sorted by prompt length before batching, so padding stays small."""
@@ -91,14 +101,10 @@ class Answerer:
 
     def answer(self, items: Sequence[Item], condition: str) -> list[str]:
         """Answers to every item under `condition` (`image`, `blind` or `shuffled`), in the items' order."""
-        if condition not in CONDITIONS:
-            raise ValueError(f"condition {condition!r}: choose from {CONDITIONS}")
-        swap = derangement([p for it in items for p in it.images], self.seed) if condition == "shuffled" else {}
         if condition != "blind":
             self.features([p for it in items for p in it.images])
         inputs = []
-        for it in items:
-            images = [] if condition == "blind" else [swap.get(p, p) for p in it.images]
+        for it, images in zip(items, condition_images(items, condition, self.seed), strict=True):
             feats = torch.stack([self._features[Path(p)] for p in images]) if images else None
             ids = self.assistant.prompt_ids(it.prompt, len(images), self.settings.max_new_tokens)
             if ids.numel() == 0 and not images:  # nothing to condition on (blind, empty prompt): start a document
@@ -119,6 +125,47 @@ class Answerer:
                     answers[i] = answers[i].strip()
                 bar.update(len(chunk))
         return answers
+
+    def answer_all(self, items: Sequence[Item], conditions: Sequence[str] = CONDITIONS) -> dict[str, list[str]]:
+        return {c: self.answer(items, c) for c in conditions}
+
+
+class ApiAnswerer:
+    """Greedy answers from an OpenAI-compatible chat-completions server (e.g. `python -m litgpt_mm.serve`) under the
+    three conditions, with `concurrency` requests in flight so that the server can batch them. The server renders
+    its own prompt template; with ours the answers equal `Answerer`'s for the same checkpoint and template."""
+
+    def __init__(
+        self, api_base: str, api_key: str | None, settings: GenerationSettings, concurrency: int = 16, seed: int = 0
+    ) -> None:
+        import openai
+
+        self.client = openai.OpenAI(base_url=api_base, api_key=api_key or "none", max_retries=2, timeout=600)
+        self.settings, self.concurrency, self.seed = settings, concurrency, seed
+
+    def _ask(self, prompt: str, images: Sequence[Path]) -> str:
+        import base64
+        import mimetypes
+
+        parts = [
+            {"type": "image_url", "image_url": {"url": f"data:{mimetypes.guess_type(str(p))[0] or 'image/jpeg'};base64,"
+                                                       + base64.b64encode(Path(p).read_bytes()).decode()}}
+            for p in images
+        ]  # fmt: skip
+        content = [*parts, {"type": "text", "text": prompt}]
+        out = self.client.chat.completions.create(
+            model="litgpt-mm", messages=[{"role": "user", "content": content}], temperature=0.0,
+            max_tokens=self.settings.max_new_tokens,
+        )  # fmt: skip
+        return (out.choices[0].message.content or "").strip()
+
+    def answer(self, items: Sequence[Item], condition: str) -> list[str]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        images = condition_images(items, condition, self.seed)
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            jobs = pool.map(self._ask, [it.prompt for it in items], images)
+            return list(tqdm(jobs, total=len(items), desc=f"answer ({condition}, server)", leave=False))
 
     def answer_all(self, items: Sequence[Item], conditions: Sequence[str] = CONDITIONS) -> dict[str, list[str]]:
         return {c: self.answer(items, c) for c in conditions}
