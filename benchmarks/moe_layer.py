@@ -4,6 +4,12 @@ The dense floor is one GELU MLP of width k * moe_intermediate_size over the same
 with no routing at all. litgpt's LLaMAMoE experts are SwiGLU MLPs (three matrices instead of two), so its raw
 time is also given per active FLOP.
 
+`ours_grouped` is the grouped path with its torch glue, `ours_grouped_fused` the same with the Triton glue of
+`litgpt_mm/moe_kernels.py` (CUDA only; on CPU the kernels run only under Triton's interpreter, for tests). The
+`gemms_*` rows time the six matmuls of forward + backward alone: grouped (`torch._grouped_mm`, or one matmul per
+expert off CUDA) on the routed slots, and dense on the dense floor's shapes; what a variant spends beyond its GEMMs
+is routing and glue.
+
     python benchmarks/moe_layer.py                  # CPU, fp32
     python benchmarks/moe_layer.py --device cuda    # bf16, phi-2 shapes
 """
@@ -11,7 +17,9 @@ time is also given per active FLOP.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,8 +30,48 @@ from litgpt.model import GptNeoxMLP, LLaMAMoE
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save, timeit_interleaved  # noqa: E402
 
+from litgpt_mm import moe_kernels  # noqa: E402
 from litgpt_mm.config import Config  # noqa: E402
-from litgpt_mm.moe import MoE  # noqa: E402
+from litgpt_mm.moe import MoE, grouped_matmul  # noqa: E402
+
+
+def gemm_steps(
+    moe: MoE, x: torch.Tensor, grad: torch.Tensor, k: int, dtype: torch.dtype
+) -> dict[str, Callable[[], None]]:
+    """Forward + backward of the two expert matmuls alone (six GEMMs): grouped over the slots `moe` routes `x` to,
+    and dense over the dense floor's shapes (same FLOPs)."""
+    N, D = x.shape[-2:]
+    E, H = moe.w1.shape[:2]
+    with torch.no_grad():
+        _, top_idx = moe.route(x.reshape(N, D).float())
+    offs = torch.cumsum(torch.bincount(top_idx.reshape(-1), minlength=E), 0, dtype=torch.int32)
+    xs = torch.randn(N * k, D, device=x.device, dtype=dtype, requires_grad=True)
+    w1, w2 = (moe.w1.detach().to(dtype).requires_grad_(), moe.w2.detach().to(dtype).requires_grad_())
+    xd = x.detach().reshape(N, D).requires_grad_()
+    wd1 = torch.randn(k * H, D, device=x.device, dtype=dtype, requires_grad=True)
+    wd2 = torch.randn(D, k * H, device=x.device, dtype=dtype, requires_grad=True)
+    grad_s = torch.randn(N * k, D, device=x.device, dtype=dtype)
+
+    def grouped() -> None:
+        grouped_matmul(grouped_matmul(xs, w1, offs), w2, offs).backward(grad_s)
+
+    def dense() -> None:
+        ((xd @ wd1.t()) @ wd2.t()).backward(grad.reshape(N, D))
+
+    return {"gemms_grouped": grouped, "gemms_dense": dense}
+
+
+def max_rel_error(a: MoE, b: MoE, x: torch.Tensor, grad: torch.Tensor) -> float:
+    """Largest relative (norm) difference between two MoE layers' outputs and input, w1 and router gradients."""
+    results = []
+    for m in (a, b):
+        m.zero_grad(set_to_none=True)
+        xi = x.detach().requires_grad_(True)
+        y = m(xi)
+        y.backward(grad)
+        results.append([y, xi.grad, m.w1.grad, m.router.weight.grad])
+        m.zero_grad(set_to_none=True)
+    return max(((u.float() - v.float()).norm() / v.float().norm()).item() for u, v in zip(*results, strict=True))
 
 
 def main() -> None:
@@ -35,6 +83,7 @@ def main() -> None:
     p.add_argument("--n_expert", type=int, default=8)
     p.add_argument("--top_k", type=int, default=2)
     p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--no_save", action="store_true", help="print the table without writing results/")
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -46,24 +95,26 @@ def main() -> None:
     torch.manual_seed(0)
 
     common = dict(n_embd=D, n_head=max(1, D // 64), n_layer=1, n_expert=E, n_expert_per_token=k)
+    fused = cuda and moe_kernels.kernels_available(device)
     ours = {
-        impl: MoE(Config(**common, moe_intermediate_size=H, moe_impl=impl, gelu_approximate="tanh"))
-        for impl in ("loop", "grouped")
+        name: MoE(Config(**common, moe_intermediate_size=H, moe_impl=name.split("_")[0], gelu_approximate="tanh"))
+        for name in ["loop", "grouped"] + (["grouped_fused"] if fused else [])
     }
-    ours["grouped"].load_state_dict(ours["loop"].state_dict())
+    for name, m in ours.items():
+        m.fused_glue = name == "grouped_fused"
+        m.load_state_dict(ours["loop"].state_dict())
     lit = LLaMAMoE(LitConfig(**common, moe_intermediate_size=H, mlp_class_name="LLaMAMoE", intermediate_size=H))
     dense = GptNeoxMLP(LitConfig(n_embd=D, n_head=common["n_head"], intermediate_size=k * H, gelu_approximate="tanh"))
-    modules: dict[str, nn.Module] = {
-        "ours_loop": ours["loop"],
-        "ours_grouped": ours["grouped"],
-        "litgpt_LLaMAMoE": lit,
-        "dense_floor": dense,
-    }
+    modules: dict[str, nn.Module] = {f"ours_{name}": m for name, m in ours.items()}
+    modules |= {"litgpt_LLaMAMoE": lit, "dense_floor": dense}
     expert_flops = {  # forward FLOPs of the active expert matmuls per token
         "ours_loop": k * 2 * 2 * D * H,
         "ours_grouped": k * 2 * 2 * D * H,
+        "ours_grouped_fused": k * 2 * 2 * D * H,
         "litgpt_LLaMAMoE": k * 3 * 2 * D * H,
         "dense_floor": 2 * 2 * D * k * H,
+        "gemms_grouped": k * 2 * 2 * D * H,
+        "gemms_dense": 2 * 2 * D * k * H,
     }
     x = torch.randn(1, N, D, device=device, dtype=dtype)
     grad = torch.randn_like(x)
@@ -77,6 +128,8 @@ def main() -> None:
             m(xi).backward(grad)
 
         steps[name] = step
+    steps |= gemm_steps(ours["grouped"], x, grad, k, dtype)
+    fused_error = max_rel_error(ours["grouped_fused"], ours["grouped"], x, grad) if fused else None
     times = timeit_interleaved(steps, device, iters=args.iters)
 
     rows = []
@@ -91,18 +144,44 @@ def main() -> None:
                 "TFLOP_s_experts": 3 * expert_flops[name] * N / t / 1e12,
             }
         )
-    g = times["ours_grouped"]
+    params = dict(tokens=N, n_embd=D, moe_intermediate_size=H, n_expert=E, top_k=k, dtype=str(dtype))
+    notes = summary(times, cuda, fused_error)
+    if args.no_save:
+        print(json.dumps(dict(params=params, rows=rows, notes=notes), indent=1))
+    else:
+        save("moe_layer", device, rows, notes, params)
+
+
+def summary(times: dict[str, float], cuda: bool, fused_error: float | None) -> list[str]:
+    """The notes under the table: targets, the grouped GEMMs against the dense ones, the fused glue."""
+    g, floor = times["ours_grouped"], times["dense_floor"]
+    gemms, dense_gemms = times["gemms_grouped"], times["gemms_dense"]
     notes = [
         f"grouped is {times['litgpt_LLaMAMoE'] / g:.2f}x faster than litgpt's LLaMAMoE (target >= 1.5x)",
-        f"grouped takes {g / times['dense_floor']:.2f}x the dense floor (target <= {'1.3' if cuda else '2'}x)",
+        f"grouped takes {g / floor:.2f}x the dense floor (target <= {'1.3' if cuda else '2'}x)",
         f"grouped vs our loop: {times['ours_loop'] / g:.2f}x",
-        f"ceiling: the dense floor itself is {times['litgpt_LLaMAMoE'] / times['dense_floor']:.2f}x faster than "
-        "litgpt's LLaMAMoE",
-        "litgpt's experts are SwiGLU (1.5x the matmul FLOPs of ours at the same width); TFLOP_s_experts counts each "
-        "variant's own expert FLOPs (forward + backward = 3x forward)",
+        f"ceiling: the dense floor itself is {times['litgpt_LLaMAMoE'] / floor:.2f}x faster than litgpt's LLaMAMoE",
+        f"the six grouped GEMMs alone take {gemms / dense_gemms:.2f}x the six dense ones ({gemms * 1e3:.3g} vs "
+        f"{dense_gemms * 1e3:.3g} ms); beyond its GEMMs, ours_grouped spends {(g - gemms) * 1e3:.3g} ms on routing "
+        f"and glue, the dense floor {(floor - dense_gemms) * 1e3:.3g} ms on bias and GELU"
+        + (
+            "" if cuda else " (off CUDA the grouped GEMMs are one autograd matmul per expert, ours_grouped a fused one)"
+        ),
     ]
-    params = dict(tokens=N, n_embd=D, moe_intermediate_size=H, n_expert=E, top_k=k, dtype=str(dtype))
-    save("moe_layer", device, rows, notes, params)
+    if "ours_grouped_fused" in times:
+        f = times["ours_grouped_fused"]
+        notes += [
+            f"grouped with the Triton glue takes {f / floor:.2f}x the dense floor, {g / f:.2f}x faster than with the "
+            f"torch glue; routing and glue beyond the GEMMs: {(f - gemms) * 1e3:.3g} ms",
+            f"Triton glue vs torch glue: largest relative difference of output and gradients {fused_error:.2e}",
+        ]
+    else:
+        notes.append("ours_grouped_fused not timed: the Triton glue runs on CUDA (on CPU only under the interpreter)")
+    notes.append(
+        "litgpt's experts are SwiGLU (1.5x the matmul FLOPs of ours at the same width); TFLOP_s_experts counts each "
+        "variant's own expert FLOPs (forward + backward = 3x forward)"
+    )
+    return notes
 
 
 if __name__ == "__main__":

@@ -23,13 +23,17 @@ loop and the grouped path share one state dict.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from litgpt_mm import moe_kernels
 from litgpt_mm.config import Config
+
+FUSED_GLUE_ENV = "LITGPT_MM_MOE_FUSED_GLUE"
 
 
 @dataclass
@@ -71,7 +75,14 @@ def _grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class MoE(nn.Module):
-    """Top-k routed experts (Phi-2-style GELU MLPs) with a fp32 router and dropless routing."""
+    """Top-k routed experts (Phi-2-style GELU MLPs) with a fp32 router and dropless routing.
+
+    `fused_glue` picks the grouped path's glue around the expert matmuls: `True` uses the Triton kernels of
+    `litgpt_mm.moe_kernels` (with their plain-torch references where the kernels don't run), `False` never does, and
+    `None` (default) uses them under Triton's CPU interpreter (`TRITON_INTERPRET=1`, the tests) and on CUDA only when
+    `LITGPT_MM_MOE_FUSED_GLUE=1`: the kernels are verified against the loop under the interpreter but have not been
+    timed on a GPU yet (`make gpu-check` does), so CUDA keeps the measured torch glue until they have.
+    """
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -89,6 +100,7 @@ class MoE(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
         self.stats: MoEStats | None = None
+        self.fused_glue: bool | None = None
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
@@ -174,6 +186,8 @@ class MoE(nn.Module):
         counts = torch.zeros(self.config.n_expert, device=x.device, dtype=torch.int64)
         counts.index_add_(0, flat_expert, torch.ones_like(flat_expert))
         dtype = _compute_dtype(x)
+        if self._use_fused_glue(x.device, dtype):
+            return self._forward_fused(x, gates, top_idx, order, inv_order, counts, dtype)
 
         xs = _GatherSlots.apply(x, order, inv_order, k)
         if _grouped_mm_available(x.device, dtype):
@@ -186,6 +200,45 @@ class MoE(nn.Module):
             out = _SegmentMLP.apply(*args, counts.tolist(), self.config.gelu_approximate)
         out = _Permute.apply(out, inv_order, order).view(x.size(0), k, x.size(-1))
         return (out * gates.unsqueeze(-1).to(out.dtype)).sum(dim=1)
+
+    def _use_fused_glue(self, device: torch.device, dtype: torch.dtype) -> bool:
+        if self.fused_glue is not None:
+            return self.fused_glue
+        if device.type == "cuda" and os.environ.get(FUSED_GLUE_ENV) != "1":
+            return False
+        grouped_mm = _grouped_mm_available(device, dtype) or device.type == "cpu"  # CPU: only under the interpreter
+        return grouped_mm and moe_kernels.kernels_available(device)
+
+    def _forward_fused(
+        self,
+        x: torch.Tensor,
+        gates: torch.Tensor,
+        top_idx: torch.Tensor,
+        order: torch.Tensor,
+        inv_order: torch.Tensor,
+        counts: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The grouped path with fused glue: one gather into expert order (cast included), the first grouped matmul,
+        bias + GELU in one pass, the second grouped matmul, then the output bias, gate weighting and return to token
+        order in one gather-sum per token. No atomics forward or backward."""
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        b1, b2 = (None, None) if self.b1 is None else (self.b1.to(dtype), self.b2.to(dtype))
+        xs = moe_kernels.gather_slots(x, order, inv_order, self.config.n_expert_per_token, dtype)
+        a = grouped_matmul(xs, self.w1.to(dtype), offs)
+        h = moe_kernels.bias_act(a, b1, offs, moe_kernels.gelu_activation(self.config.gelu_approximate))
+        out = grouped_matmul(h, self.w2.to(dtype), offs)
+        return moe_kernels.combine_slots(out, gates, top_idx, inv_order, offs, b2)
+
+
+def grouped_matmul(xs: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """`xs[rows of group e] @ weight[e].T` for contiguous row groups ending at `offs` (int32): `torch._grouped_mm`
+    where it runs, else one matmul per non-empty group (host sync)."""
+    if _grouped_mm_available(xs.device, xs.dtype):
+        return torch._grouped_mm(xs, weight.transpose(-2, -1), offs=offs)
+    sizes = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+    parts = [xs[rows] @ weight[e].t() for e, rows in _segments(sizes)]
+    return torch.cat(parts) if parts else xs.new_zeros(0, weight.size(1))
 
 
 def grouped_linear(
@@ -336,4 +389,12 @@ def expert_param_count(config: Config) -> int:
     return D * E + E * 2 * D * H + (E * (H + D) if config.bias else 0)
 
 
-__all__ = ["MoE", "MoEStats", "load_balancing_loss", "router_z_loss", "grouped_linear", "moe_flops_per_token"]
+__all__ = [
+    "MoE",
+    "MoEStats",
+    "load_balancing_loss",
+    "router_z_loss",
+    "grouped_linear",
+    "grouped_matmul",
+    "moe_flops_per_token",
+]
