@@ -153,7 +153,8 @@ def main(
     data.set_rank(fabric.global_rank, fabric.world_size)
     data.prepare_data()
 
-    with fabric.init_module(empty_init=fabric.world_size > 1 and isinstance(fabric.strategy, FSDPStrategy)):
+    # as litgpt's pretrain: no default init (initialize_weights sets every parameter), so a seed gives litgpt's weights
+    with fabric.init_module(empty_init=True):
         model = GPT(config)
     for m in model.modules():
         if isinstance(m, MoE):

@@ -3,6 +3,7 @@ Adam, and a 2-process gloo run."""
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,30 @@ def test_two_process_gloo_matches_single_process(prepared_gutenberg, tmp_path):
     assert [r["tokens"] for r in logs[0]] == [r["tokens"] for r in logs[1]]
     for one, two in zip(logs[0], logs[1], strict=True):
         assert float(one["loss"]) == pytest.approx(float(two["loss"]), abs=1e-4)
+
+
+def test_our_loop_matches_litgpt_pretrain_on_the_same_seed(prepared_gutenberg, tmp_path):
+    """The dense twin through our loop and through `litgpt pretrain` (same shards, seed and settings, no gradient
+    accumulation, where the two learning-rate schedules coincide): the same initial weights and validation curve."""
+    compare = load_script("recipes/compare.py")
+    common = ["--model_name", "phi-2-tiny-twin", "--data_dir", str(prepared_gutenberg), "--seed", "3",
+              "--train.global_batch_size", "8", "--train.micro_batch_size", "8", "--train.max_seq_length", "64",
+              "--train.lr_warmup_steps", "2", "--train.save_interval", "6", "--eval.interval", "3",
+              "--eval.max_iters", "4", "--num_workers", "0"]  # fmt: skip
+    ours = ["recipes/pretrain_moe.py", "--config", "recipes/configs/pretrain_moe_tiny.yaml", "--train.max_steps", "6"]
+    lit = ["recipes/pretrain_dense_litgpt.py", "--config", "recipes/configs/pretrain_dense_litgpt_tiny.yaml",
+           "--data", "gutenberg", "--train.max_tokens", str(6 * 8 * 64)]  # fmt: skip
+    runs, printed = [], ""
+    for name, args in (("ours", ours), ("litgpt", lit)):
+        proc = run_python([*args, *common, "--out_dir", str(tmp_path / name)])
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        runs.append(compare.load_run(name, name, 3, tmp_path / name))
+        printed = proc.stdout + proc.stderr
+    ours_val = {r["tokens"]: r["val_loss"] for r in runs[0].val}
+    lit_val = {r["tokens"]: r["val_loss"] for r in runs[1].val}  # litgpt logs its interval evaluations
+    common_points = sorted(set(ours_val) & set(lit_val))
+    assert common_points and min(common_points) > 0, (ours_val, lit_val)
+    for seen in common_points:
+        assert ours_val[seen] == pytest.approx(lit_val[seen], abs=2e-5), (seen, ours_val, lit_val)
+    final = re.search(r"Final evaluation \| val loss: ([\d.]+)", printed)  # printed with 3 decimals
+    assert final and float(final.group(1)) == pytest.approx(ours_val[max(ours_val)], abs=6e-4)
