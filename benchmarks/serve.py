@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -66,7 +68,7 @@ def start_server(checkpoint_dir: Path, device: str, max_batch_size: int, log: Pa
     cmd = [sys.executable, "-m", "litgpt_mm.serve", "--checkpoint_dir", str(checkpoint_dir), "--port", str(port),
            "--device", device, "--max_batch_size", str(max_batch_size), "--batch_timeout", "0.05"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "USE_TORCH_XLA": "0"})  # fmt: skip
+                            env={**os.environ, "USE_TORCH_XLA": "0"}, start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -158,6 +160,9 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+            time.sleep(2)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # anything of the server's still running
         print(rows[-1], flush=True)
     speedup = rows[1]["requests_per_s"] / rows[0]["requests_per_s"]
     for row in rows:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 import tempfile
 import time
@@ -323,6 +324,10 @@ class PayloadLimit:
                 return
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 class ChatRequest(ChatCompletionRequest):
     """The OpenAI request with the sampling fields LitServe's model lacks (`seed`; `top_k` as an extension)."""
 
@@ -433,6 +438,7 @@ def main(
         batch_timeout, max_tokens, max_payload_mb, allow_remote_images, api_key, timeout,
     )  # fmt: skip
     print(f"Serving {checkpoint_dir} on http://{host}:{port}/v1 (OpenAI chat completions)", file=sys.stderr)
+    signal.signal(signal.SIGTERM, _interrupt)  # LitServe stops its workers on KeyboardInterrupt only
     server.run(host=host, port=port, generate_client_file=False, num_api_servers=1)
 
 

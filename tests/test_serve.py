@@ -5,6 +5,7 @@ a client that disconnects mid-stream."""
 import base64
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -67,6 +68,7 @@ def server(checkpoints, tiny_whisper_dir, tmp_path_factory):
          "--device", "cpu", "--max_batch_size", "4", "--batch_timeout", "0.2", "--api_key", KEY,
          "--max_payload_mb", "2", "--whisper_model", str(tiny_whisper_dir)],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "USE_TORCH_XLA": "0"},
+        start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
@@ -81,8 +83,23 @@ def server(checkpoints, tiny_whisper_dir, tmp_path_factory):
         proc.kill()
         pytest.fail("server did not come up:\n" + log_path.read_text()[-3000:])
     yield {"url": url, "log": log_path, "client": openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)}
-    proc.terminate()
-    proc.wait(timeout=30)
+    proc.terminate()  # SIGTERM: the server stops its LitServe workers too
+    proc.wait(timeout=60)
+    deadline = time.time() + 30
+    while _group_alive(proc.pid) and time.time() < deadline:
+        time.sleep(0.5)
+    left = _group_alive(proc.pid)
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert not left, "server worker processes outlived the server"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 @pytest.fixture(scope="module")
