@@ -37,6 +37,8 @@ _TINY = dict(
 configs: list[dict[str, Any]] = [
     # Full Phi-2 width and depth; 8 experts each a quarter of the MLP's width, top-2 (active MoE FLOPs: half the MLP's)
     dict(_PHI2, name="phi-2-moe", hf_config={}, n_expert=8, n_expert_per_token=2, moe_intermediate_size=2560),
+    # Dense twin of phi-2-moe with the same active FLOPs per token (the MLP widened by k * the expert width).
+    dict(_PHI2, name="phi-2-twin", hf_config={}, intermediate_size=4 * 2560 + 2 * 2560),
     # CPU presets for tests and the demo.
     dict(_TINY, name="phi-2-moe-tiny", n_expert=4, n_expert_per_token=2, moe_intermediate_size=128),
     dict(_TINY, name="phi-2-tiny"),

@@ -30,12 +30,21 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from litgpt_mm.checkpoint import atomic_write  # noqa: E402
 from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.config import Config  # noqa: E402
 from litgpt_mm.flops import active_params  # noqa: E402
 from litgpt_mm.model import GPT  # noqa: E402
 from litgpt_mm.plots import plot_expert_load, read_csv  # noqa: E402
 
+PRESETS = {
+    "tiny": {"models": ("phi-2-moe-tiny", "phi-2-tiny-twin"),
+             "configs": ("pretrain_moe_tiny.yaml", "pretrain_dense_litgpt_tiny.yaml")},
+    "cpu-5m": {"models": ("phi-2-moe-tiny", "phi-2-tiny-twin"),
+               "configs": ("pretrain_moe_cpu5m.yaml", "pretrain_dense_litgpt_cpu5m.yaml")},
+    "gpu": {"models": ("phi-2-moe", "phi-2-twin"),
+            "configs": ("pretrain_moe_gpu.yaml", "pretrain_dense_litgpt_gpu.yaml")},
+}  # fmt: skip
 GROUPS = {
     "moe-gutenberg": "(1) ours: Phi-2 + MoE after the MLP, Gutenberg",
     "litgpt-dense": "(2) litgpt pretrain, dense Phi-2",
@@ -57,6 +66,7 @@ class Run:
     peak_memory_gb: float = float("nan")
     params: int = 0
     active: int = 0
+    held_out: dict = field(default_factory=dict)
 
     @property
     def final_val(self) -> float:
@@ -84,6 +94,8 @@ def main(
     litgpt_config: Path = Path("recipes/configs/pretrain_dense_litgpt_tiny.yaml"),
     seeds: list[int] = [1, 2],  # noqa: B006
     report_only: bool = False,
+    preset: Literal["tiny", "cpu-5m", "gpu"] | None = None,
+    eval_blocks: int = 256,
 ) -> Path:
     """Run (or reuse) the six runs and write `out_dir/README.md` with plots.
 
@@ -99,7 +111,16 @@ def main(
         litgpt_config: YAML of `recipes/pretrain_dense_litgpt.py` settings for run (2).
         seeds: one run per seed in each group.
         report_only: do not train; report on what `runs_dir` holds.
+        preset: a whole study's settings, overriding the model and config arguments: `tiny` (307k tokens per run,
+            minutes), `cpu-5m` (5.2M tokens per run, about 15 minutes a run on 2 cores) or `gpu` (full Phi-2 + MoE vs
+            its dense twin and litgpt's Phi-2, `recipes/configs/pretrain_*_gpu.yaml`).
+        eval_blocks: held-out windows (spread over the Gutenberg validation book) for the common evaluator's loss
+            and bits per byte.
     """
+    if preset is not None:
+        out_dir, runs_dir = Path(f"reports/pretrain-{preset}"), Path(f"out/compare-{preset}")
+        moe_model, dense_model = PRESETS[preset]["models"]
+        moe_config, litgpt_config = (Path(f"recipes/configs/{c}") for c in PRESETS[preset]["configs"])
     litgpt_data_dir = Path(litgpt_data_dir or f"data/prepared/{litgpt_data}")
     for directory, script in ((gutenberg_dir, "prepare_gutenberg"), (litgpt_data_dir, f"prepare_{litgpt_data}")):
         if not report_only and not (directory / "train" / "index.json").is_file():
@@ -120,6 +141,8 @@ def main(
     runs = [r for r in runs if r.train]
     if not runs:
         raise SystemExit(f"No finished runs under {runs_dir}")
+    for run in runs:
+        run.held_out = held_out(run, gutenberg_dir, eval_blocks)
     return write_report(runs, Path(out_dir), litgpt_data)
 
 
@@ -162,6 +185,40 @@ def load_run(name: str, group: str, seed: int, out: Path) -> Run:
         run.params = sum(p.numel() for n, p in model.named_parameters() if "wte" not in n)
         run.active = active_params(model)
     return run
+
+
+def held_out(run: Run, gutenberg_dir: Path, max_blocks: int, seq_len: int = 128) -> dict:
+    """Loss and bits per byte of a run's final checkpoint on the Gutenberg validation book, by one evaluator for all
+    runs (litgpt's `GPT` forward; the same text in every run's own tokenizer, so bits per byte compare across
+    tokenizers). Cached in the run directory, keyed by the checkpoint's hash and the settings."""
+    import json
+
+    from litgpt_mm.checkpoint import load_tokenizer
+    from litgpt_mm.eval import lm as lm_lib
+    from litgpt_mm.eval.runner import checkpoint_hash
+    from litgpt_mm.model import load_model
+
+    final = run.out / "final"
+    if not (final / "lit_model.pth").is_file():
+        return {}
+    key = {"hash": checkpoint_hash(final), "blocks": max_blocks, "seq_len": seq_len, "data": str(gutenberg_dir)}
+    cache = run.out / "held_out.json"
+    if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
+        return json.loads(cache.read_text())["result"]
+    model, tokenizer = load_model(final, device="cpu").eval(), load_tokenizer(final)
+    model.max_seq_length = seq_len
+    windows = lm_lib.shard_windows(Path(gutenberg_dir) / "val", seq_len, max_blocks)
+    ours = load_tokenizer(Path(gutenberg_dir) / "tokenizer")
+    if tokenizer.vocab_size != ours.vocab_size or not all(
+        torch.equal(tokenizer.encode(t, bos=False, eos=False), ours.encode(t, bos=False, eos=False))
+        for t in ("The sea, said he.", "Où est-il?")
+    ):  # another tokenizer: the same text, re-tokenized
+        text = "".join(ours.decode(w) for w in windows)
+        windows = lm_lib.text_windows(tokenizer.encode(text, bos=False, eos=False), seq_len)[:max_blocks]
+    with torch.no_grad():
+        results = {r.metric: r.value for r in lm_lib.bits_per_byte(model, tokenizer, windows)}
+    atomic_write(cache, lambda f: f.write(json.dumps({"key": key, "result": results}, indent=2).encode()))
+    return results
 
 
 def _litgpt_logs(out: Path) -> tuple[list[dict], list[dict]]:
@@ -210,8 +267,9 @@ def write_report(runs: list[Run], out_dir: Path, litgpt_data: str) -> Path:
         + ("" if litgpt_data == "redpajama" else " (RedPajama was not prepared for this run)")
         + "; runs (1) and (3) read the same Gutenberg token shards in the same order.",
         "",
-        "| group | runs | params (no emb.) | active | tokens | final val loss | tokens/s | wall-clock | peak mem |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| group | runs | params (no emb.) | active | tokens | final val loss | held-out loss | bits/byte | tokens/s "
+        "| wall-clock | peak mem |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for group, members in by_group.items():
         vals = [r.final_val for r in members]
@@ -219,11 +277,21 @@ def write_report(runs: list[Run], out_dir: Path, litgpt_data: str) -> Path:
         lines.append(
             f"| {GROUPS[group]} | {len(members)} | {members[0].params / 1e6:.2f}M | {members[0].active / 1e6:.2f}M "
             f"| {members[0].train[-1]['tokens']:,.0f} | {statistics.mean(vals):.3f} ± {spread:.3f} "
+            f"| {_mean_spread([r.held_out.get('loss') for r in members])} "
+            f"| {_mean_spread([r.held_out.get('bits_per_byte') for r in members], 4)} "
             f"| {statistics.mean(r.tokens_per_s for r in members):,.0f} "
             f"| {statistics.mean(r.wall_clock_s for r in members):.0f} s "
             f"| {statistics.mean(r.peak_memory_gb for r in members):.2f} GB |"
         )
-    lines += ["", "± is half the spread over seeds. Peak memory: CUDA allocator peak on GPU, peak RSS on CPU.", ""]
+    lines += [
+        "",
+        "± is half the spread over seeds. Final val loss: each loop's own last validation (its first batches of the "
+        "held-out book). Held-out loss and bits per byte: one evaluator for every final checkpoint, "
+        "`recipes/evaluate.py lm`'s, on windows of 128 tokens spread over the whole held-out book, the same text in "
+        "each run's own tokenizer (bits per byte compare across tokenizers). Peak memory: CUDA allocator peak on "
+        f"GPU, peak RSS on CPU. Hardware: {_hardware()}.",
+        "",
+    ]
     if "moe-gutenberg" in by_group and "dense-twin-gutenberg" in by_group:
         m = statistics.mean(r.final_val for r in by_group["moe-gutenberg"])
         d = statistics.mean(r.final_val for r in by_group["dense-twin-gutenberg"])
@@ -250,12 +318,32 @@ def write_report(runs: list[Run], out_dir: Path, litgpt_data: str) -> Path:
     ]
     if (out_dir / "expert_load.png").is_file():
         lines += ["![expert load](expert_load.png)", ""]
-    lines += ["## Runs", "", "| run | final val loss | tokens/s | directory |", "|---|---|---|---|"]
-    lines += [f"| {r.name} | {r.final_val:.3f} | {r.tokens_per_s:,.0f} | `{r.out}` |" for r in runs]
+    lines += ["## Runs", "", "| run | final val loss | held-out loss | bits/byte | tokens/s | directory |"]
+    lines += ["|---|---|---|---|---|---|"]
+    lines += [
+        f"| {r.name} | {r.final_val:.3f} | {r.held_out.get('loss', float('nan')):.4f} "
+        f"| {r.held_out.get('bits_per_byte', float('nan')):.4f} | {r.tokens_per_s:,.0f} | `{r.out}` |"
+        for r in runs
+    ]
     report = out_dir / "README.md"
     report.write_text("\n".join(lines) + "\n")
     print(f"Report: {report}")
     return report
+
+
+def _mean_spread(values: list[float | None], digits: int = 3) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    return f"{statistics.mean(values):.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
+
+
+def _hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} × {torch.cuda.get_device_name()}"
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = re.search(r"model name\s*:\s*(.+)", cpuinfo)
+    return f"CPU {model.group(1).strip() if model else 'unknown'}, {torch.get_num_threads()} threads"
 
 
 def _loss_plot(runs: list[Run], x: str, label: str, path: Path) -> None:

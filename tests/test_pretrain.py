@@ -3,6 +3,7 @@ Adam, and a 2-process gloo run."""
 
 import csv
 import json
+import math
 import re
 from pathlib import Path
 
@@ -217,3 +218,17 @@ def test_our_loop_matches_litgpt_pretrain_on_the_same_seed(prepared_gutenberg, t
         assert ours_val[seen] == pytest.approx(lit_val[seen], abs=2e-5), (seen, ours_val, lit_val)
     final = re.search(r"Final evaluation \| val loss: ([\d.]+)", printed)  # printed with 3 decimals
     assert final and float(final.group(1)) == pytest.approx(ours_val[max(ours_val)], abs=6e-4)
+
+    # the study's common evaluator: loss and bits per byte of both final checkpoints agree too, and are cached
+    held = [compare.held_out(run, prepared_gutenberg, max_blocks=8) for run in runs]
+    assert held[0]["bits_per_byte"] == pytest.approx(held[1]["bits_per_byte"], abs=1e-4)
+    assert held[0]["bits_per_byte"] == pytest.approx(
+        held[0]["loss"] / math.log(2) * held[0]["tokens"] / held[0]["bytes"]
+    )
+    assert (tmp_path / "ours" / "held_out.json").is_file() and compare.held_out(runs[0], prepared_gutenberg, 8) == held[
+        0
+    ]
+    for run, h in zip(runs, held, strict=True):
+        run.held_out, run.group = h, "dense-twin-gutenberg" if run.name == "ours" else "litgpt-dense"
+    report = compare.write_report(runs, tmp_path / "report", "gutenberg").read_text()
+    assert f"{held[0]['bits_per_byte']:.4f}" in report and "bits/byte" in report and "Hardware: CPU" in report
