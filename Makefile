@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install demo demo-long test lint bench
+.PHONY: install demo demo-long test lint bench gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +39,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/align.py
 	$(PY) benchmarks/instruct.py
 	$(PY) benchmarks/generate.py
+
+## Every GPU path (training, QLoRA, generation, benchmarks) offline on a CUDA machine; `--device cpu` is the dry run.
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py

@@ -8,6 +8,7 @@ tokens after a 49-patch image and a short prompt.
 Targets: ours >= 5x the capstone loop, >= 1x HF generate. EOS is disabled so every variant makes 64 tokens.
 
     python benchmarks/generate.py                 # CPU: an 8-layer, 1280-wide Phi-2-shaped LM + ViT-B/32 features
+    python benchmarks/generate.py --device cuda --n_layer 32 --n_embd 2560      # the Phi-2 shape in bf16
 """
 
 from __future__ import annotations
@@ -49,16 +50,19 @@ def main() -> None:
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--prompt_tokens", type=int, default=24)
     ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     cfg = Config.from_name(
         args.lm, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_embd // 80, n_query_groups=args.n_embd // 80,
         intermediate_size=4 * args.n_embd, vocab_size=4096, padded_vocab_size=4096, block_size=512,
     )  # fmt: skip
-    lm = GPT(cfg).eval()
-    mm = MultimodalGPT(lm, MultimodalConfig()).eval()
-    feats = torch.randn(1, 49, 768)
-    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_tokens,))
+    lm = GPT(cfg).to(device, dtype).eval()
+    mm = MultimodalGPT(lm, MultimodalConfig()).to(device).eval()
+    feats = torch.randn(1, 49, 768, device=device)
+    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_tokens,), device=device)
     n = args.new_tokens
 
     def ours():
@@ -72,7 +76,7 @@ def main() -> None:
             yield int(token)
             seq = torch.cat([seq, embed_tokens(lm, token.view(1, 1))], dim=1)
 
-    hf = hf_phi(cfg, lm.state_dict()).eval()
+    hf = hf_phi(cfg, lm.state_dict()).to(device, dtype).eval()
     with torch.no_grad():
         embeds, _, _ = mm.build_inputs([feats], [prompt])
 
@@ -105,9 +109,9 @@ def main() -> None:
         "give near-tied logits, which the two implementations' rounding can order differently)",
         f"LM {args.lm} with {args.n_layer} layers x {args.n_embd} (dense, so HF PhiForCausalLM holds the same "
         f"weights), prefix 50 image + {args.prompt_tokens} "
-        f"prompt positions, CPU, median of {args.iters}",
+        f"prompt positions, {device.type} {str(dtype).removeprefix('torch.')}, median of {args.iters}",
     ]
-    save("generate", torch.device("cpu"), rows, notes, vars(args))
+    save("generate", device, rows, notes, vars(args))
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ def setup(
     optimizer: str | dict = DEFAULT_OPTIMIZER,
     activation_checkpointing: bool = False,
     compile: bool = False,
+    strategy: Literal["auto", "fsdp"] = "auto",
     resume: bool | Literal["auto"] | Path = False,
     seed: int = 42,
     num_workers: int = 2,
@@ -85,6 +86,8 @@ def setup(
             `{"class_path": ..., "init_args": {...}}`; its `lr` is the peak of the warmup + cosine schedule.
         activation_checkpointing: recompute each block in the backward pass.
         compile: `torch.compile` the model.
+        strategy: `auto` (FSDP on several GPUs, DDP over gloo on several CPU processes, else one device) or `fsdp`
+            (FSDP even on one GPU).
         resume: `auto` continues the newest checkpoint in `out_dir`, or pass a `step-*` directory.
         seed: initialisation and data-order seed.
         num_workers: DataLoader workers.
@@ -105,7 +108,9 @@ def setup(
     precision = precision or ("bf16-mixed" if cuda else "32-true")
     warn_if_slow_bf16("cuda" if cuda else "cpu", precision)
     n_devices = (torch.cuda.device_count() if cuda else 1) if devices == "auto" else int(devices)
-    if n_devices * num_nodes > 1:
+    if strategy == "fsdp" and not cuda:
+        raise ValueError("--strategy fsdp needs CUDA devices; on CPU several processes use DDP over gloo")
+    if n_devices * num_nodes > 1 or strategy == "fsdp":
         if cuda:
             strategy = FSDPStrategy(
                 auto_wrap_policy={Block},
@@ -115,8 +120,6 @@ def setup(
             )
         else:
             strategy = DDPStrategy(process_group_backend="gloo")
-    else:
-        strategy = "auto"
     fabric = L.Fabric(
         accelerator="cuda" if cuda else "cpu",
         devices=n_devices,
