@@ -96,6 +96,7 @@ def main(
     report_only: bool = False,
     preset: Literal["tiny", "cpu-5m", "gpu"] | None = None,
     eval_blocks: int = 256,
+    books_dir: Path | None = Path("data/gutenberg"),
 ) -> Path:
     """Run (or reuse) the six runs and write `out_dir/README.md` with plots.
 
@@ -116,6 +117,7 @@ def main(
             its dense twin and litgpt's Phi-2, `recipes/configs/pretrain_*_gpu.yaml`).
         eval_blocks: held-out windows (spread over the Gutenberg validation book) for the common evaluator's loss
             and bits per byte.
+        books_dir: the raw books, routed through the first MoE run to show what its experts learned (None: skip).
     """
     if preset is not None:
         out_dir, runs_dir = Path(f"reports/pretrain-{preset}"), Path(f"out/compare-{preset}")
@@ -143,7 +145,7 @@ def main(
         raise SystemExit(f"No finished runs under {runs_dir}")
     for run in runs:
         run.held_out = held_out(run, gutenberg_dir, eval_blocks)
-    return write_report(runs, Path(out_dir), litgpt_data)
+    return write_report(runs, Path(out_dir), litgpt_data, books_dir)
 
 
 def _run(name: str, group: str, seed: int, runs_dir: Path, report_only: bool, args: list) -> Run:
@@ -247,7 +249,17 @@ def _litgpt_logs(out: Path) -> tuple[list[dict], list[dict]]:
     return out_train, val
 
 
-def write_report(runs: list[Run], out_dir: Path, litgpt_data: str) -> Path:
+def _experts_section(moe: Run, books_dir: Path, out_dir: Path) -> list[str]:
+    """What the experts of the first MoE run learned: routing by book and language, top tokens, balance targets."""
+    from litgpt_mm.expert_analysis import analyse
+
+    found = analyse(moe.out / "final", books_dir, out_dir / "experts")
+    summary = found["summary"].replace("](", "](experts/")  # its figures live in experts/
+    note = f"## What the experts learn\n\nRun `{moe.name}`'s final checkpoint, on every bundled book.\n"
+    return [summary.replace("## What the experts learn\n", note, 1), ""]
+
+
+def write_report(runs: list[Run], out_dir: Path, litgpt_data: str, books_dir: Path | None = None) -> Path:
     """Plots and `README.md` of the study."""
     out_dir.mkdir(parents=True, exist_ok=True)
     _loss_plot(runs, "tokens", "tokens", out_dir / "loss_vs_tokens.png")
@@ -318,6 +330,8 @@ def write_report(runs: list[Run], out_dir: Path, litgpt_data: str) -> Path:
     ]
     if (out_dir / "expert_load.png").is_file():
         lines += ["![expert load](expert_load.png)", ""]
+    if moe is not None and (moe.out / "final" / "lit_model.pth").is_file() and books_dir is not None:
+        lines += _experts_section(moe, books_dir, out_dir)
     lines += ["## Runs", "", "| run | final val loss | held-out loss | bits/byte | tokens/s | directory |"]
     lines += ["|---|---|---|---|---|---|"]
     lines += [
