@@ -3,7 +3,11 @@ dense twin on the same Gutenberg tokens, two seeds each; writes a Markdown repor
 
     python recipes/compare.py                                        # tiny presets, CPU, minutes
     python recipes/compare.py --litgpt_data gutenberg                # no RedPajama prepared: litgpt on the books
-    python recipes/compare.py --moe_model phi-2-moe --dense_model phi-2 --moe_config my_gpu.yaml ...   # GPUs
+    python recipes/compare.py --preset cpu-5m --litgpt_data gutenberg  # 5.2M tokens a run -> reports/pretrain-cpu-5m
+    python recipes/compare.py --preset gpu                           # phi-2-moe vs phi-2-twin vs litgpt, 2B tokens
+
+Every final checkpoint is also scored by one evaluator (held-out loss and bits per byte on the same text), and the
+first MoE run's experts are analysed on every bundled book (`litgpt_mm.expert_analysis`).
 
 Each run is its own process (so its peak memory is its own) writing to `runs_dir/<run>/`; a finished run is
 reused and an interrupted one resumes. `--report_only true` rebuilds the report from existing runs.
@@ -120,7 +124,8 @@ def main(
         books_dir: the raw books, routed through the first MoE run to show what its experts learned (None: skip).
     """
     if preset is not None:
-        out_dir, runs_dir = Path(f"reports/pretrain-{preset}"), Path(f"out/compare-{preset}")
+        name = {"tiny": "cpu-tiny", "cpu-5m": "cpu-5m", "gpu": "gpu"}[preset]
+        out_dir, runs_dir = Path(f"reports/pretrain-{name}"), Path(f"out/compare-{name}")
         moe_model, dense_model = PRESETS[preset]["models"]
         moe_config, litgpt_config = (Path(f"recipes/configs/{c}") for c in PRESETS[preset]["configs"])
     litgpt_data_dir = Path(litgpt_data_dir or f"data/prepared/{litgpt_data}")
