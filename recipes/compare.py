@@ -101,6 +101,7 @@ def main(
     preset: Literal["tiny", "cpu-5m", "gpu"] | None = None,
     eval_blocks: int = 256,
     books_dir: Path | None = Path("data/gutenberg"),
+    width: int | None = None,
 ) -> Path:
     """Run (or reuse) the six runs and write `out_dir/README.md` with plots.
 
@@ -122,12 +123,20 @@ def main(
         eval_blocks: held-out windows (spread over the Gutenberg validation book) for the common evaluator's loss
             and bits per byte.
         books_dir: the raw books, routed through the first MoE run to show what its experts learned (None: skip).
+        width: with a CPU preset, the tiny family at another width (64, 256 or 384; 128 is the preset's own): the
+            models `phi-2-moe-tiny-<width>` and `phi-2-tiny-twin-<width>`, reported under `...-w<width>`.
     """
     if preset is not None:
         name = {"tiny": "cpu-tiny", "cpu-5m": "cpu-5m", "gpu": "gpu"}[preset]
         out_dir, runs_dir = Path(f"reports/pretrain-{name}"), Path(f"out/compare-{name}")
         moe_model, dense_model = PRESETS[preset]["models"]
         moe_config, litgpt_config = (Path(f"recipes/configs/{c}") for c in PRESETS[preset]["configs"])
+    if width is not None:
+        if preset not in ("tiny", "cpu-5m"):
+            raise ValueError("--width picks a width of the tiny family: use it with --preset tiny or cpu-5m")
+        moe_model, dense_model = f"phi-2-moe-tiny-{width}", f"phi-2-tiny-twin-{width}"
+        Config.from_name(moe_model)  # an unknown width fails here, naming the ones there are
+        out_dir, runs_dir = Path(f"{out_dir}-w{width}"), Path(f"{runs_dir}-w{width}")
     litgpt_data_dir = Path(litgpt_data_dir or f"data/prepared/{litgpt_data}")
     for directory, script in ((gutenberg_dir, "prepare_gutenberg"), (litgpt_data_dir, f"prepare_{litgpt_data}")):
         if not report_only and not (directory / "train" / "index.json").is_file():

@@ -86,3 +86,30 @@ def test_text_stream_holds_back_possible_stops_and_cuts_at_the_first():
     assert stream.push(ord("x")) == "" and stream.flush() == ""
     other = TextStream(tok, stop=["END"])
     assert "".join(other.push(ord(c)) for c in "the EN") + other.flush() == "the EN"
+
+
+def test_remote_images_are_fetched_only_when_allowed(tmp_path):
+    """An http image URL goes through the fetcher (here a loopback HTTP server); without one it is refused."""
+    import functools
+    import http.server
+    import threading
+
+    from litgpt_mm.serve import _fetch
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(DATA / "images"))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/coffee.png"
+        message = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
+        conv = parse_messages(message, fetch=_fetch)
+        assert conv.images[0].size == Image.open(DATA / "images" / "coffee.png").size
+        with pytest.raises(BadRequest, match="remote image URLs are off"):
+            parse_messages(message)
+        with pytest.raises(BadRequest, match="could not be fetched"):
+            parse_messages([{"role": "user", "content": [{"type": "image_url", "image_url": url + ".missing"}]}],
+                           fetch=_fetch)  # fmt: skip
+        with pytest.raises(BadRequest, match="larger than"):
+            _fetch(url, limit=1000)
+    finally:
+        httpd.shutdown()

@@ -307,3 +307,21 @@ def test_lm_eval_harness_through_the_server(server, tmp_path, monkeypatch):
     want = ask(server, [{"role": "user", "content": "Name a colour."}], max_tokens=8, stop=["\n\n"])
     got = next(s for s in samples if s["doc"]["q"] == "Name a colour.")["resps"][0][0]
     assert got.strip() == want.choices[0].message.content.strip()
+
+
+def test_chat_app_speech_turn_locally_equals_the_server(server, local, tiny_whisper_dir, tmp_path):
+    """A recording added in the app becomes `input_audio`; the local chat transcribes it as the server does."""
+    from litgpt_mm.app import Limits, LocalChat, user_message
+    from litgpt_mm.audio import SpeechToText
+
+    (tmp_path / "q.wav").write_bytes(jfk_wav())
+    message = user_message("Answer the question.", [str(IMAGE), str(tmp_path / "q.wav")], Limits())
+    assert [p["type"] for p in message["content"]] == ["image_url", "input_audio", "text"]
+    stt = SpeechToText(str(tiny_whisper_dir), device="cpu")
+    notices: list[str] = []
+    got = "".join(LocalChat(local, stt.transcribe).stream([message], GenerationSettings(12), notices.append))
+    assert got.strip() == ask(server, [message]).choices[0].message.content.strip()
+    with pytest.raises(ValueError, match="more than 5 s"):
+        user_message("", [str(tmp_path / "q.wav")], Limits(max_audio_seconds=5))
+    with pytest.raises(ValueError, match="ask a question"):
+        user_message("  ", [], Limits())
