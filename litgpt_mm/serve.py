@@ -13,6 +13,7 @@ prefix, in order. Errors come back as OpenAI error objects: 400 for bad input, 4
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import signal
 import sys
@@ -90,8 +91,20 @@ class Requests:
         except ValueError as err:
             raise BadRequest(f"messages: {err}") from None
 
+    def inline_remote_images(self, request: ChatCompletionRequest) -> None:
+        """Fetch http(s) images once, here, and pass them on as data URIs: the worker never fetches."""
+        if not self.fetch_remote:
+            return
+        for message in request.messages:
+            for part in message.content if isinstance(message.content, list) else []:
+                spec = getattr(part, "image_url", None)
+                url = spec if isinstance(spec, str) else getattr(spec, "url", None)
+                if isinstance(url, str) and url.startswith(("http://", "https://")):
+                    part.image_url = "data:image;base64," + base64.b64encode(_fetch(url)).decode()
+
     def validate(self, request: ChatCompletionRequest) -> None:
         """Everything that can be checked without the model: content, images, audio decoding, context room."""
+        self.inline_remote_images(request)
         conv = self.conversation(request)
         for n, speech in enumerate(conv.speech):
             decode_speech(speech, f"input_audio #{n + 1}")

@@ -111,5 +111,15 @@ def test_remote_images_are_fetched_only_when_allowed(tmp_path):
                            fetch=_fetch)  # fmt: skip
         with pytest.raises(BadRequest, match="larger than"):
             _fetch(url, limit=1000)
+        # the server's HTTP process fetches once and hands the worker a data URI
+        from litgpt_mm.serve import ChatRequest, Requests
+
+        requests = Requests.__new__(Requests)
+        requests.fetch_remote = True
+        request = ChatRequest(messages=message)
+        requests.inline_remote_images(request)
+        inlined = request.messages[0].content[0].image_url
+        assert inlined.startswith("data:image;base64,")
+        assert parse_messages([m.model_dump() for m in request.messages]).images[0].size == conv.images[0].size
     finally:
         httpd.shutdown()
