@@ -26,7 +26,7 @@ demo-long: $(STAMP)
 ## Install and run the whole test suite (what CI runs).
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import signal
 import sys
@@ -30,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from litserve.specs.openai import ChatCompletionRequest, OpenAISpec
+from litserve.utils import LitAPIStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from litgpt_mm.chat import PromptBuilder, TextStream, Turn
@@ -41,6 +43,7 @@ from litgpt_mm.messages import BadRequest, Conversation, decode_speech, parse_me
 from litgpt_mm.multimodal import MultimodalConfig, Sampling, stream_batch
 
 REQUEST_ID = "litgpt_mm_request_id"
+FINISH = "finish_reason"  # in the worker's last message: "length" when max_tokens ended the answer
 log = logging.getLogger("litgpt_mm.serve")
 
 
@@ -210,7 +213,7 @@ class MultimodalAPI(ls.LitAPI):
         batched = isinstance(jobs, list)
         jobs = jobs if batched else [jobs]
         texts = [TextStream(self.assistant.tokenizer, job.stop) for job in jobs]
-        counts = [0] * len(jobs)
+        counts, ended = [0] * len(jobs), [False] * len(jobs)
         eos = self.assistant.tokenizer.eos_id
 
         def cancelled(row: int) -> bool:
@@ -226,6 +229,7 @@ class MultimodalAPI(ls.LitAPI):
                 piece = ""
                 if token is not None:
                     counts[row] += 1
+                    ended[row] = token == eos
                     piece = texts[row].push(token) if token != eos else ""
                 out.append({"role": "assistant", "content": piece})
             yield out if batched else out[0]
@@ -235,9 +239,11 @@ class MultimodalAPI(ls.LitAPI):
                 log.warning("request %s: client disconnected after %d tokens", job.request_id, counts[row])
                 (self.cancel_dir / job.request_id).unlink(missing_ok=True)
             usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": counts[row]}
+            length = counts[row] >= job.max_tokens and not ended[row] and not texts[row].stopped
             final.append(
-                {"role": "assistant", "content": texts[row].flush(), **usage, "total_tokens": sum(usage.values())}
-            )
+                {"role": "assistant", "content": texts[row].flush(), **usage, "total_tokens": sum(usage.values()),
+                 FINISH: "length" if length else "stop"}
+            )  # fmt: skip
         yield final if batched else final[0]
 
     def _features(self, jobs: list[Job]) -> list[torch.Tensor | None]:
@@ -274,14 +280,35 @@ class MultimodalSpec(OpenAISpec):
         return await super().chat_completion(request, background_tasks)
 
     async def streaming_completion(self, request: ChatCompletionRequest, pipe_responses: list):
-        finished = False
+        finished, reasons = False, {}
         try:
-            async for chunk in super().streaming_completion(request, pipe_responses):
+            pipes = [_finish_reasons(p, reasons, i) for i, p in enumerate(pipe_responses)]
+            async for chunk in super().streaming_completion(request, pipes):
+                if reasons.get(0, "stop") != "stop" and '"finish_reason":"stop"' in chunk:  # LitServe says "stop"
+                    chunk = chunk.replace('"finish_reason":"stop"', f'"finish_reason":"{reasons[0]}"')
                 yield chunk
             finished = True
         finally:
             if not finished:
                 (self.cancel_dir / request.metadata[REQUEST_ID]).touch()
+
+    async def non_streaming_completion(self, request: ChatCompletionRequest, generator_list: list):
+        reasons = {}
+        pipes = [_finish_reasons(g, reasons, i) for i, g in enumerate(generator_list)]
+        response = await super().non_streaming_completion(request, pipes)
+        for i, choice in enumerate(response.choices):
+            choice.finish_reason = reasons.get(i, "stop")
+        return response
+
+
+async def _finish_reasons(responses, reasons: dict[int, str], index: int):
+    """Pass a worker's responses through, noting the finish reason its last message carries."""
+    async for response, status in responses:
+        if status == LitAPIStatus.OK:
+            reason = json.loads(response).get(FINISH)
+            if reason:
+                reasons[index] = reason
+        yield response, status
 
 
 def openai_error(status: int, message: str) -> JSONResponse:

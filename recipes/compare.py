@@ -102,6 +102,7 @@ def main(
     eval_blocks: int = 256,
     books_dir: Path | None = Path("data/gutenberg"),
     width: int | None = None,
+    groups: list[str] = list(GROUPS),  # noqa: B006
 ) -> Path:
     """Run (or reuse) the six runs and write `out_dir/README.md` with plots.
 
@@ -124,8 +125,14 @@ def main(
             and bits per byte.
         books_dir: the raw books, routed through the first MoE run to show what its experts learned (None: skip).
         width: with a CPU preset, the tiny family at another width (64, 256 or 384; 128 is the preset's own): the
-            models `phi-2-moe-tiny-<width>` and `phi-2-tiny-twin-<width>`, reported under `...-w<width>`.
+            models `phi-2-moe-tiny-<width>` and `phi-2-tiny-twin-<width>`, reported under `...-w<width>`. The
+            preset's own report then gains a width-sweep section from every `...-w<width>` run directory.
+        groups: which of the three groups to run (a width sweep needs only `moe-gutenberg` and
+            `dense-twin-gutenberg`).
     """
+    unknown = set(groups) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"--groups: unknown {sorted(unknown)}; choose from {list(GROUPS)}")
     if preset is not None:
         name = {"tiny": "cpu-tiny", "cpu-5m": "cpu-5m", "gpu": "gpu"}[preset]
         out_dir, runs_dir = Path(f"reports/pretrain-{name}"), Path(f"out/compare-{name}")
@@ -153,13 +160,34 @@ def main(
         _run(f"{name}-seed{seed}", group, seed, runs_dir, report_only, [*args, "--seed", str(seed)])
         for seed in seeds
         for name, group, args in plans
+        if group in groups
     ]
     runs = [r for r in runs if r.train]
     if not runs:
         raise SystemExit(f"No finished runs under {runs_dir}")
     for run in runs:
         run.held_out = held_out(run, gutenberg_dir, eval_blocks)
-    return write_report(runs, Path(out_dir), litgpt_data, books_dir)
+    sweep = {}
+    if width is None and preset in ("tiny", "cpu-5m"):
+        sweep = {128: runs}
+        for directory in sorted(Path(runs_dir).parent.glob(f"{Path(runs_dir).name}-w*")):
+            found = _finished_runs(directory, seeds, gutenberg_dir, eval_blocks)
+            if found:
+                sweep[int(directory.name.rsplit("-w", 1)[1])] = found
+    return write_report(runs, Path(out_dir), litgpt_data, books_dir, sweep if len(sweep) > 1 else None)
+
+
+def _finished_runs(runs_dir: Path, seeds: list[int], gutenberg_dir: Path, eval_blocks: int) -> list[Run]:
+    """The finished MoE and dense-twin runs of a width-sweep directory, with their held-out scores."""
+    runs = []
+    for seed in seeds:
+        for group in ("moe-gutenberg", "dense-twin-gutenberg"):
+            out = runs_dir / f"{group}-seed{seed}"
+            if (out / "final" / "lit_model.pth").is_file():
+                run = load_run(out.name, group, seed, out)
+                run.held_out = held_out(run, gutenberg_dir, eval_blocks)
+                runs.append(run)
+    return runs
 
 
 def _run(name: str, group: str, seed: int, runs_dir: Path, report_only: bool, args: list) -> Run:
@@ -273,8 +301,14 @@ def _experts_section(moe: Run, books_dir: Path, out_dir: Path) -> list[str]:
     return [summary.replace("## What the experts learn\n", note, 1), ""]
 
 
-def write_report(runs: list[Run], out_dir: Path, litgpt_data: str, books_dir: Path | None = None) -> Path:
-    """Plots and `README.md` of the study."""
+def write_report(
+    runs: list[Run],
+    out_dir: Path,
+    litgpt_data: str,
+    books_dir: Path | None = None,
+    sweep: dict[int, list[Run]] | None = None,
+) -> Path:
+    """Plots and `README.md` of the study; `sweep` (width -> its MoE and twin runs) adds the width-sweep section."""
     out_dir.mkdir(parents=True, exist_ok=True)
     _loss_plot(runs, "tokens", "tokens", out_dir / "loss_vs_tokens.png")
     _loss_plot(runs, "elapsed_s", "wall-clock seconds", out_dir / "loss_vs_time.png")
@@ -334,6 +368,8 @@ def write_report(runs: list[Run], out_dir: Path, litgpt_data: str, books_dir: Pa
         ]
     if litgpt_data == "gutenberg" and "litgpt-dense" in by_group and "dense-twin-gutenberg" in by_group:
         lines += _loop_check(by_group["dense-twin-gutenberg"], by_group["litgpt-dense"])
+    if sweep:
+        lines += _sweep_section(sweep, out_dir / "width_sweep.png")
     lines += [
         "## Plots",
         "",
@@ -379,6 +415,48 @@ def _loop_check(ours: list[Run], litgpt: list[Run]) -> list[str]:
         "global batch is split.",
         "",
     ]
+
+
+def _sweep_section(sweep: dict[int, list[Run]], plot: Path) -> list[str]:
+    """MoE minus dense twin per model width, on the same tokens: does the MoE's advantage grow with scale?"""
+    lines = [
+        "## Width sweep: MoE vs dense twin as the model grows",
+        "",
+        "The same tokens and settings at each width (128 is the study above); held-out loss and bits/byte as in the "
+        "table above, mean over the seeds run at that width. Δ = MoE − twin: negative means the MoE is better.",
+        "",
+        "| width | seeds | active params | MoE held-out | twin held-out | Δ loss | Δ bits/byte | MoE/twin tokens/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    points = []
+    for width in sorted(sweep):
+        moe = [r for r in sweep[width] if r.group == "moe-gutenberg" and r.held_out]
+        twin = [r for r in sweep[width] if r.group == "dense-twin-gutenberg" and r.held_out]
+        if not moe or not twin:
+            continue
+        loss = [statistics.mean(r.held_out[k] for r in rs) for rs in (moe, twin) for k in ("loss", "bits_per_byte")]
+        speed = statistics.mean(r.tokens_per_s for r in moe) / statistics.mean(r.tokens_per_s for r in twin)
+        points.append((moe[0].active, loss[0] - loss[2]))
+        lines.append(
+            f"| {width} | {len(moe)} | {moe[0].active / 1e6:.2f}M | {loss[0]:.4f} | {loss[2]:.4f} "
+            f"| {loss[0] - loss[2]:+.4f} | {loss[1] - loss[3]:+.4f} | {speed:.2f}× |"
+        )
+    if len(points) > 1:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(xscale="log", xlabel="active parameters (no embeddings)", ylabel="held-out loss: MoE − twin (nats)")
+        ax.set_title("MoE vs dense twin across widths (below 0: MoE better)")
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        plt.close(fig)
+        first, last = points[0][1], points[-1][1]
+        better = "MoE" if last < 0 else "dense twin"
+        moves = "grows" if last < first else "shrinks"
+        lines += ["", f"![width sweep]({plot.name})", "", f"Δ moves from {first:+.4f} at the smallest width to "
+                  f"{last:+.4f} at the largest: the MoE's standing against its twin {moves} with width, and at the "
+                  f"largest width the {better} is ahead.", ""]  # fmt: skip
+    return lines + [""]
 
 
 def _mean_spread(values: list[float | None], digits: int = 3) -> str:

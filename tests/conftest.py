@@ -9,7 +9,10 @@ DATA = REPO / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("USE_TORCH_XLA", "0")  # see litgpt_mm/__init__.py; child processes inherit it
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# `make test` runs two pytest-xdist workers: each (and every child process it starts) gets its share of the cores
+THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +56,7 @@ def run_python(args: list[str], timeout: float = 600, **kwargs):
     import subprocess
     import sys
 
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONHASHSEED": "0", **kwargs.pop("env", {})}
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONHASHSEED": "0", **kwargs.pop("env", {})}
     proc = subprocess.run(
         [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kwargs
     )

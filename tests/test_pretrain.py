@@ -232,3 +232,29 @@ def test_our_loop_matches_litgpt_pretrain_on_the_same_seed(prepared_gutenberg, t
         run.held_out, run.group = h, "dense-twin-gutenberg" if run.name == "ours" else "litgpt-dense"
     report = compare.write_report(runs, tmp_path / "report", "gutenberg").read_text()
     assert f"{held[0]['bits_per_byte']:.4f}" in report and "bits/byte" in report and "Hardware: CPU" in report
+
+
+def test_width_sweep_section_reports_moe_minus_twin_per_width(tmp_path):
+    """The sweep table pairs each width's MoE and twin runs: Δ = MoE − twin from their held-out scores, the
+    throughput ratio, and a plot; a width missing one of the two is left out."""
+    compare = load_script("recipes/compare.py")
+
+    def run(group: str, width: int, loss: float, tokens_per_s: float):
+        r = compare.Run(f"{group}-w{width}", group, 1, tmp_path / group, active=width * 10_000)
+        r.held_out = {"loss": loss, "bits_per_byte": loss / 2}
+        r.train = [{"tokens_per_s": 1.0}, {"tokens_per_s": tokens_per_s}]
+        return r
+
+    sweep = {
+        64: [run("moe-gutenberg", 64, 5.30, 8.0), run("dense-twin-gutenberg", 64, 5.20, 10.0)],
+        128: [run("moe-gutenberg", 128, 4.90, 6.0), run("dense-twin-gutenberg", 128, 4.95, 8.0)],
+        256: [run("moe-gutenberg", 256, 4.50, 3.0)],  # its twin has not finished
+    }
+    lines = compare._sweep_section(sweep, tmp_path / "sweep.png")
+    rows = [line for line in lines if line.startswith("| 64 ") or line.startswith("| 128 ") or "| 256 " in line]
+    assert len(rows) == 2
+    assert "+0.1000" in rows[0] and "+0.0500" in rows[0] and "0.80×" in rows[0]
+    assert "-0.0500" in rows[1] and "-0.0250" in rows[1] and "0.75×" in rows[1]
+    assert (tmp_path / "sweep.png").is_file()
+    assert any("from +0.1000 at the smallest width to -0.0500" in line and "grows" in line and "MoE is ahead" in line
+               for line in lines)  # fmt: skip

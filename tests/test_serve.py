@@ -135,6 +135,10 @@ def test_greedy_answer_equals_the_cli_streamed_or_not(server, local, checkpoints
     chunks = list(ask(server, [user("What is in the cup?", IMAGE)], stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).rstrip() == cli
     assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    reason = "length" if out.usage.completion_tokens == 12 else "stop"  # cut by max_tokens, or ended by EOS
+    assert out.choices[0].finish_reason == reason and chunks[-1].choices[0].finish_reason == reason
+    short = ask(server, [user("What is in the cup?", IMAGE)], max_tokens=1)  # the answer's first token is not EOS
+    assert short.usage.completion_tokens == 1 and short.choices[0].finish_reason == "length"
 
 
 def test_multi_turn_and_several_images_in_order(server, local):
@@ -176,8 +180,9 @@ def test_stop_strings_end_the_answer_before_them(server):
     assert len(words) >= 3, full
     cut = ask(server, [user("Describe the scene.", IMAGE2)], max_tokens=16, stop=[words[2]]).choices[0].message.content
     assert cut == full[: full.index(words[2])]
-    chunks = ask(server, [user("Describe the scene.", IMAGE2)], max_tokens=16, stop=[words[2]], stream=True)
+    chunks = list(ask(server, [user("Describe the scene.", IMAGE2)], max_tokens=16, stop=[words[2]], stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == cut
+    assert chunks[-1].choices[0].finish_reason == "stop"  # a stop string, not the token limit
 
 
 def _post(server, body: bytes, key: str | None = KEY, path: str = "/v1/chat/completions"):
