@@ -24,6 +24,7 @@ loop and the grouped path share one state dict.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,9 @@ class MoE(nn.Module):
         self.z_loss: torch.Tensor | None = None
         self.stats: MoEStats | None = None
         self.fused_glue: bool | None = None
+        # set by `litgpt_mm.expert_parallel.shard_experts`: this rank then holds only its `n_expert / N` experts and
+        # `forward` exchanges tokens with the other ranks of the expert-parallel group
+        self.expert_parallel = None
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
@@ -124,11 +128,14 @@ class MoE(nn.Module):
         ones = torch.ones(top_idx.numel(), device=x.device, dtype=torch.float32)
         tokens_per_expert = torch.zeros(E, device=x.device, dtype=torch.float32)
         tokens_per_expert.index_add_(0, top_idx.reshape(-1), ones)
+        aux_loss = z_loss = None
         if self.training and torch.is_grad_enabled():
-            self.aux_loss = load_balancing_loss(probs, tokens_per_expert, k)
-            self.z_loss = router_z_loss(logits)
-        else:
-            self.aux_loss = self.z_loss = None
+            aux_loss, z_loss = load_balancing_loss(probs, tokens_per_expert, k), router_z_loss(logits)
+        if torch._C._current_graph_task_id() != -1:
+            # recomputed inside the backward (activation checkpointing): the same ops run, but the forward's losses
+            # and statistics stand; keeping these would hold every recomputed block's activations alive
+            return gates, top_idx
+        self.aux_loss, self.z_loss = aux_loss, z_loss
         with torch.no_grad():
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
             cv = tokens_per_expert.std(unbiased=False) / tokens_per_expert.mean().clamp_min(1e-9)
@@ -142,7 +149,9 @@ class MoE(nn.Module):
         impl = self.config.moe_impl
         if impl == "auto":
             impl = "static" if x.device.type == "xla" else "grouped"
-        if impl == "loop":
+        if self.expert_parallel is not None:
+            y = self.expert_parallel.forward(self, x, gates, top_idx)
+        elif impl == "loop":
             y = self._forward_loop(x, gates, top_idx)
         elif impl == "static":
             y = self._forward_static(x, gates, top_idx)
@@ -190,16 +199,26 @@ class MoE(nn.Module):
             return self._forward_fused(x, gates, top_idx, order, inv_order, counts, dtype)
 
         xs = _GatherSlots.apply(x, order, inv_order, k)
-        if _grouped_mm_available(x.device, dtype):
-            sorted_expert = flat_expert.index_select(0, order)
-            h = self._act(grouped_linear(xs, self.w1, self.b1, counts, sorted_expert, dtype))
-            out = grouped_linear(h, self.w2, self.b2, counts, sorted_expert, dtype)
-        else:
-            b1, b2 = (None, None) if self.b1 is None else (self.b1.to(dtype), self.b2.to(dtype))
-            args = (xs.to(dtype), self.w1.to(dtype), b1, self.w2.to(dtype), b2)
-            out = _SegmentMLP.apply(*args, counts.tolist(), self.config.gelu_approximate)
+        out = self.run_experts(xs, counts, lambda: flat_expert.index_select(0, order), dtype)
         out = _Permute.apply(out, inv_order, order).view(x.size(0), k, x.size(-1))
         return (out * gates.unsqueeze(-1).to(out.dtype)).sum(dim=1)
+
+    def run_experts(
+        self,
+        xs: torch.Tensor,
+        counts: torch.Tensor,
+        sorted_expert: Callable[[], torch.Tensor],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """This module's experts on rows grouped by expert: `counts[e]` contiguous rows for expert e (of `w1`), in
+        `dtype`. `sorted_expert()` gives each row's expert (only the grouped matmul's bias needs it)."""
+        if _grouped_mm_available(xs.device, dtype):
+            experts = sorted_expert()
+            h = self._act(grouped_linear(xs, self.w1, self.b1, counts, experts, dtype))
+            return grouped_linear(h, self.w2, self.b2, counts, experts, dtype)
+        b1, b2 = (None, None) if self.b1 is None else (self.b1.to(dtype), self.b2.to(dtype))
+        args = (xs.to(dtype), self.w1.to(dtype), b1, self.w2.to(dtype), b2)
+        return _SegmentMLP.apply(*args, counts.tolist(), self.config.gelu_approximate)
 
     def _use_fused_glue(self, device: torch.device, dtype: torch.dtype) -> bool:
         if self.fused_glue is not None:

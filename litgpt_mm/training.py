@@ -7,6 +7,9 @@ A stage (pretraining, alignment, instruction tuning) supplies a `loss_fn(batch) 
 * a progress bar, `train_log.csv` / `val_log.csv` / `expert_load.csv` and TensorBoard events under `out_dir/logs`;
 * checkpoints `out_dir/step-XXXXXX/` written to a temporary directory and renamed into place, holding the stage's
   artefacts plus `training_state.pth` (optimizer, data position, counters, RNG), and `out_dir/final/` at the end;
+  under a strategy that shards the model (FSDP) every rank writes only its shards instead: model, optimizer and
+  training state go to `step-XXXXXX/sharded/` (`torch.distributed.checkpoint`, through Fabric), which a run on
+  another number of ranks resumes and `scripts/consolidate_checkpoint.py` turns into litgpt's `lit_model.pth`;
 * `resume="auto"` picks the newest complete checkpoint and continues the same run: same data order, same RNG, same
   optimizer state, so the loss curve continues as if never interrupted.
 """
@@ -47,6 +50,7 @@ PRETRAIN_TRAIN = TrainArgs(
 )
 PRETRAIN_EVAL = EvalArgs(interval=1000, max_iters=100, initial_validation=True)
 STATE_FILE = "training_state.pth"
+SHARDED_DIR = "sharded"  # a sharded checkpoint: model, optimizer and training state, one file per rank
 
 
 @dataclass
@@ -59,6 +63,9 @@ class Stage:
         tokens_fn: micro-batch -> number of tokens it holds (throughput and MFU).
         flops_per_token: training FLOPs per token on active parameters, for MFU (None: not logged).
         on_eval: optional callback `(step) -> dict` for extra evaluation outputs (e.g. generated captions).
+        finish_gradients: optional `(max_norm) -> None` called once per step after the last backward, instead of
+            Fabric's gradient clipping: reduces the gradients the strategy does not (expert-parallel experts) and
+            clips by the global norm (`max_norm` 0 or None: no clipping).
     """
 
     loss_fn: Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -66,12 +73,29 @@ class Stage:
     tokens_fn: Callable[[Any], int]
     flops_per_token: float | None = None
     on_eval: Callable[[int], dict[str, Any]] | None = None
+    finish_gradients: Callable[[float | None], Any] | None = None
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is a checkpoint directory `fit` wrote (single-file or sharded)."""
+    return (Path(path) / STATE_FILE).is_file() or (Path(path) / SHARDED_DIR).is_dir()
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """Newest complete `step-*` checkpoint in `out_dir` (incomplete ones never get their final name)."""
-    found = sorted(p for p in Path(out_dir).glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file())
+    found = sorted(p for p in Path(out_dir).glob(f"{CHECKPOINT_PREFIX}*") if is_checkpoint(p))
     return found[-1] if found else None
+
+
+def sharded_checkpoints(fabric: L.Fabric) -> bool:
+    """Whether `fit` writes sharded checkpoints: under a strategy that shards the model (Fabric's FSDP with a sharded
+    state dict, or FSDP2 through `ModelParallelStrategy`). Other runs write the single-file layout."""
+    from lightning.fabric.strategies import FSDPStrategy, ModelParallelStrategy
+
+    strategy = fabric.strategy
+    if isinstance(strategy, FSDPStrategy):
+        return strategy._state_dict_type == "sharded"
+    return isinstance(strategy, ModelParallelStrategy)
 
 
 def resolve_resume(resume: bool | str | Path, out_dir: Path) -> Path | None:
@@ -89,8 +113,10 @@ def resolve_resume(resume: bool | str | Path, out_dir: Path) -> Path | None:
     if resume is True or resume == "auto":
         return latest_checkpoint(out_dir)
     path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"--resume {path}: no {STATE_FILE} there; pass a step-* directory or 'auto'")
+    if not is_checkpoint(path):
+        raise FileNotFoundError(
+            f"--resume {path}: no {STATE_FILE} or {SHARDED_DIR}/ there; pass a step-* directory or 'auto'"
+        )
     return path
 
 
@@ -162,7 +188,11 @@ class Logs:
 
 
 def save_checkpoint(fabric: L.Fabric, stage: Stage, state: dict, ckpt_dir: Path) -> None:
-    """Write the stage's artefacts and the training state into `ckpt_dir` atomically (temp dir, then rename)."""
+    """Write the stage's artefacts and the training state into `ckpt_dir` atomically (temp dir, then rename).
+
+    Under a sharding strategy (`sharded_checkpoints`) the model goes with the training state into `SHARDED_DIR`, one
+    file per rank; the stage's `save_fn` then writes only its other artefacts.
+    """
     tmp = ckpt_dir.with_name(f".{ckpt_dir.name}.tmp")
     if fabric.global_rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
@@ -174,8 +204,11 @@ def save_checkpoint(fabric: L.Fabric, stage: Stage, state: dict, ckpt_dir: Path)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    training_state = {k: v for k, v in state.items() if k != "model"}
-    fabric.save(tmp / STATE_FILE, {**training_state, "rng": rng})
+    if sharded_checkpoints(fabric):
+        fabric.save(tmp / SHARDED_DIR, {**state, "rng": rng, "world_size": fabric.world_size})
+    else:
+        training_state = {k: v for k, v in state.items() if k != "model"}
+        fabric.save(tmp / STATE_FILE, {**training_state, "rng": rng, "world_size": fabric.world_size})
     fabric.barrier()
     if fabric.global_rank == 0:
         if ckpt_dir.exists():
@@ -191,11 +224,77 @@ def load_training_state(fabric: L.Fabric, state: dict, ckpt_dir: Path) -> None:
     training_state = {k: v for k, v in state.items() if k != "model"}
     remainder = fabric.load(ckpt_dir / STATE_FILE, training_state)
     state.update({k: v for k, v in training_state.items()})
-    rng = remainder.get("rng") if remainder else None
+    _restore_rng_and_position(fabric, state, remainder or {})
+
+
+def _restore_rng_and_position(fabric: L.Fabric, state: dict, remainder: dict) -> None:
+    rng = remainder.get("rng")
     if rng:
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+    # on another number of ranks: the same samples were consumed (each rank reads a stride of one permutation), so
+    # every rank continues at the same global position
+    saved_world = remainder.get("world_size", fabric.world_size)
+    loader = state.get("train_dataloader")
+    if saved_world != fabric.world_size and hasattr(loader, "batches_served"):
+        consumed = loader.batches_served * saved_world
+        if consumed % fabric.world_size:
+            raise ValueError(
+                f"the checkpoint was written by {saved_world} ranks after {consumed} micro-batches, which "
+                f"{fabric.world_size} ranks cannot split evenly: resume on a divisor of {consumed} ranks"
+            )
+        loader.batches_served = consumed // fabric.world_size
+
+
+def load_sharded_checkpoint(fabric: L.Fabric, state: dict, ckpt_dir: Path) -> None:
+    """Restore model, optimizer, data position, counters and RNG from `ckpt_dir/SHARDED_DIR`, on any number of
+    ranks: a sharding strategy reshards it (`torch.distributed.checkpoint`), any other run loads it whole."""
+    path = Path(ckpt_dir) / SHARDED_DIR
+    loader = state["train_dataloader"]
+    state.setdefault("tokens", 0)
+    state.setdefault("elapsed", 0.0)
+    if sharded_checkpoints(fabric):
+        # Fabric's sharded load restores modules and optimizers in place and *replaces* the other entries
+        request = {k: v for k, v in state.items() if k != "train_dataloader"}
+        remainder = fabric.load(path, request)
+        state.update({k: v for k, v in request.items() if k not in ("model", "optimizer")})
+    else:
+        remainder = consolidate_sharded(path)
+        model, optimizer = state["model"], state["optimizer"]
+        inner = getattr(model, "module", model)
+        inner = getattr(inner, "_orig_mod", inner)
+        inner.load_state_dict(remainder.pop("model"))
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        optimizer.load_state_dict(index_optimizer_state(remainder.pop("optimizer"), inner, optimizer))
+        for key in [k for k in state if k not in ("model", "optimizer", "train_dataloader")]:
+            if key in remainder:
+                state[key] = remainder.pop(key)
+    loader.load_state_dict(remainder.pop("train_dataloader"))
+    _restore_rng_and_position(fabric, state, remainder)
+
+
+def consolidate_sharded(path: Path) -> dict[str, Any]:
+    """The whole content of a sharded checkpoint directory in one process (no process group): `model` (litgpt's
+    state-dict keys), `optimizer` (keyed by parameter name), and the training state. Needs the whole model in CPU
+    memory."""
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    return _load_distributed_checkpoint(Path(path))
+
+
+def index_optimizer_state(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A name-keyed optimizer state dict (`torch.distributed.checkpoint`'s) in `optimizer.load_state_dict`'s
+    layout: parameters numbered in the order of `optimizer.param_groups`."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    index, groups = {}, []
+    for saved, group in zip(state["param_groups"], optimizer.param_groups, strict=True):
+        ids = []
+        for p in group["params"]:
+            index[names[id(p)]] = len(index)
+            ids.append(index[names[id(p)]])
+        groups.append({**saved, "params": ids})
+    return {"state": {index[n]: v for n, v in state["state"].items()}, "param_groups": groups}
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -290,7 +389,9 @@ def fit(
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
             step_tokens += stage.tokens_fn(batch)
-        if train.max_norm:
+        if stage.finish_gradients is not None:
+            stage.finish_gradients(train.max_norm)
+        elif train.max_norm:
             fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

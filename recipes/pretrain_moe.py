@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 import shutil
 import sys
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
-from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
+from lightning.fabric.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.config import find_multiple
 from litgpt.pretrain import initialize_weights
@@ -32,16 +33,28 @@ from litgpt_mm.checkpoint import load_tokenizer, save_config  # noqa: E402
 from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.config import Config  # noqa: E402
 from litgpt_mm.data.tokens import TokenShards  # noqa: E402
+from litgpt_mm.expert_parallel import (  # noqa: E402
+    check_expert_parallel,
+    ddp_ignore_experts,
+    expert_parallel_mesh,
+    expert_parameters,
+    finish_gradients,
+    shard_experts,
+    shard_optimizer_state,
+)
 from litgpt_mm.flops import active_params, training_flops_per_token, warn_if_slow_bf16  # noqa: E402
 from litgpt_mm.model import GPT, Block  # noqa: E402
 from litgpt_mm.moe import MoE  # noqa: E402
 from litgpt_mm.training import (  # noqa: E402
     PRETRAIN_EVAL,
     PRETRAIN_TRAIN,
+    SHARDED_DIR,
     Stage,
     fit,
+    load_sharded_checkpoint,
     load_training_state,
     resolve_resume,
+    sharded_checkpoints,
 )
 
 DEFAULT_OPTIMIZER = {
@@ -65,6 +78,7 @@ def setup(
     activation_checkpointing: bool = False,
     compile: bool = False,
     strategy: Literal["auto", "fsdp"] = "auto",
+    expert_parallel: int = 1,
     resume: bool | Literal["auto"] | Path = False,
     seed: int = 42,
     num_workers: int = 2,
@@ -87,7 +101,13 @@ def setup(
         activation_checkpointing: recompute each block in the backward pass.
         compile: `torch.compile` the model.
         strategy: `auto` (FSDP on several GPUs, DDP over gloo on several CPU processes, else one device) or `fsdp`
-            (FSDP even on one GPU).
+            (FSDP even on one GPU; on CPU processes, FSDP2 over gloo). FSDP runs write sharded checkpoints (one file
+            per rank, resumable on another number of ranks; `scripts/consolidate_checkpoint.py` makes
+            `lit_model.pth`); the others write litgpt's single file.
+        expert_parallel: split the experts of each MoE layer over this many ranks (consecutive ranks form a group;
+            it must divide `n_expert` and the world size). Dense parameters stay data-parallel over all ranks (DDP,
+            or FSDP with `--strategy fsdp`); checkpoints keep the single-device layout of the experts, so a resume
+            may change it. 1: off.
         resume: `auto` continues the newest checkpoint in `out_dir`, or pass a `step-*` directory.
         seed: initialisation and data-order seed.
         num_workers: DataLoader workers.
@@ -103,19 +123,26 @@ def setup(
     if T > config.block_size:
         raise ValueError(f"--train.max_seq_length {T} exceeds {config.name}'s block_size {config.block_size}")
     config = config.replace(vocab_size=vocab, padded_vocab_size=find_multiple(vocab, 64))
+    if (resume_dir := resolve_resume(resume, out_dir)) is not None:
+        check_resume_config(resume_dir, config)
 
     cuda = torch.cuda.is_available()
     precision = precision or ("bf16-mixed" if cuda else "32-true")
     warn_if_slow_bf16("cuda" if cuda else "cpu", precision)
     n_devices = (torch.cuda.device_count() if cuda else 1) if devices == "auto" else int(devices)
-    if strategy == "fsdp" and not cuda:
-        raise ValueError("--strategy fsdp needs CUDA devices; on CPU several processes use DDP over gloo")
+    check_expert_parallel(expert_parallel, config.n_expert, n_devices * num_nodes)
     if n_devices * num_nodes > 1 or strategy == "fsdp":
-        if cuda:
+        if strategy == "fsdp" and (not cuda or expert_parallel > 1):  # FSDP2: on CPU processes, or with experts split
+            world = n_devices * num_nodes
+            parallelize = partial(fully_shard_blocks, expert_parallel=expert_parallel)
+            strategy = ModelParallelStrategy(parallelize, data_parallel_size=world, tensor_parallel_size=1)
+        elif expert_parallel > 1:
+            strategy = DDPStrategy(process_group_backend="nccl" if cuda else "gloo")
+        elif cuda:
             strategy = FSDPStrategy(
                 auto_wrap_policy={Block},
                 activation_checkpointing_policy={Block} if activation_checkpointing else None,
-                state_dict_type="full",
+                state_dict_type="sharded",
                 sharding_strategy="HYBRID_SHARD" if num_nodes > 1 else "FULL_SHARD",
             )
         else:
@@ -129,8 +156,48 @@ def setup(
     )
     return fabric.launch(
         main, config, data_dir, out_dir, tokenizer, train, eval, optimizer, activation_checkpointing, compile,
-        resume, seed, num_workers,
+        resume, seed, num_workers, expert_parallel,
     )  # fmt: skip
+
+
+def fully_shard_blocks(model: torch.nn.Module, device_mesh, expert_parallel: int = 1) -> torch.nn.Module:
+    """`ModelParallelStrategy`'s `parallelize_fn`: FSDP2 over all ranks, one unit per block. With expert parallelism
+    the experts are first split over the `ep` dimension of a `dp × ep` mesh and left out of FSDP."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    inner = getattr(model, "_orig_mod", model)
+    mesh = device_mesh["data_parallel"]
+    ignored = None
+    if expert_parallel > 1:
+        shard_experts(inner, expert_parallel_mesh(mesh.device_type, mesh.size(), expert_parallel))
+        ignored = set(expert_parameters(inner))
+    for block in inner.transformer.h:
+        fully_shard(block, mesh=mesh, ignored_params=ignored)
+    fully_shard(inner, mesh=mesh, ignored_params=ignored)
+    if mesh.device_type == "cpu":  # gloo sums where FSDP2 asks for ReduceOp.AVG: reduce with SUM and divide instead
+        for module in inner.modules():
+            if isinstance(module, FSDPModule):
+                module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def check_resume_config(resume_dir: Path, config: Config) -> None:
+    """One line if `resume_dir` was written for another model than `config` (before any work)."""
+    saved_file = resume_dir / "model_config.yaml"
+    if not saved_file.is_file():
+        return
+    saved, current = asdict(Config.from_file(saved_file)), asdict(config)
+    ignored = ("name", "hf_config", "moe_impl")  # no bearing on the weights
+    diff = [
+        f"{k}: {saved.get(k)!r} there, {current[k]!r} here"
+        for k in current
+        if k not in ignored and saved.get(k) != current[k]
+    ]
+    if diff:
+        raise ValueError(
+            f"--resume {resume_dir} holds another model configuration ({'; '.join(diff[:3])}): resume with the "
+            "configuration it was trained with, or start a fresh --out_dir"
+        )
 
 
 def main(
@@ -147,6 +214,7 @@ def main(
     resume: bool | str | Path,
     seed: int,
     num_workers: int,
+    expert_parallel: int = 1,
 ) -> dict[str, float]:
     resume_dir = resolve_resume(resume, out_dir)
     fabric.seed_everything(seed)
@@ -157,7 +225,10 @@ def main(
     data.prepare_data()
 
     # as litgpt's pretrain: no default init (initialize_weights sets every parameter), so a seed gives litgpt's weights
-    with fabric.init_module(empty_init=True):
+    # FSDP2 on CPU processes: DTensor's random init of a meta-device model repeats one shard's values on every rank,
+    # so every rank initialises the whole model (same seed) and `fully_shard` splits it
+    cpu_fsdp = isinstance(fabric.strategy, ModelParallelStrategy) and fabric.device.type == "cpu"
+    with fabric.init_module(empty_init=not cpu_fsdp):
         model = GPT(config)
     for m in model.modules():
         if isinstance(m, MoE):
@@ -172,15 +243,25 @@ def main(
         f"{config.name}: {num_parameters(model) / 1e6:.1f}M parameters, {active_params(model) / 1e6:.1f}M active "
         f"(embeddings excluded), {len(model.moe_layers)} MoE layers, vocab {config.vocab_size}"
     )
+    ddp_experts = expert_parallel > 1 and not isinstance(fabric.strategy, ModelParallelStrategy)  # else FSDP2's
+    if ddp_experts:  # every rank initialised all experts alike: keep this rank's share
+        shard_experts(model, expert_parallel_mesh(fabric.device.type, fabric.world_size, expert_parallel))
     if compile:
         model = torch.compile(model)
+    if ddp_experts:
+        ddp_ignore_experts(model)
     model = fabric.setup(model)
     optimizer = instantiate_torch_optimizer(optimizer_spec, model.parameters())
+    if expert_parallel > 1:
+        shard_optimizer_state(optimizer, model)
     optimizer = fabric.setup_optimizers(optimizer)
     learning_rate = optimizer.param_groups[0]["lr"]
     train_loader, val_loader = data.train_dataloader(), data.val_dataloader()
     state = {"model": model, "optimizer": optimizer, "train_dataloader": train_loader, "step": 0, "tokens": 0}
-    if resume_dir is not None:
+    if resume_dir is not None and (resume_dir / SHARDED_DIR).is_dir():
+        load_sharded_checkpoint(fabric, state, resume_dir)
+        fabric.print(f"Resumed from {resume_dir} at step {state['step']}")
+    elif resume_dir is not None:
         fabric.load(resume_dir / "lit_model.pth", {"model": model})
         load_training_state(fabric, state, resume_dir)
         fabric.print(f"Resumed from {resume_dir} at step {state['step']}")
@@ -197,7 +278,8 @@ def main(
         return total, {"loss": lm, "aux_loss": aux, "z_loss": z}
 
     def save_fn(ckpt_dir: Path) -> None:
-        fabric.save(ckpt_dir / "lit_model.pth", {"model": model})
+        if not sharded_checkpoints(fabric):  # else the weights go into `fit`'s sharded checkpoint
+            fabric.save(ckpt_dir / "lit_model.pth", {"model": model})
         if fabric.global_rank == 0:
             save_config(config, ckpt_dir)
             for f in (data_dir / "tokenizer").iterdir():
@@ -205,7 +287,15 @@ def main(
 
     tokens_per_step = train.global_batch_size * T
     max_steps = train.max_steps or max(1, (train.max_tokens or tokens_per_step) // tokens_per_step)
-    stage = Stage(loss_fn, save_fn, tokens_fn=lambda b: b[:, :-1].numel(), flops_per_token=flops_per_token)
+
+    def finish_fn(max_norm: float | None) -> None:
+        fabric.strategy.precision.unscale_gradients(getattr(optimizer, "optimizer", optimizer))
+        finish_gradients(inner, max_norm)
+
+    stage = Stage(
+        loss_fn, save_fn, tokens_fn=lambda b: b[:, :-1].numel(), flops_per_token=flops_per_token,
+        finish_gradients=finish_fn if expert_parallel > 1 else None,
+    )  # fmt: skip
     result = fit(
         fabric, stage, state, out_dir=out_dir, train=train, eval=eval, max_steps=max_steps,
         learning_rate=learning_rate, val_loader=val_loader, resumed_from=resume_dir,

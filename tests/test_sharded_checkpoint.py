@@ -1,0 +1,113 @@
+"""Sharded checkpoints on CPU: `recipes/pretrain_moe.py --strategy fsdp` (FSDP2 over gloo) writes one shard per rank,
+resumes on 2 ranks and on 1, and `scripts/consolidate_checkpoint.py` gives litgpt's single-file layout."""
+
+import csv
+
+import pytest
+import torch
+from conftest import load_script, pretrain_setup, run_python
+
+from litgpt_mm.checkpoint import save_config
+from litgpt_mm.config import Config
+from litgpt_mm.model import load_model
+
+
+def _read_log(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _args(data_dir, out_dir, **overrides) -> list[str]:
+    args = ["recipes/pretrain_moe.py", "--config", "recipes/configs/pretrain_moe_tiny.yaml", "--num_workers", "0"]
+    args += ["--data_dir", str(data_dir), "--out_dir", str(out_dir)]
+    for key, value in overrides.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def _close(got: list[dict], want: list[dict], columns: tuple[str, ...], abs_tol: float) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want, strict=True):
+        for c in columns:
+            assert float(g[c]) == pytest.approx(float(w[c]), abs=abs_tol), (g["step"], c, g[c], w[c])
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_resumes_on_two_and_on_one_rank_and_consolidates(prepared_gutenberg, tmp_path):
+    """Save on 2 FSDP ranks (one `.distcp` per rank, no `lit_model.pth`); resume step 2 on 2 FSDP ranks, on one
+    plain process, and on 2 FSDP ranks with the experts split over them (`--expert_parallel 2`): all continue the
+    uninterrupted curve; the consolidated final weights load with `load_model` and equal the single-process
+    continuation's `lit_model.pth`."""
+    # no balance loss: one process accumulates other micro-batches than two ranks (the sampler strides ranks), and
+    # the balance loss, unlike the token means, depends on how a step's sequences are split into micro-batches
+    save_config(Config.from_name("phi-2-moe-tiny", n_layer=2, moe_aux_loss_coef=0.0), tmp_path)
+    common = {
+        "model_config": tmp_path / "model_config.yaml",
+        "train.max_steps": 4,
+        "train.save_interval": 2,
+        "train.lr_warmup_steps": 2,
+        "train.log_interval": 1,
+        "train.micro_batch_size": 4,
+        "train.global_batch_size": 8,
+        "train.max_seq_length": 32,
+        "eval.interval": 4,
+        "eval.max_iters": 2,
+    }
+    step2 = tmp_path / "two" / "step-000002"
+    runs = {
+        "two": dict(devices=2, strategy="fsdp"),
+        "two_resumed": dict(devices=2, strategy="fsdp", resume=step2),
+        "one_resumed": dict(devices=1, resume=step2),
+        "ep_resumed": dict(devices=2, strategy="fsdp", expert_parallel=2, resume=step2),  # FSDP × experts split
+    }
+    for name, extra in runs.items():
+        proc = run_python(_args(prepared_gutenberg, tmp_path / name, **common, **extra))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if "resume" in extra:
+            assert "Resumed from" in proc.stdout and "at step 2" in proc.stdout
+    shards = sorted(p.name for p in (step2 / "sharded").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert not (step2 / "lit_model.pth").exists() and not (step2 / "training_state.pth").exists()
+
+    logs = {n: _read_log(tmp_path / n / "logs" / "train_log.csv") for n in runs}
+    columns = ("tokens", "loss", "z_loss")
+    _close(logs["two_resumed"], logs["two"][2:], (*columns, "aux_loss"), 1e-5)
+    _close(logs["ep_resumed"], logs["two"][2:], (*columns, "aux_loss"), 1e-5)
+    _close(logs["one_resumed"], logs["two"][2:], columns, 1e-4)
+    assert (tmp_path / "one_resumed" / "final" / "lit_model.pth").is_file()  # a small run: the single-file layout
+
+    consolidate = load_script("scripts/consolidate_checkpoint.py").consolidate
+    sharded_runs = ("two", "two_resumed", "ep_resumed")
+    for name in sharded_runs:
+        consolidate(tmp_path / name / "final", tmp_path / f"{name}_litgpt")
+    want = torch.load(tmp_path / "one_resumed" / "final" / "lit_model.pth")["model"]
+    for name in sharded_runs:
+        got = torch.load(tmp_path / f"{name}_litgpt" / "lit_model.pth")["model"]
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-4, msg=lambda m, k=k, n=name: f"{n} {k}: {m}")
+    model = load_model(tmp_path / "two_litgpt")  # config and weights in litgpt's layout
+    assert model.config.n_layer == 2 and (tmp_path / "two_litgpt" / "tokenizer.json").is_file()
+
+
+def test_resume_with_another_model_configuration_is_one_clear_error(prepared_gutenberg, tmp_path):
+    """Checked in `setup`, before any work: which fields differ and what to do."""
+    ckpt = tmp_path / "run" / "step-000002"
+    (ckpt / "sharded").mkdir(parents=True)
+    save_config(Config.from_name("phi-2-moe-tiny", n_layer=2, vocab_size=1024, padded_vocab_size=1024), ckpt)
+    with pytest.raises(ValueError, match=r"another model configuration \(n_layer: 2 there, 4 here\).*fresh --out_dir"):
+        pretrain_setup(
+            data_dir=prepared_gutenberg,
+            out_dir=tmp_path / "run",
+            model_name="phi-2-moe-tiny",
+            resume="auto",
+            num_workers=0,
+            train=dict(micro_batch_size=4, global_batch_size=8, max_steps=4, lr_warmup_steps=0),
+            eval=dict(),
+        )
+
+
+def test_consolidate_refuses_a_directory_without_shards(tmp_path):
+    consolidate = load_script("scripts/consolidate_checkpoint.py").consolidate
+    with pytest.raises(FileNotFoundError, match="sharded"):
+        consolidate(tmp_path)
