@@ -217,8 +217,8 @@ class MoE(nn.Module):
             h = self._act(grouped_linear(xs, self.w1, self.b1, counts, experts, dtype))
             return grouped_linear(h, self.w2, self.b2, counts, experts, dtype)
         b1, b2 = (None, None) if self.b1 is None else (self.b1.to(dtype), self.b2.to(dtype))
-        args = (xs.to(dtype), self.w1.to(dtype), b1, self.w2.to(dtype), b2)
-        return _SegmentMLP.apply(*args, counts.tolist(), self.config.gelu_approximate)
+        return _segment_mlp(xs.to(dtype), self.w1.to(dtype), b1, self.w2.to(dtype), b2, counts,
+                            self.config.gelu_approximate)  # fmt: skip
 
     def _use_fused_glue(self, device: torch.device, dtype: torch.dtype) -> bool:
         if self.fused_glue is not None:
@@ -274,6 +274,12 @@ def grouped_linear(
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
     out = torch._grouped_mm(xs, weight.transpose(-2, -1), offs=offs)
     return out if bias is None else _ExpertBias.apply(out, bias.to(dtype), sorted_expert)
+
+
+@torch.compiler.disable
+def _segment_mlp(xs, w1, b1, w2, b2, counts: torch.Tensor, approximate: str) -> torch.Tensor:
+    """`_SegmentMLP` on the host's group sizes; run eagerly under `torch.compile` (the sizes are data-dependent)."""
+    return _SegmentMLP.apply(xs, w1, b1, w2, b2, counts.tolist(), approximate)
 
 
 class _SegmentMLP(torch.autograd.Function):

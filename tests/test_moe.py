@@ -127,3 +127,26 @@ def test_grouped_matches_loop_on_cuda_bf16():
     for a, b in zip([outs[0]] + grads[0], [outs[1]] + grads[1], strict=True):
         rel = (a.float() - b.float()).norm() / b.float().norm()
         assert rel < 1e-2, rel  # bf16 matmuls in a different order
+
+
+def test_compiled_moe_model_matches_eager_on_the_cpu_fallback_path():
+    """`torch.compile` traces the MoE model (the per-segment expert path runs eagerly: its group sizes are
+    data-dependent) and gives the eager loss and gradients."""
+    from litgpt_mm.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("phi-2-moe-tiny", n_layer=2))
+    x = torch.randint(0, model.config.padded_vocab_size, (2, 16))
+
+    def loss_and_grads(m):
+        model.zero_grad()
+        loss = m(x).float().logsumexp(-1).mean() + model.moe_aux_objective()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    eager = loss_and_grads(model)
+    torch._dynamo.reset()
+    compiled = loss_and_grads(torch.compile(model, backend="eager", fullgraph=False))
+    assert torch.allclose(eager[0], compiled[0], atol=1e-6)
+    assert len(eager[1]) == len(compiled[1])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(eager[1], compiled[1], strict=True))
