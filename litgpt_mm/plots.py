@@ -57,28 +57,31 @@ def plot_run(out_dir: Path) -> list[Path]:
 
 
 def plot_accuracy(val: list[dict[str, float]], path: Path, title: str) -> Path:
-    """One panel per question type: held-out accuracy against the optimizer step with the image, blind and with
-    another image, from the `<type>_<condition>` columns of `val_log.csv`."""
+    """One panel per question type (or caption metric): the held-out score against the optimizer step with the
+    image, blind and with another image, from the `<type>_<condition>` columns of `val_log.csv`."""
     kinds = sorted({k.rsplit("_", 1)[0] for k in val[-1] if k.endswith("_image")}, key=lambda k: (k != "vqa", k))
     styles = {"image": ("C0", "-", "o"), "blind": ("C3", "--", None), "shuffled": ("C7", ":", None)}
     cols = min(3, len(kinds))
     rows = (len(kinds) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), sharex=True, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), sharex=True, squeeze=False)
     for ax, kind in zip(axes.flat, kinds, strict=False):
         for condition, (colour, style, marker) in styles.items():
             points = [(r["step"], r[f"{kind}_{condition}"]) for r in val if f"{kind}_{condition}" in r]
             if points:
                 ax.plot(*zip(*points, strict=True), style, color=colour, marker=marker, label=condition)
-        ax.set(title="all questions" if kind == "vqa" else kind, ylim=(-0.02, 1.02))
+        values = [r[k] for r in val for k in r if k.startswith(f"{kind}_") and r[k] is not None]
+        ax.set(title="all questions" if kind == "vqa" else kind)
+        if values and max(values) <= 1.0:  # accuracies; CIDEr runs past 1
+            ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(kinds) :]:
         ax.axis("off")
     for ax in axes[-1]:
         ax.set_xlabel("optimizer step")
     for ax in axes[:, 0]:
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel("score" if {"CIDEr", "ROUGE_L"} & set(kinds) else "accuracy")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"{title}: held-out accuracy with the image, blind and with another image")
+    fig.suptitle(f"{title}: held-out scores with the image, blind and with another image")
     return _save(fig, path)
 
 

@@ -75,6 +75,9 @@ def setup(
     num_workers: int = 2,
     num_sample_images: int = 3,
     feature_norm: Literal["none", "standardize"] = "none",
+    eval_captions: Path | None = None,
+    eval_images_root: Path | None = None,
+    eval_limit: int = 40,
 ) -> dict[str, float]:
     """Train the projector (and learned separator) between frozen CLIP and a frozen LM on COCO captions.
 
@@ -104,6 +107,11 @@ def setup(
         feature_norm: `standardize` divides the CLIP features, centred on their training mean, by their standard
             deviation per channel before the projector (statistics from up to 1,024 training images, saved with the
             projector); it helps a random or weak vision tower, whose features barely differ between images.
+        eval_captions: a COCO captions file (e.g. `captions_val2017.json`) whose first `eval_limit` images are
+            captioned at every validation and scored (CIDEr, ROUGE-L) with the image, blind and with another
+            image: `val_log.csv` and `logs/accuracy.png` show the scores against the step.
+        eval_images_root: the folder of the images of `eval_captions` (default: the file's own folder).
+        eval_limit: images captioned per validation.
     """
     cuda = torch.cuda.is_available()
     precision = precision or ("bf16-mixed" if cuda else "32-true")
@@ -113,7 +121,7 @@ def setup(
     return fabric.launch(
         main, Path(lm_checkpoint_dir), Path(data_dir), Path(out_dir), clip_model, clip_pretrained, clip_layer,
         feature_cache, Path(feature_dir), projector, separator, max_caption_tokens, train, eval, optimizer, resume,
-        seed, num_workers, num_sample_images, feature_norm,
+        seed, num_workers, num_sample_images, feature_norm, eval_captions, eval_images_root, eval_limit,
     )  # fmt: skip
 
 
@@ -121,7 +129,8 @@ def main(
     fabric: L.Fabric, lm_dir: Path, data_dir: Path, out_dir: Path, clip_model: str, clip_pretrained: str | None,
     clip_layer: int, feature_cache: bool, feature_dir: Path, projector: str, separator: str, max_caption_tokens: int,
     train: TrainArgs, eval: EvalArgs, optimizer_spec, resume, seed: int, num_workers: int, num_sample_images: int,
-    feature_norm: str = "none",
+    feature_norm: str = "none", eval_captions: Path | None = None, eval_images_root: Path | None = None,
+    eval_limit: int = 40,
 ) -> dict[str, float]:  # fmt: skip
     resume_dir = resolve_resume(resume, out_dir)
     fabric.seed_everything(seed)
@@ -210,9 +219,20 @@ def main(
 
     sample_ids = [r.image_id for r in records["val"][:num_sample_images]]
 
+    scores_on_eval = None
+    if eval_captions is not None:
+        from litgpt_mm.eval.hook import caption_on_eval
+
+        root = Path(eval_images_root) if eval_images_root else None
+        scores_on_eval = caption_on_eval(mm, encoder, tokenizer, Path(eval_captions), root, eval_limit,
+                                         max_new_tokens=eval.max_new_tokens)  # fmt: skip
+
     def on_eval(step: int) -> dict:
-        if fabric.global_rank != 0 or not sample_ids:
+        if fabric.global_rank != 0:
             return {}
+        row = scores_on_eval(step) if scores_on_eval is not None else {}
+        if not sample_ids:
+            return row
         lines = [f"\n## step {step}\n"]
         captions = []
         for rec in records["val"][:num_sample_images]:
@@ -227,7 +247,7 @@ def main(
             lines.append(f"- {rec.file}: {text!r} (reference: {rec.captions[0]!r})")
         with open(Path(out_dir) / "logs" / "samples.md", "a") as f:
             f.write("\n".join(lines) + "\n")
-        return {"sample_captions": " | ".join(captions)}
+        return {**row, "sample_captions": " | ".join(captions)}
 
     def save_fn(ckpt_dir: Path) -> None:
         if fabric.global_rank == 0:

@@ -136,9 +136,20 @@ def test_align_puts_image_information_into_the_caption_loss(pretrained_tiny, pre
     lm_dir = pretrained_tiny[0] / "final"
     data, features = prepared_coco
     out = tmp_path / "align"
-    result = load_script("recipes/align.py").setup(**align_args(lm_dir, data, features, out))
+    captions = DATA / "coco" / "annotations" / "captions_val2017_sample.json"
+    args = align_args(lm_dir, data, features, out) | {
+        "eval_captions": captions, "eval_images_root": DATA / "coco" / "val2017", "eval_limit": 4
+    }  # fmt: skip
+    result = load_script("recipes/align.py").setup(**args)
     val = list(csv.DictReader(open(out / "logs" / "val_log.csv")))
     assert result["val_loss"] < float(val[0]["val_loss"]) - 0.3
+    # caption scores at every validation, with both baselines: the captions move towards the references
+    scores = [{k: float(v) for k, v in row.items() if k.startswith(("CIDEr_", "ROUGE_L_"))} for row in val]
+    assert all(set(s) == {f"{m}_{c}" for m in ("CIDEr", "ROUGE_L") for c in ("image", "blind", "shuffled")}
+               for s in scores)  # fmt: skip
+    assert max(s["ROUGE_L_image"] for s in scores[1:]) > scores[0]["ROUGE_L_image"] + 0.04, scores
+    assert len({(s["CIDEr_blind"], s["ROUGE_L_blind"]) for s in scores}) == 1  # no image: the frozen LM alone
+    assert (out / "logs" / "accuracy.png").is_file()
     assert "sample_captions" in val[-1] and (out / "logs" / "samples.md").read_text().count("val2017/") == 2 * 3
     assert {p.name for p in (out / "final").iterdir()} >= {"projector.pth", "multimodal_config.yaml", "tokenizer.json"}
 
