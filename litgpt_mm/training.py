@@ -32,7 +32,7 @@ from litgpt.args import EvalArgs, TrainArgs
 from litgpt.pretrain import get_lr
 from tqdm import tqdm
 
-from litgpt_mm.flops import compute_dtype, peak_flops
+from litgpt_mm.flops import compute_dtype, peak_flops, refresh_peak_flops
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -409,7 +409,10 @@ def fit(
             row = {"step": step, "tokens": state["tokens"], "lr": lr, **reduced, "tokens_per_s": tps}
             row.update(elapsed_s=state["elapsed"], peak_memory_gb=peak_memory_gb(fabric.device))
             if peak:
-                row["mfu"] = tps * stage.flops_per_token / (peak * fabric.world_size)
+                achieved = tps * stage.flops_per_token / fabric.world_size
+                if achieved > peak:  # a CPU peak measured while the machine was busy: measure it again
+                    peak = refresh_peak_flops(fabric.device, dtype, at_least=achieved)
+                row["mfu"] = achieved / peak
             logs.log("train_log", row)
             _log_experts(logs, model, step)
             progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")

@@ -126,6 +126,9 @@ def main(long: bool = False) -> None:
         "recipes/align.py", "--config", "recipes/configs/align_tiny.yaml", "--lm_checkpoint_dir",
         str(pretrain / "final"), "--data_dir", str(coco_data), "--feature_dir", str(features), "--out_dir", str(align),
         "--train.max_steps", str(size["align_steps"]), "--feature_norm", "standardize",
+        "--eval.interval", str(size["align_steps"] // 2), "--eval_captions",
+        str(shapes / "annotations" / "captions_val2017.json"), "--eval_images_root", str(shapes / "val2017"),
+        "--eval_limit", "20",
     )  # fmt: skip
 
     llava_data, instruct = out / "data" / "llava_instruct", out / "qlora_instruct"
@@ -176,7 +179,8 @@ def summary(out: Path, evaluation: Path, seconds: float) -> None:
     print(f"\nAll stages done in {seconds / 60:.1f} min. Artefacts under {out}:")
     print("  pretrain-moe/final      pretrained MoE LM (litgpt layout); logs/: CSV, TensorBoard and plots")
     print("  data/shapes             the shapes world (images, captions, conversations, eval questions)")
-    print("  align/final             aligned projector; logs/samples.md: captions of fixed validation images")
+    print("  align/final             aligned projector; logs/samples.md: captions of fixed validation images;")
+    print("                          logs/accuracy.png: caption scores vs step, with the image, blind, another image")
     print("  qlora_instruct/merged   merged multimodal model; qlora_instruct/logs/accuracy.png: accuracy vs step")
     print("  eval/                   results.json and predictions.jsonl of the held-out evaluation")
     print("  logs/                   output of the stages that ran beside the text stages")

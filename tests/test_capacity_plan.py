@@ -162,49 +162,53 @@ CASES = {
         seq_len=256, ckpt=True,
     ),
 }  # fmt: skip
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 @pytest.fixture(scope="module")
 def measured_peaks() -> dict[str, int]:
+    """The peaks of `_measure_peaks`, taken in a fresh child process: a long-lived test process (an xdist worker)
+    holds freed heap memory that new tensors reuse without raising its resident size."""
+    import subprocess
+
+    if not sys.platform.startswith("linux") or not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("reads and resets the peak resident set size through /proc")
+    code = "import json, test_capacity_plan as t; print(json.dumps(t._measure_peaks()))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    if "needs glibc" in proc.stdout + proc.stderr:
+        pytest.skip("needs glibc's mallopt")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _measure_peaks() -> dict[str, int]:
     """Increase of the peak resident set size (VmHWM, reset before each case) over the resident size before it.
 
-    Measured in this process, with care: one thread, no garbage collection during a case, and glibc's mmap threshold
-    pinned at 64 KiB so that every tensor is its own mapping, freed back to the OS (glibc's default moving threshold
-    keeps freed tensors in the heap, +15-30 % RSS here: fragmentation, which on a GPU falls to the plan's overhead
-    term, 0 below). Afterwards the thresholds are left where glibc's moving ones end up in a torch process (mmap at
-    32 MiB, trim at twice that), so the tests after this one keep their allocation speed.
+    Measured with care: one thread, no garbage collection during a case, and glibc's mmap threshold pinned at 64 KiB
+    so that every tensor is its own mapping, freed back to the OS (glibc's default moving threshold keeps freed
+    tensors in the heap, +15-30 % RSS here: fragmentation, which on a GPU falls to the plan's overhead term, 0 below).
     """
     import ctypes
     import gc
 
-    clear_refs = "/proc/self/clear_refs"
-    if not sys.platform.startswith("linux") or not os.access(clear_refs, os.W_OK):
-        pytest.skip("reads and resets the peak resident set size through /proc")
     try:
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        pytest.skip("needs glibc's mallopt")
-    threads = torch.get_num_threads()
+    except OSError as err:
+        raise SystemExit("needs glibc's mallopt") from err
     torch.set_num_threads(1)
     libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
     peaks = {}
-    try:
-        _train(Config.from_name("phi-2-moe-tiny", n_layer=1, n_embd=64, n_head=2), 2, 16, True)  # kernels, lazy init
-        for key, case in CASES.items():
-            gc.collect()
-            gc.disable()
-            base = _status("VmRSS")
-            with open(clear_refs, "w") as f:
-                f.write("5")
-            _train(Config.from_name(case["name"], **case["overrides"]), case["batch"], case["seq_len"], case["ckpt"])
-            peaks[key] = _status("VmHWM") - base
-            gc.enable()
-    finally:
+    _train(Config.from_name("phi-2-moe-tiny", n_layer=1, n_embd=64, n_head=2), 2, 16, True)  # kernels, lazy init
+    for key, case in CASES.items():
+        gc.collect()
+        gc.disable()
+        base = _status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _train(Config.from_name(case["name"], **case["overrides"]), case["batch"], case["seq_len"], case["ckpt"])
+        peaks[key] = _status("VmHWM") - base
         gc.enable()
-        libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-        libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024 * 1024)
-        torch.set_num_threads(threads)
     return peaks
 
 

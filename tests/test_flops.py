@@ -57,3 +57,17 @@ def test_fp32_cpu_run_logs_mfu_between_zero_and_one(pretrained_tiny):
     with open(out / "logs" / "train_log.csv", newline="") as f:
         mfu = [float(r["mfu"]) for r in csv.DictReader(f)]
     assert mfu and all(0 < m <= 1 for m in mfu), (min(mfu), max(mfu))
+
+
+def test_a_peak_measured_on_a_busy_machine_is_measured_again(tmp_path, monkeypatch):
+    """A run faster than the cached peak proves the cache wrong: it is measured again and never left below what the
+    run reached, so the next run's MFU is sound."""
+    monkeypatch.setenv("LITGPT_MM_CACHE", str(tmp_path))
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(flops, "measure_matmul_flops", lambda d, t: 1e9)  # as if measured under load
+    assert flops.peak_flops(cpu, torch.float32) == 1e9
+    monkeypatch.setattr(flops, "measure_matmul_flops", lambda d, t: 5e10)  # the machine is quiet again
+    assert flops.refresh_peak_flops(cpu, torch.float32, at_least=2e9) == 5e10
+    assert flops.peak_flops(cpu, torch.float32) == 5e10  # cached
+    monkeypatch.setattr(flops, "measure_matmul_flops", lambda d, t: 1e9)  # still busy: the run's own rate stands
+    assert flops.refresh_peak_flops(cpu, torch.float32, at_least=6e10) == 6e10 == flops.peak_flops(cpu, torch.float32)
