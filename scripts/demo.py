@@ -17,9 +17,6 @@
 5. Evaluate on the held-out shapes questions: accuracy per question type with the image, blind and with another
    image, beside chance (`recipes/evaluate.py vqa`).
 
-The shapes world, its CLIP features and the tiny Whisper do not depend on the LM: they are made on one core while the
-Gutenberg stages run, and their output is printed when those end (and kept in `out/demo/logs/`).
-
 Everything goes under `out/demo/` (or `out/demo-long/`), replaced on each run.
 """
 
@@ -27,11 +24,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -44,51 +39,11 @@ SIZES = {  # shapes images, and the optimizer steps of each training stage
 }
 
 
-def run(title: str, *args: str, log: Path | None = None, threads: int | None = None) -> float:
-    """Run one stage as `python <args>` and return its seconds; with `log`, quietly into that file."""
-    env = ENV if threads is None else {**ENV, "OMP_NUM_THREADS": str(threads)}
+def run(title: str, *args: str) -> None:
+    print(f"\n=== {title}\n$ python {' '.join(args)}", flush=True)
     start = time.perf_counter()
-    if log is None:
-        print(f"\n=== {title}\n$ python {' '.join(args)}", flush=True)
-        subprocess.run([sys.executable, *args], cwd=ROOT, check=True, env=env)
-        print(f"=== {title}: done in {time.perf_counter() - start:.0f} s", flush=True)
-    else:
-        with open(log, "w") as f:
-            proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-        if proc.returncode:
-            raise SystemExit(f"error: stage '{title}' failed (exit {proc.returncode}); its output is in {log}")
-    return time.perf_counter() - start
-
-
-class Beside:
-    """Stages run one after another in a background thread, one core each, their output in log files."""
-
-    PROGRESS = re.compile(r"\d+%\||it/s|s/it|img/s")
-
-    def __init__(self, stages: list[tuple[str, ...]], logs: Path) -> None:
-        logs.mkdir(parents=True, exist_ok=True)
-        self.stages, self.logs, self.done, self.error = stages, logs, [], None
-        self.thread = threading.Thread(target=self._work, daemon=True)
-        self.thread.start()
-
-    def _work(self) -> None:
-        try:
-            for i, (title, *args) in enumerate(self.stages):
-                log = self.logs / f"{i + 1}-{args[0].split('/')[-1].removesuffix('.py')}.log"
-                self.done.append((title, args, log, run(title, *args, log=log, threads=1)))
-        except SystemExit as e:
-            self.error = str(e)
-
-    def report(self, what: str) -> None:
-        """Wait for the stages, then print what each printed (without progress bars) and its time."""
-        self.thread.join()
-        for title, args, log, seconds in self.done:
-            print(f"\n=== {title} (ran beside {what})\n$ python {' '.join(args)}", flush=True)
-            lines = log.read_text().replace("\r", "\n").splitlines()
-            print("\n".join(line for line in lines if line.strip() and not self.PROGRESS.search(line)))
-            print(f"=== {title}: done in {seconds:.0f} s (log: {log.relative_to(ROOT)})", flush=True)
-        if self.error:
-            raise SystemExit(self.error)
+    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, env=ENV)
+    print(f"=== {title}: done in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def main(long: bool = False) -> None:
@@ -99,28 +54,25 @@ def main(long: bool = False) -> None:
         shutil.rmtree(out)
     started = time.perf_counter()
     data, pretrain = out / "data" / "gutenberg", out / "pretrain-moe"
-    shapes, coco_data, features = (out / "data" / n for n in ("shapes", "coco", "clip_features"))
-    align, whisper = out / "align", out / "whisper-tiny-random"
-    # The image world and its CLIP features do not depend on the LM: they are made on one core beside the text stages
-    images = Beside(
-        [
-            ("generate the shapes world", "scripts/prepare_shapes.py", "--out_dir", str(shapes),
-             "--n_train", str(size["n_train"]), "--n_val", str(size["n_val"]), "--n_test", str(size["n_test"])),
-            ("prepare captions + CLIP features", "scripts/prepare_coco.py", "--source_dir", str(shapes),
-             "--out_dir", str(coco_data), "--subset", "null", "--val_subset", "null", "--features", "true",
-             "--clip_pretrained", "null", "--feature_dir", str(features)),
-            ("build a random tiny Whisper (offline stand-in)", "scripts/build_tiny_whisper.py",
-             "--out_dir", str(whisper)),
-        ],
-        out / "logs",
-    )  # fmt: skip
     run("prepare Gutenberg", "scripts/prepare_gutenberg.py", "--vocab_size", "4096", "--out_dir", str(data))
     run(
         "pretrain Phi-2 + MoE (tiny)",
         "recipes/pretrain_moe.py", "--config", "recipes/configs/pretrain_moe_tiny.yaml",
         "--data_dir", str(data), "--out_dir", str(pretrain), "--train.max_steps", str(size["pretrain_steps"]),
     )  # fmt: skip
-    images.report("the text stages")
+
+    shapes, coco_data, features = (out / "data" / n for n in ("shapes", "coco", "clip_features"))
+    align = out / "align"
+    run(
+        "generate the shapes world",
+        "scripts/prepare_shapes.py", "--out_dir", str(shapes), "--n_train", str(size["n_train"]),
+        "--n_val", str(size["n_val"]), "--n_test", str(size["n_test"]),
+    )  # fmt: skip
+    run(
+        "prepare captions + CLIP features",
+        "scripts/prepare_coco.py", "--source_dir", str(shapes), "--out_dir", str(coco_data), "--subset", "null",
+        "--val_subset", "null", "--features", "true", "--clip_pretrained", "null", "--feature_dir", str(features),
+    )  # fmt: skip
     run(
         "align CLIP patches to the LM (projector only)",
         "recipes/align.py", "--config", "recipes/configs/align_tiny.yaml", "--lm_checkpoint_dir",
@@ -128,7 +80,7 @@ def main(long: bool = False) -> None:
         "--train.max_steps", str(size["align_steps"]), "--feature_norm", "standardize",
         "--eval.interval", str(size["align_steps"] // 2), "--eval_captions",
         str(shapes / "annotations" / "captions_val2017.json"), "--eval_images_root", str(shapes / "val2017"),
-        "--eval_limit", "20",
+        "--eval_limit", "8",
     )  # fmt: skip
 
     llava_data, instruct = out / "data" / "llava_instruct", out / "qlora_instruct"
@@ -148,7 +100,9 @@ def main(long: bool = False) -> None:
         "--eval_questions", str(shapes / "eval" / "vqa_val.jsonl"), "--eval_images_root", str(shapes),
     )  # fmt: skip
 
+    whisper = out / "whisper-tiny-random"
     test_image = next(iter(sorted((shapes / "test").iterdir())))
+    run("build a random tiny Whisper (offline stand-in)", "scripts/build_tiny_whisper.py", "--out_dir", str(whisper))
     run(
         "answer about a held-out image and a speech clip",
         "generate/mm.py", "--checkpoint_dir", str(instruct / "merged"), "--image", str(test_image),
@@ -183,7 +137,6 @@ def summary(out: Path, evaluation: Path, seconds: float) -> None:
     print("                          logs/accuracy.png: caption scores vs step, with the image, blind, another image")
     print("  qlora_instruct/merged   merged multimodal model; qlora_instruct/logs/accuracy.png: accuracy vs step")
     print("  eval/                   results.json and predictions.jsonl of the held-out evaluation")
-    print("  logs/                   output of the stages that ran beside the text stages")
 
 
 if __name__ == "__main__":

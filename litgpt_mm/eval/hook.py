@@ -30,11 +30,12 @@ def caption_on_eval(
     batch_size: int = 16, max_new_tokens: int = 20, seed: int = 0,
 ) -> Callable[[int], dict]:  # fmt: skip
     """An `on_eval(step) -> dict` for alignment: `CIDEr_<condition>` and `ROUGE_L_<condition>` of greedy captions
-    of the first `limit` images of a COCO captions file (the raw text after the image, as alignment trains)."""
+    of the first `limit` images of a COCO captions file (the raw text after the image, as alignment trains), tokenised
+    in Python (no Java process per validation: the scores compare across steps, not with published PTB numbers)."""
     from litgpt_mm.eval import tasks
 
     def run(answerer: Answerer) -> list:
-        return tasks.caption(answerer, captions, images_root, "", limit, seed)[0]
+        return tasks.caption(answerer, captions, images_root, "", limit, seed, use_java=False)[0]
 
     return task_on_eval(model, encoder, tokenizer, "plain", run, batch_size, max_new_tokens, seed)
 

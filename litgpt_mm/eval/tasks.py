@@ -119,10 +119,10 @@ def pope(
 
 def caption(
     answerer: Answerer, captions: Path, images_root: Path | None = None, prompt: str = "",
-    limit: int | None = None, seed: int = 0,
+    limit: int | None = None, seed: int = 0, use_java: bool | None = None,
 ) -> tuple[list[Scored], list[dict]]:  # fmt: skip
     """Greedy captions scored with pycocoevalcap's CIDEr, BLEU-4 and ROUGE-L against the references (intervals from
-    per-image scores; CIDEr's IDF comes from the evaluated set itself)."""
+    per-image scores; CIDEr's IDF comes from the evaluated set itself). `use_java`: see `caption_scores`."""
     references, files = read_coco_references(captions)
     ids = sorted(references)[:limit]
     if len(ids) < 2:
@@ -132,7 +132,7 @@ def caption(
     answered = answerer.answer_all(items)
     scores, totals = [], {}
     for c, texts in answered.items():
-        totals[c] = caption_scores(dict(zip(ids, texts, strict=True)), {i: references[i] for i in ids})
+        totals[c] = caption_scores(dict(zip(ids, texts, strict=True)), {i: references[i] for i in ids}, use_java)
     for metric in ("CIDEr", "ROUGE_L"):
         per_image = {c: [totals[c]["per_image"][metric][i] for i in ids] for c in totals}
         scored = score_mean(metric, per_image, seed)
