@@ -199,3 +199,28 @@ def check_kill_and_resume(args_for, tmp_path: Path, kill_at: str, resumed_at: st
     b = torch.load(tmp_path / "run" / "final" / weights)
     a, b = a.get("model", a), b.get("model", b)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def read_log(path) -> list[dict[str, str]]:
+    """Rows of a training log CSV (`train_log.csv`, `val_log.csv`)."""
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def pretrain_args(data_dir, out_dir, **overrides) -> list[str]:
+    """`recipes/pretrain_moe.py` on the tiny config with `--key value` overrides, for `run_python`."""
+    args = ["recipes/pretrain_moe.py", "--config", "recipes/configs/pretrain_moe_tiny.yaml", "--num_workers", "0"]
+    args += ["--data_dir", str(data_dir), "--out_dir", str(out_dir)]
+    for key, value in overrides.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def assert_rows_close(got: list[dict], want: list[dict], columns: tuple[str, ...], abs_tol: float = 1e-4) -> None:
+    """Two logs with the same steps and `columns` equal within `abs_tol`."""
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want, strict=True):
+        for c in columns:
+            assert float(g[c]) == pytest.approx(float(w[c]), abs=abs_tol), (g["step"], c, g[c], w[c])

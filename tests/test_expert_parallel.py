@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import load_script
+from conftest import assert_rows_close, load_script, pretrain_args, read_log
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -243,28 +243,6 @@ def test_bad_expert_parallel_is_one_clear_error(ep, n_expert, world, match):
     check_expert_parallel(1, n_expert, world)  # off: always fine
 
 
-def _read_log(path) -> list[dict[str, str]]:
-    import csv
-
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _pretrain_args(data_dir, out_dir, **overrides) -> list[str]:
-    args = ["recipes/pretrain_moe.py", "--config", "recipes/configs/pretrain_moe_tiny.yaml", "--num_workers", "0"]
-    args += ["--data_dir", str(data_dir), "--out_dir", str(out_dir)]
-    for key, value in overrides.items():
-        args += [f"--{key}", str(value)]
-    return args
-
-
-def _assert_rows_close(got: list[dict], want: list[dict], columns: tuple[str, ...], abs_tol: float = 1e-4) -> None:
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for g, w in zip(got, want, strict=True):
-        for c in columns:
-            assert float(g[c]) == pytest.approx(float(w[c]), abs=abs_tol), (g["step"], c, g[c], w[c])
-
-
 @pytest.mark.slow
 def test_pretrain_expert_parallel_matches_single_process_and_resumes_without_it(prepared_gutenberg, tmp_path):
     """`--devices 2 --expert_parallel 2` follows the one-process loss curve (balance and z losses included) and writes
@@ -293,19 +271,19 @@ def test_pretrain_expert_parallel_matches_single_process_and_resumes_without_it(
         "resumed": dict(devices=2, expert_parallel=1, resume=tmp_path / "ep" / "step-000002"),
     }
     for name, extra in runs.items():
-        proc = run_python(_pretrain_args(prepared_gutenberg, tmp_path / name, **common, **extra))
+        proc = run_python(pretrain_args(prepared_gutenberg, tmp_path / name, **common, **extra))
         assert proc.returncode == 0, proc.stderr[-3000:]
-    logs = {n: _read_log(tmp_path / n / "logs" / "train_log.csv") for n in runs}
+    logs = {n: read_log(tmp_path / n / "logs" / "train_log.csv") for n in runs}
     # one process accumulates micro-batches that hold other sequences than each rank's (the sampler strides ranks):
     # the LM and z losses, token means, agree; the balance loss of a micro-batch does not (it is not a token mean)
-    _assert_rows_close(logs["ep"], logs["one"], ("tokens", "loss", "z_loss"))
+    assert_rows_close(logs["ep"], logs["one"], ("tokens", "loss", "z_loss"))
     # plain DDP on the same ranks (the resumed run) sees the same micro-batches: everything agrees
-    _assert_rows_close(logs["resumed"], logs["ep"][2:], ("tokens", "loss", "aux_loss", "z_loss"), 1e-5)
-    val = {n: _read_log(tmp_path / n / "logs" / "val_log.csv") for n in runs}
-    _assert_rows_close(val["resumed"][-1:], val["ep"][-1:], ("val_loss",), 1e-5)  # (one process reads other rows)
-    experts = {n: _read_log(tmp_path / n / "logs" / "expert_load.csv") for n in ("ep", "resumed")}
+    assert_rows_close(logs["resumed"], logs["ep"][2:], ("tokens", "loss", "aux_loss", "z_loss"), 1e-5)
+    val = {n: read_log(tmp_path / n / "logs" / "val_log.csv") for n in runs}
+    assert_rows_close(val["resumed"][-1:], val["ep"][-1:], ("val_loss",), 1e-5)  # (one process reads other rows)
+    experts = {n: read_log(tmp_path / n / "logs" / "expert_load.csv") for n in ("ep", "resumed")}
     stat_columns = ("layer", "cv", "entropy", "e0", "e1", "e2", "e3")
-    _assert_rows_close(experts["resumed"], [r for r in experts["ep"] if int(r["step"]) > 2], stat_columns, 1e-5)
+    assert_rows_close(experts["resumed"], [r for r in experts["ep"] if int(r["step"]) > 2], stat_columns, 1e-5)
 
     one, ep, resumed = (torch.load(tmp_path / n / "final" / "lit_model.pth")["model"] for n in runs)
     assert ep.keys() == one.keys() and all(ep[k].shape == one[k].shape for k in one)  # the single-device layout

@@ -1,35 +1,13 @@
 """Sharded checkpoints on CPU: `recipes/pretrain_moe.py --strategy fsdp` (FSDP2 over gloo) writes one shard per rank,
 resumes on 2 ranks and on 1, and `scripts/consolidate_checkpoint.py` gives litgpt's single-file layout."""
 
-import csv
-
 import pytest
 import torch
-from conftest import load_script, pretrain_setup, run_python
+from conftest import assert_rows_close, load_script, pretrain_args, pretrain_setup, read_log, run_python
 
 from litgpt_mm.checkpoint import save_config
 from litgpt_mm.config import Config
 from litgpt_mm.model import load_model
-
-
-def _read_log(path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _args(data_dir, out_dir, **overrides) -> list[str]:
-    args = ["recipes/pretrain_moe.py", "--config", "recipes/configs/pretrain_moe_tiny.yaml", "--num_workers", "0"]
-    args += ["--data_dir", str(data_dir), "--out_dir", str(out_dir)]
-    for key, value in overrides.items():
-        args += [f"--{key}", str(value)]
-    return args
-
-
-def _close(got: list[dict], want: list[dict], columns: tuple[str, ...], abs_tol: float) -> None:
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for g, w in zip(got, want, strict=True):
-        for c in columns:
-            assert float(g[c]) == pytest.approx(float(w[c]), abs=abs_tol), (g["step"], c, g[c], w[c])
 
 
 @pytest.mark.slow
@@ -61,7 +39,7 @@ def test_sharded_checkpoint_resumes_on_two_and_on_one_rank_and_consolidates(prep
         "ep_resumed": dict(devices=2, strategy="fsdp", expert_parallel=2, resume=step2),  # FSDP × experts split
     }
     for name, extra in runs.items():
-        proc = run_python(_args(prepared_gutenberg, tmp_path / name, **common, **extra))
+        proc = run_python(pretrain_args(prepared_gutenberg, tmp_path / name, **common, **extra))
         assert proc.returncode == 0, proc.stderr[-3000:]
         if "resume" in extra:
             assert "Resumed from" in proc.stdout and "at step 2" in proc.stdout
@@ -69,11 +47,11 @@ def test_sharded_checkpoint_resumes_on_two_and_on_one_rank_and_consolidates(prep
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
     assert not (step2 / "lit_model.pth").exists() and not (step2 / "training_state.pth").exists()
 
-    logs = {n: _read_log(tmp_path / n / "logs" / "train_log.csv") for n in runs}
+    logs = {n: read_log(tmp_path / n / "logs" / "train_log.csv") for n in runs}
     columns = ("tokens", "loss", "z_loss")
-    _close(logs["two_resumed"], logs["two"][2:], (*columns, "aux_loss"), 1e-5)
-    _close(logs["ep_resumed"], logs["two"][2:], (*columns, "aux_loss"), 1e-5)
-    _close(logs["one_resumed"], logs["two"][2:], columns, 1e-4)
+    assert_rows_close(logs["two_resumed"], logs["two"][2:], (*columns, "aux_loss"), 1e-5)
+    assert_rows_close(logs["ep_resumed"], logs["two"][2:], (*columns, "aux_loss"), 1e-5)
+    assert_rows_close(logs["one_resumed"], logs["two"][2:], columns, 1e-4)
     assert (tmp_path / "one_resumed" / "final" / "lit_model.pth").is_file()  # a small run: the single-file layout
 
     consolidate = load_script("scripts/consolidate_checkpoint.py").consolidate
