@@ -24,13 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from litgpt_mm.checkpoint import load_tokenizer  # noqa: E402
 from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.config import Config  # noqa: E402
+from litgpt_mm.data.tokens import StreamArgs, shard_tokenizer  # noqa: E402
 from litgpt_mm.training import PRETRAIN_EVAL, PRETRAIN_TRAIN  # noqa: E402
 
 
 def setup(
     model_name: str = "phi-2",
     data: Literal["gutenberg", "redpajama"] = "redpajama",
-    data_dir: Path | None = None,
+    data_dir: str | None = None,
+    stream: StreamArgs = StreamArgs(),
     out_dir: Path | None = None,
     precision: str | None = None,
     devices: int | str = "auto",
@@ -49,7 +51,9 @@ def setup(
     Args:
         model_name: a dense litgpt name (`phi-2`) or litgpt-mm preset (`phi-2-tiny`, `phi-2-tiny-twin`).
         data: which prepared corpus; its directory is `data/prepared/<data>` unless `data_dir` is given.
-        data_dir: directory with `train/`, `val/` and `tokenizer/` from `scripts/prepare_<data>.py`.
+        data_dir: folder or `s3://`/`gs://` prefix with `train/`, `val/` and `tokenizer/` from
+            `scripts/prepare_<data>.py`.
+        stream: chunk cache, object-storage options and shuffle for the shards (`StreamArgs`).
         out_dir: litgpt's output directory (default `out/pretrain/litgpt-<model>-<data>`).
         precision: Fabric precision (litgpt's default when unset).
         devices: devices per node (litgpt uses FSDP for more than one).
@@ -73,8 +77,9 @@ def setup(
     config = Config.from_name(model_name)
     if config.n_expert:
         raise ValueError(f"{model_name} is a MoE preset: this recipe trains litgpt's dense model; use pretrain_moe.py")
-    data_dir = Path(data_dir or f"data/prepared/{data}")
-    vocab = load_tokenizer(data_dir / "tokenizer", f"scripts/prepare_{data}.py").vocab_size
+    data_dir = str(data_dir or f"data/prepared/{data}")
+    tokenizer_dir = shard_tokenizer(data_dir, stream)
+    vocab = load_tokenizer(tokenizer_dir, f"scripts/prepare_{data}.py").vocab_size
     T = train.max_seq_length or config.block_size
     if T > config.block_size:
         raise ValueError(f"--train.max_seq_length {T} exceeds {config.name}'s block_size {config.block_size}")
@@ -89,14 +94,14 @@ def setup(
         "resume": str(resume) if isinstance(resume, Path) else resume,
         "data": {
             "class_path": "litgpt_mm.data.tokens.TokenShards",
-            "init_args": {"data_path": str(data_dir), "seed": seed, "num_workers": num_workers},
+            "init_args": {"data_path": data_dir, "seed": seed, "num_workers": num_workers, **asdict(stream)},
         },
         "train": asdict(train),
         "eval": asdict(eval),
         "optimizer": optimizer,
         "devices": devices,
         "num_nodes": num_nodes,
-        "tokenizer_dir": str(data_dir / "tokenizer"),
+        "tokenizer_dir": str(tokenizer_dir),
         "logger_name": logger_name,
         "seed": seed,
     }

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from litgpt_mm.checkpoint import load_tokenizer, save_config  # noqa: E402
 from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.config import Config  # noqa: E402
-from litgpt_mm.data.tokens import TokenShards  # noqa: E402
+from litgpt_mm.data.tokens import StreamArgs, TokenShards, shard_tokenizer  # noqa: E402
 from litgpt_mm.expert_parallel import (  # noqa: E402
     check_expert_parallel,
     ddp_ignore_experts,
@@ -67,7 +67,8 @@ def setup(
     model_name: str = "phi-2-moe",
     model_config: Config | Path | None = None,
     data: Literal["gutenberg", "redpajama"] = "gutenberg",
-    data_dir: Path | None = None,
+    data_dir: str | None = None,
+    stream: StreamArgs = StreamArgs(),
     out_dir: Path | None = None,
     precision: str | None = None,
     devices: int | str = "auto",
@@ -89,7 +90,10 @@ def setup(
         model_name: a litgpt-mm preset (`phi-2-moe`, `phi-2-moe-tiny`, `phi-2-tiny`, ...) or any litgpt name.
         model_config: a full config (or a `model_config.yaml` path) instead of `model_name`.
         data: which prepared corpus to read; its directory is `data/prepared/<data>` unless `data_dir` is given.
-        data_dir: directory with `train/`, `val/` and `tokenizer/` written by `scripts/prepare_<data>.py`.
+        data_dir: folder, or `s3://`/`gs://` prefix streamed by litdata, with `train/`, `val/` and `tokenizer/`
+            written by `scripts/prepare_<data>.py`.
+        stream: the chunk cache (`--stream.cache_dir`, `--stream.max_cache_size`), object-storage options and the
+            shuffle (`global` for local folders, chunk windows when streaming); see `StreamArgs`.
         out_dir: where checkpoints and logs go (default `out/pretrain/<model>-<data>`).
         precision: Fabric precision; default `bf16-mixed` on CUDA, `32-true` on CPU.
         devices: devices per node; several run FSDP (CUDA) or DDP over gloo (CPU).
@@ -115,9 +119,9 @@ def setup(
     if isinstance(model_config, (str, Path)):
         model_config = Config.from_file(model_config)
     config = model_config or Config.from_name(model_name)
-    data_dir = Path(data_dir or f"data/prepared/{data}")
+    data_dir = data_dir or f"data/prepared/{data}"
     out_dir = Path(out_dir or f"out/pretrain/{config.name}-{data}")
-    tokenizer = load_tokenizer(data_dir / "tokenizer", f"scripts/prepare_{data}.py")
+    tokenizer = load_tokenizer(shard_tokenizer(data_dir, stream), f"scripts/prepare_{data}.py")
     vocab = tokenizer.vocab_size
     T = train.max_seq_length or config.block_size
     if T > config.block_size:
@@ -156,7 +160,7 @@ def setup(
     )
     return fabric.launch(
         main, config, data_dir, out_dir, tokenizer, train, eval, optimizer, activation_checkpointing, compile,
-        resume, seed, num_workers, expert_parallel,
+        resume, seed, num_workers, expert_parallel, stream,
     )  # fmt: skip
 
 
@@ -203,7 +207,7 @@ def check_resume_config(resume_dir: Path, config: Config) -> None:
 def main(
     fabric: L.Fabric,
     config: Config,
-    data_dir: Path,
+    data_dir: str | Path,
     out_dir: Path,
     tokenizer: Tokenizer,
     train: TrainArgs,
@@ -215,11 +219,14 @@ def main(
     seed: int,
     num_workers: int,
     expert_parallel: int = 1,
+    stream: StreamArgs | None = None,
 ) -> dict[str, float]:
     resume_dir = resolve_resume(resume, out_dir)
     fabric.seed_everything(seed)
     T = train.max_seq_length or config.block_size
-    data = TokenShards(data_dir, seed=seed, num_workers=num_workers)
+    stream = stream or StreamArgs()
+    data = TokenShards.from_args(data_dir, seed, num_workers, stream)
+    tokenizer_dir = shard_tokenizer(data_dir, stream)
     data.connect(tokenizer, batch_size=train.micro_batch_size, max_seq_length=T)
     data.set_rank(fabric.global_rank, fabric.world_size)
     data.prepare_data()
@@ -282,7 +289,7 @@ def main(
             fabric.save(ckpt_dir / "lit_model.pth", {"model": model})
         if fabric.global_rank == 0:
             save_config(config, ckpt_dir)
-            for f in (data_dir / "tokenizer").iterdir():
+            for f in tokenizer_dir.iterdir():
                 shutil.copy2(f, ckpt_dir / f.name)
 
     tokens_per_step = train.global_batch_size * T

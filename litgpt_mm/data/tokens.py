@@ -1,17 +1,21 @@
 """Tokenizers and streamable token shards (litdata's `TokensLoader` format, as litgpt's pretraining data uses).
 
 Preparation scripts produce `<out>/train` and `<out>/val` shard directories plus `<out>/tokenizer`, and
-`TokenShards` serves fixed-length blocks from them to `recipes/pretrain_moe.py` and to `litgpt.pretrain`.
+`TokenShards` serves fixed-length blocks from them to `recipes/pretrain_moe.py` and to `litgpt.pretrain`. `<out>` may
+be a local folder or an object-storage prefix (`s3://bucket/prefix`, `gs://...`) that litdata streams through a
+bounded local cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from litgpt.data import DataModule
@@ -19,6 +23,8 @@ from litgpt.tokenizer import Tokenizer
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
+
+from litgpt_mm.data import remote
 
 EOS = "<|endoftext|>"
 
@@ -147,21 +153,81 @@ class ShardWriter:
         self._writer.merge()
 
 
-def num_blocks(shard_dir: Path, block_size: int) -> int:
-    """Number of non-overlapping `block_size` windows litdata's `TokensLoader` serves (blocks never span chunks)."""
+@dataclass
+class StreamArgs:
+    """How token shards are read. Only `shuffle` matters for a local folder; the rest is for object storage.
+
+    Args:
+        cache_dir: where streamed chunks (and the tokenizer) are kept; default `~/.cache/litgpt-mm/shards`.
+        max_cache_size: bound on the chunk cache (litdata evicts chunks already read beyond it).
+        shuffle: `global`: one permutation of all blocks per epoch (random reads; the default for local folders).
+            `chunks`: a permutation of the chunks, then of the blocks within each window of `shuffle_window` chunks,
+            so a streaming run reads a few chunks at a time (the default for `s3://`/`gs://`). `auto` picks.
+        shuffle_window: chunks whose blocks are mixed together in `chunks` mode.
+        storage_options: keyword arguments of `boto3.client("s3", ...)` (e.g. `endpoint_url`), as litdata takes;
+            otherwise credentials and endpoint come from the standard environment variables.
+    """
+
+    cache_dir: str | None = None
+    max_cache_size: str = "50GB"
+    shuffle: Literal["auto", "global", "chunks"] = "auto"
+    shuffle_window: int = 4
+    storage_options: dict | None = None
+
+
+def _cache_root(cache_dir: str | None, url: str) -> Path:
+    root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "litgpt-mm" / "shards"
+    return root / hashlib.sha1(url.rstrip("/").encode()).hexdigest()[:16]
+
+
+def read_index(shard_dir: str | Path, storage_options: dict | None = None) -> dict:
+    """litdata's `index.json` of a shard directory (local or remote), or one error saying how to write it."""
+    hint = "run the matching scripts/prepare_*.py first (its --out_dir takes s3:// too)"
+    if remote.is_remote(shard_dir):
+        try:
+            return remote.read_json(str(remote.join(shard_dir, "index.json")), storage_options)
+        except remote.RemoteDataError as e:
+            raise remote.RemoteDataError(f"{e}: {hint}" if "not found" in str(e) else str(e)) from None
     index = Path(shard_dir) / "index.json"
     if not index.is_file():
-        raise FileNotFoundError(f"{index} not found: run the matching scripts/prepare_*.py first")
-    chunks = json.loads(index.read_text())["chunks"]
-    return sum(c["dim"] // block_size for c in chunks)
+        raise FileNotFoundError(f"{index} not found: {hint}")
+    return json.loads(index.read_text())
+
+
+def chunk_blocks(index: dict, block_size: int) -> list[int]:
+    """Blocks of `block_size` tokens in each chunk, in index order (litdata's `TokensLoader` never spans chunks)."""
+    return [c["dim"] // block_size for c in index["chunks"]]
+
+
+def num_blocks(shard_dir: str | Path, block_size: int, storage_options: dict | None = None) -> int:
+    """Number of non-overlapping `block_size` windows litdata's `TokensLoader` serves."""
+    return sum(chunk_blocks(read_index(shard_dir, storage_options), block_size))
+
+
+def shard_tokenizer(data_dir: str | Path, stream: StreamArgs | None = None) -> Path:
+    """Local folder with the tokenizer of prepared shards: `data_dir/tokenizer`, downloaded first when remote."""
+    if not remote.is_remote(data_dir):
+        return Path(data_dir) / "tokenizer"
+    stream = stream or StreamArgs()
+    url = str(remote.join(data_dir, "tokenizer"))
+    local = _cache_root(stream.cache_dir, url) / "tokenizer"
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json")
+    found = remote.fetch_files(url, local, names, stream.storage_options)
+    if not {"tokenizer.json", "tokenizer.model"} & set(found):
+        raise remote.RemoteDataError(f"{url} holds no tokenizer.json or tokenizer.model: prepare the corpus there")
+    return local
 
 
 class TokenBlocks(Dataset):
-    """Fixed-length token blocks (inputs and targets overlap by one: `block_size = max_seq_length + 1`)."""
+    """Fixed-length token blocks (inputs and targets overlap by one: `block_size = max_seq_length + 1`).
 
-    def __init__(self, shard_dir: Path, block_size: int) -> None:
-        self.shard_dir, self.block_size = Path(shard_dir), block_size
-        self.length = num_blocks(shard_dir, block_size)
+    `shard_dir` is a local folder or an object-storage prefix; remote chunks are streamed into a bounded cache.
+    """
+
+    def __init__(self, shard_dir: str | Path, block_size: int, stream: StreamArgs | None = None) -> None:
+        self.shard_dir, self.block_size, self.stream = shard_dir, block_size, stream or StreamArgs()
+        self.chunk_sizes = chunk_blocks(read_index(shard_dir, self.stream.storage_options), block_size)
+        self.length = sum(self.chunk_sizes)
         if self.length == 0:
             raise ValueError(f"{shard_dir} holds fewer than {block_size} tokens per chunk: lower max_seq_length")
         self._ds = None
@@ -176,8 +242,16 @@ class TokenBlocks(Dataset):
             from litdata import StreamingDataset
             from litdata.streaming.item_loader import TokensLoader
 
+            cache = {}
+            if remote.is_remote(self.shard_dir):
+                remote.allow_plain_http(self.stream.storage_options)
+                cache = {
+                    "cache_dir": str(_cache_root(self.stream.cache_dir, str(self.shard_dir)) / "chunks"),
+                    "max_cache_size": self.stream.max_cache_size,
+                    "storage_options": self.stream.storage_options or {},
+                }
             self._ds = StreamingDataset(
-                str(self.shard_dir), item_loader=TokensLoader(block_size=self.block_size), shuffle=False
+                str(self.shard_dir), item_loader=TokensLoader(block_size=self.block_size), shuffle=False, **cache
             )
         return self._ds[index].long()
 
@@ -189,14 +263,25 @@ class ResumableSampler(DistributedSampler):
     never straddles two epochs and the position after `n` batches is `divmod(n, batches_per_epoch)`. It is a
     `DistributedSampler` so that Fabric's `setup_dataloaders` (as `litgpt.pretrain` calls it) keeps it in place:
     it already shards by rank.
+
+    With `chunk_sizes` (blocks per chunk) the permutation keeps reads local: chunks in a random order, blocks
+    shuffled within each window of `window` consecutive chunks of that order.
     """
 
     def __init__(
-        self, length: int, seed: int, batch_size: int, shuffle: bool = True, rank: int = 0, world_size: int = 1
+        self,
+        length: int,
+        seed: int,
+        batch_size: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        chunk_sizes: list[int] | None = None,
+        window: int = 4,
     ) -> None:
         Sampler.__init__(self)
         self.length, self.seed, self.shuffle, self.rank, self.world_size = length, seed, shuffle, rank, world_size
-        self.batch_size = batch_size
+        self.batch_size, self.chunk_sizes, self.window = batch_size, chunk_sizes, max(1, window)
         self.batches_per_epoch = length // world_size // batch_size
         self.epoch, self.position = 0, 0  # position: samples of this rank already consumed in `epoch`
 
@@ -205,8 +290,7 @@ class ResumableSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         while True:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.length, generator=g) if self.shuffle else torch.arange(self.length)
+            order = self._order(torch.Generator().manual_seed(self.seed + self.epoch))
             mine = order[self.rank :: self.world_size][: len(self)].tolist()
             for i in mine[self.position :]:
                 self.position += 1
@@ -214,6 +298,19 @@ class ResumableSampler(DistributedSampler):
             self.epoch, self.position = self.epoch + 1, 0
             if not self.shuffle:
                 return
+
+    def _order(self, g: torch.Generator) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.length)
+        if self.chunk_sizes is None:
+            return torch.randperm(self.length, generator=g)
+        starts = [0, *torch.tensor(self.chunk_sizes).cumsum(0).tolist()]
+        chunks = torch.randperm(len(self.chunk_sizes), generator=g).tolist()
+        windows = []
+        for i in range(0, len(chunks), self.window):
+            blocks = torch.cat([torch.arange(starts[c], starts[c + 1]) for c in chunks[i : i + self.window]])
+            windows.append(blocks[torch.randperm(len(blocks), generator=g)])
+        return torch.cat(windows)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.position = epoch, 0
@@ -251,16 +348,34 @@ class TokenShards(DataModule):
     """litgpt `DataModule` over prepared token shards; works with `recipes/pretrain_moe.py` and `litgpt.pretrain`.
 
     Args:
-        data_path: directory with `train/`, `val/` (and `tokenizer/`) from a `scripts/prepare_*.py` run.
+        data_path: folder or `s3://`/`gs://` prefix with `train/`, `val/` (and `tokenizer/`) from a
+            `scripts/prepare_*.py` run.
         seed: shuffling seed.
         num_workers: DataLoader worker processes.
+        cache_dir, max_cache_size, shuffle, shuffle_window, storage_options: see `StreamArgs`.
     """
 
-    def __init__(self, data_path: Path = Path("data/prepared/gutenberg"), seed: int = 42, num_workers: int = 0):
+    def __init__(
+        self,
+        data_path: str | Path = "data/prepared/gutenberg",
+        seed: int = 42,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+        max_cache_size: str = "50GB",
+        shuffle: Literal["auto", "global", "chunks"] = "auto",
+        shuffle_window: int = 4,
+        storage_options: dict | None = None,
+    ):
         super().__init__()
-        self.data_path, self.seed, self.num_workers = Path(data_path), seed, num_workers
+        self.data_path = str(data_path).rstrip("/") if remote.is_remote(data_path) else Path(data_path)
+        self.seed, self.num_workers = seed, num_workers
+        self.stream = StreamArgs(cache_dir, max_cache_size, shuffle, shuffle_window, storage_options)
         self.batch_size, self.max_seq_length = 1, 2048
         self.rank, self.world_size = 0, 1
+
+    @classmethod
+    def from_args(cls, data_path: str | Path, seed: int, num_workers: int, stream: StreamArgs) -> TokenShards:
+        return cls(data_path, seed, num_workers, **asdict(stream))
 
     def connect(self, tokenizer: Tokenizer | None = None, batch_size: int = 1, max_seq_length: int = -1) -> None:
         self.batch_size = batch_size
@@ -270,19 +385,25 @@ class TokenShards(DataModule):
         self.rank, self.world_size = rank, world_size
 
     def prepare_data(self) -> None:
-        for split in ("train", "val"):
-            num_blocks(self.data_path / split, 1)  # clear error if the data was not prepared
+        for split in ("train", "val"):  # clear error if the data was not prepared or cannot be reached
+            read_index(remote.join(self.data_path, split), self.stream.storage_options)
 
     def _loader(self, split: str, shuffle: bool) -> ResumableLoader:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        ds = TokenBlocks(self.data_path / split, self.max_seq_length + 1)
-        sampler = ResumableSampler(len(ds), self.seed, self.batch_size, shuffle, self.rank, self.world_size)
+        ds = TokenBlocks(remote.join(self.data_path, split), self.max_seq_length + 1, self.stream)
+        mode = self.stream.shuffle
+        if mode == "auto":
+            mode = "chunks" if remote.is_remote(self.data_path) else "global"
+        sampler = ResumableSampler(
+            len(ds), self.seed, self.batch_size, shuffle, self.rank, self.world_size,
+            chunk_sizes=ds.chunk_sizes if mode == "chunks" else None, window=self.stream.shuffle_window,
+        )  # fmt: skip
         if sampler.batches_per_epoch == 0:
             raise ValueError(
-                f"{self.data_path / split} gives {len(ds) // self.world_size} blocks of {self.max_seq_length + 1} "
+                f"{ds.shard_dir} gives {len(ds) // self.world_size} blocks of {self.max_seq_length + 1} "
                 f"tokens per rank, fewer than the micro batch size {self.batch_size}: prepare more data or lower "
                 "the sequence length"
             )
@@ -309,4 +430,12 @@ def unigram_entropy(shard_dir: Path, vocab_size: int) -> float:
     return float(-(p * p.log()).sum())
 
 
-__all__ = ["TokenShards", "ShardWriter", "PrepSummary", "train_bpe_tokenizer", "copy_tokenizer"]
+__all__ = [
+    "TokenShards",
+    "StreamArgs",
+    "shard_tokenizer",
+    "ShardWriter",
+    "PrepSummary",
+    "train_bpe_tokenizer",
+    "copy_tokenizer",
+]
