@@ -1,12 +1,11 @@
 """Pretraining-stage benchmarks, each measured side by side in one run.
 
-1. Data preparation throughput (MB/s of cleaned text to token shards) of `scripts/prepare_gutenberg.py`'s batched
-   path against a plain single-process Python loop that encodes one book at a time with the same tokenizer and
-   writes one `.npy` per book.
-2. Training tokens/s of the tiny MoE (`phi-2-moe-tiny`) against its dense twin with equal active FLOPs
+(Corpus preparation throughput is `benchmarks/prepare.py`.)
+
+1. Training tokens/s of the tiny MoE (`phi-2-moe-tiny`) against its dense twin with equal active FLOPs
    (`phi-2-tiny-twin`): full optimizer steps (forward, loss incl. MoE losses, backward, AdamW), fp32 on CPU.
    Target >= 0.85x.
-3. The recipe itself (`recipes/pretrain_moe.py`, the tiny config's 150 steps, in a fresh process): set-up (process
+2. The recipe itself (`recipes/pretrain_moe.py`, the tiny config's 150 steps, in a fresh process): set-up (process
    start to the first step: imports, data, model, peak FLOP/s) against the whole run. Target: set-up <= 10 %.
 
     python benchmarks/pretrain.py                   # CPU
@@ -21,40 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from litgpt.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save, timeit_interleaved  # noqa: E402
 
 from litgpt_mm.config import Config  # noqa: E402
-from litgpt_mm.data import gutenberg as pg  # noqa: E402
-from litgpt_mm.data.tokens import PrepSummary, train_bpe_tokenizer, write_split  # noqa: E402
 from litgpt_mm.flops import active_params  # noqa: E402
 from litgpt_mm.model import GPT  # noqa: E402
-
-
-def prep_throughput(repeats: int) -> dict:
-    books = [pg.load_book(p).text for p in sorted((ROOT / "data" / "gutenberg").glob("*.txt"))] * repeats
-    mb = sum(len(t.encode()) for t in books) / 1e6
-    with tempfile.TemporaryDirectory() as tmp:
-        train_bpe_tokenizer(books[:13], 4096, Path(tmp) / "tok")
-        tok = Tokenizer(Path(tmp) / "tok")  # a fresh instance per path: BPE's word cache would favour the second
-        start = time.perf_counter()
-        write_split(books, "train", tok, Path(tmp) / "ours", PrepSummary(), batch_docs=64)
-        ours = time.perf_counter() - start
-        tok = Tokenizer(Path(tmp) / "tok")
-        start = time.perf_counter()
-        plain = Path(tmp) / "plain"
-        plain.mkdir()
-        for i, text in enumerate(books):
-            ids = tok.encode(text).tolist() + [tok.eos_id]
-            np.save(plain / f"{i}.npy", np.asarray(ids, dtype=np.int32))
-        loop = time.perf_counter() - start
-    return {"MB": mb, "ours_MB_s": mb / ours, "plain_loop_MB_s": mb / loop, "speedup": loop / ours}
 
 
 def recipe_run(device: torch.device) -> dict:
@@ -101,11 +76,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--prep_repeats", type=int, default=1, help="the 13 books repeated this many times")
     args = p.parse_args()
     device = torch.device(args.device)
 
-    prep = prep_throughput(args.prep_repeats)
     run = recipe_run(device) if device.type == "cpu" else None
     fns, models = {}, {}
     for name in ("phi-2-moe-tiny", "phi-2-tiny-twin"):
@@ -114,9 +87,6 @@ def main() -> None:
     tokens = args.batch * args.seq_len
     moe_tps, dense_tps = tokens / times["phi-2-moe-tiny"], tokens / times["phi-2-tiny-twin"]
     rows = [
-        {"what": "prepare: ours (batched Rust encode + litdata shards)", "value": prep["ours_MB_s"], "unit": "MB/s"},
-        {"what": "prepare: plain Python loop, one book at a time", "value": prep["plain_loop_MB_s"], "unit": "MB/s"},
-        {"what": "prepare speed-up", "value": prep["speedup"], "unit": "x"},
         {"what": "train: phi-2-moe-tiny", "value": moe_tps, "unit": "tokens/s"},
         {"what": "train: phi-2-tiny-twin (dense, equal active FLOPs)", "value": dense_tps, "unit": "tokens/s"},
         {"what": "MoE / dense twin tokens/s (target >= 0.85)", "value": moe_tps / dense_tps, "unit": "x"},
@@ -129,7 +99,6 @@ def main() -> None:
         ]
     active = {n: active_params(m) for n, m in models.items()}
     notes = [
-        f"prep corpus: the 13 bundled books x {args.prep_repeats} = {prep['MB']:.1f} MB of cleaned text",
         f"active params (no embeddings): moe {active['phi-2-moe-tiny']:,}, twin {active['phi-2-tiny-twin']:,}",
         f"train: batch {args.batch} x seq {args.seq_len}, median of {args.iters} interleaved steps, "
         + ("bf16 autocast" if device.type == "cuda" else "fp32"),

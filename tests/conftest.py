@@ -224,3 +224,41 @@ def assert_rows_close(got: list[dict], want: list[dict], columns: tuple[str, ...
     for g, w in zip(got, want, strict=True):
         for c in columns:
             assert float(g[c]) == pytest.approx(float(w[c]), abs=abs_tol), (g["step"], c, g[c], w[c])
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto) on the loopback address; the standard AWS variables point at it. Yields its
+    endpoint URL."""
+    moto_server = pytest.importorskip("moto.server")
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL"]}
+    os.environ.update(env)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    yield os.environ["AWS_ENDPOINT_URL"]
+    server.stop()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def shard_tokens(shard_dir) -> "torch.Tensor":
+    """All token ids of a local litdata `TokensLoader` shard folder, in index order (read from the chunk files)."""
+    import json
+
+    import numpy as np
+
+    ids = []
+    for chunk in json.loads((Path(shard_dir) / "index.json").read_text())["chunks"]:
+        raw = (Path(shard_dir) / chunk["filename"]).read_bytes()
+        n = int(np.frombuffer(raw[:4], np.uint32)[0])
+        offsets = np.frombuffer(raw[4 : 4 + 4 * (n + 1)], np.uint32)
+        ids.append(torch.from_numpy(np.frombuffer(raw[offsets[0] : offsets[-1]], np.int32).copy()))
+    return torch.cat(ids)

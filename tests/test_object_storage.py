@@ -1,7 +1,6 @@
 """Token shards in object storage: streamed from an S3-compatible server on the loopback address (moto), with exact
 resume after a kill on the curve of the local folder, the chunk-window shuffle, and one-line errors."""
 
-import os
 import shutil
 import urllib.request
 
@@ -13,12 +12,6 @@ from conftest import check_kill_and_resume, pretrain_args, run_python
 from litgpt_mm.data import remote, tokens
 
 BUCKET = "shards"
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
 
 
 def small_chunks_copy(src, dst, chunk_bytes: str = "32KB"):
@@ -34,22 +27,12 @@ def small_chunks_copy(src, dst, chunk_bytes: str = "32KB"):
 
 
 @pytest.fixture(scope="module")
-def s3(prepared_gutenberg, tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 holding the small-chunk corpus under `s3://shards/gutenberg`."""
-    moto_server = pytest.importorskip("moto.server")
-    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(S3_ENV)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+def s3(s3_server, prepared_gutenberg, tmp_path_factory):
+    """The small-chunk corpus under `s3://shards/gutenberg` on the loopback S3 server."""
     local = small_chunks_copy(prepared_gutenberg, tmp_path_factory.mktemp("chunks") / "gutenberg")
     remote.s3_client().create_bucket(Bucket=BUCKET)
     remote.upload_dir(local, f"s3://{BUCKET}/gutenberg")
-    yield {"url": f"s3://{BUCKET}/gutenberg", "local": local, "endpoint": os.environ["AWS_ENDPOINT_URL"]}
-    server.stop()
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return {"url": f"s3://{BUCKET}/gutenberg", "local": local, "endpoint": s3_server}
 
 
 def test_streamed_blocks_equal_the_local_ones_within_a_bounded_cache(s3, tmp_path):

@@ -147,6 +147,19 @@ def read_json(url: str, storage_options: dict | None = None) -> dict:
         return json.loads(download(url, Path(tmp) / "file.json", storage_options).read_text())
 
 
+def upload_file(local_path: Path, url: str, storage_options: dict | None = None) -> None:
+    """Upload one file to `url` (`s3://bucket/key`)."""
+    scheme, bucket, key = _split(url)
+    if scheme != "s3":
+        raise RemoteDataError(f"uploading to {scheme}:// is not supported: write to s3:// or a local folder")
+    import botocore.exceptions as bx
+
+    try:
+        s3_client(storage_options).upload_file(str(local_path), bucket, key)
+    except (bx.BotoCoreError, bx.ClientError) as e:
+        raise _explain_s3(e, url, storage_options) from None
+
+
 def upload_dir(local_dir: Path, url: str, storage_options: dict | None = None) -> int:
     """Upload every file under `local_dir` to the prefix `url`; each `index.json` goes last so that readers never see
     an index whose chunks are still missing. Returns the number of files uploaded."""

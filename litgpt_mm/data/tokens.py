@@ -31,12 +31,14 @@ EOS = "<|endoftext|>"
 
 @dataclass
 class PrepSummary:
-    """What a preparation run read, wrote and skipped (skips carry the file name and the reason)."""
+    """What a preparation run read, wrote and skipped (skips carry the file name and the reason), and how fast."""
 
     documents: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
     characters: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
     tokens: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    workers: int = 1
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped.append((name, reason))
@@ -49,12 +51,18 @@ class PrepSummary:
             f"skipped: {len(self.skipped)}",
             *(f"  - {name}: {reason}" for name, reason in self.skipped),
         ]
+        if self.seconds:
+            total = sum(self.tokens.values())
+            lines.append(f"{self.seconds:.1f} s with {self.workers} worker(s): {total / self.seconds:,.0f} tokens/s")
         return "\n".join(lines)
 
-    def save(self, path: Path) -> None:
-        payload = {k: getattr(self, k) for k in ("documents", "characters", "tokens")}
+    def to_json(self) -> str:
+        payload = {k: getattr(self, k) for k in ("documents", "characters", "tokens", "seconds", "workers")}
         payload["skipped"] = [{"name": n, "reason": r} for n, r in self.skipped]
-        Path(path).write_text(json.dumps(payload, indent=2))
+        return json.dumps(payload, indent=2)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(self.to_json())
 
 
 def split_by_document(names: list[str], val_fraction: float, seed: int) -> tuple[set[str], set[str]]:
@@ -98,36 +106,15 @@ def copy_tokenizer(src: Path, out_dir: Path) -> Tokenizer:
     return Tokenizer(out_dir)
 
 
-def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of whole documents, each followed by EOS; batched through the Rust tokenizer when available."""
-    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    if tokenizer.backend == "huggingface":
-        return [enc.ids + eos for enc in tokenizer.processor.encode_batch(texts, add_special_tokens=False)]
-    return [tokenizer.encode(t).tolist() + eos for t in texts]
-
-
-def build_tokenizer(train_texts: list[str], out_dir: Path, vocab_size: int, tokenizer_dir: Path | None) -> Tokenizer:
+def build_tokenizer(
+    train_texts: Iterable[str], out_dir: Path, vocab_size: int, tokenizer_dir: Path | None, length: int | None = None
+) -> Tokenizer:
     """`out_dir/tokenizer`: a copy of `tokenizer_dir` when given, else a byte-level BPE trained on `train_texts`."""
     if tokenizer_dir is not None:
         return copy_tokenizer(tokenizer_dir, Path(out_dir) / "tokenizer")
-    return train_bpe_tokenizer(train_texts, vocab_size, Path(out_dir) / "tokenizer", length=len(train_texts))
-
-
-def write_split(
-    texts: list[str], split: str, tokenizer: Tokenizer, out_dir: Path, summary: PrepSummary, batch_docs: int = 64
-) -> None:
-    """Tokenize documents in batches (each closed by EOS) into `out_dir/<split>` shards, with a progress bar."""
-    writer = ShardWriter(Path(out_dir) / split)
-    with tqdm(total=sum(len(t) for t in texts), desc=f"tokenize {split}", unit="char", unit_scale=True) as bar:
-        for i in range(0, len(texts), batch_docs):
-            batch = texts[i : i + batch_docs]
-            for text, ids in zip(batch, encode_documents(tokenizer, batch), strict=True):
-                writer.add(ids)
-                summary.documents[split] += 1
-                summary.characters[split] += len(text)
-                summary.tokens[split] += len(ids)
-                bar.update(len(text))
-    writer.close()
+    if length is None and isinstance(train_texts, list):
+        length = len(train_texts)
+    return train_bpe_tokenizer(train_texts, vocab_size, Path(out_dir) / "tokenizer", length=length)
 
 
 class ShardWriter:
