@@ -138,7 +138,8 @@ def setup(
     if n_devices * num_nodes > 1 or strategy == "fsdp":
         if strategy == "fsdp" and (not cuda or expert_parallel > 1):  # FSDP2: on CPU processes, or with experts split
             world = n_devices * num_nodes
-            parallelize = partial(fully_shard_blocks, expert_parallel=expert_parallel)
+            half = torch.bfloat16 if cuda and precision.startswith("bf16") else None
+            parallelize = partial(fully_shard_blocks, expert_parallel=expert_parallel, param_dtype=half)
             strategy = ModelParallelStrategy(parallelize, data_parallel_size=world, tensor_parallel_size=1)
         elif expert_parallel > 1:
             strategy = DDPStrategy(process_group_backend="nccl" if cuda else "gloo")
@@ -164,10 +165,13 @@ def setup(
     )  # fmt: skip
 
 
-def fully_shard_blocks(model: torch.nn.Module, device_mesh, expert_parallel: int = 1) -> torch.nn.Module:
+def fully_shard_blocks(
+    model: torch.nn.Module, device_mesh, expert_parallel: int = 1, param_dtype: torch.dtype | None = None
+) -> torch.nn.Module:
     """`ModelParallelStrategy`'s `parallelize_fn`: FSDP2 over all ranks, one unit per block. With expert parallelism
-    the experts are first split over the `ep` dimension of a `dp × ep` mesh and left out of FSDP."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    the experts are first split over the `ep` dimension of a `dp × ep` mesh and left out of FSDP. `param_dtype`
+    (bf16 for `bf16-mixed` on GPUs) is what the shards are gathered and computed in; gradients reduce in fp32."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     inner = getattr(model, "_orig_mod", model)
     mesh = device_mesh["data_parallel"]
@@ -175,9 +179,10 @@ def fully_shard_blocks(model: torch.nn.Module, device_mesh, expert_parallel: int
     if expert_parallel > 1:
         shard_experts(inner, expert_parallel_mesh(mesh.device_type, mesh.size(), expert_parallel))
         ignored = set(expert_parameters(inner))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for block in inner.transformer.h:
-        fully_shard(block, mesh=mesh, ignored_params=ignored)
-    fully_shard(inner, mesh=mesh, ignored_params=ignored)
+        fully_shard(block, mesh=mesh, ignored_params=ignored, mp_policy=policy)
+    fully_shard(inner, mesh=mesh, ignored_params=ignored, mp_policy=policy)
     if mesh.device_type == "cpu":  # gloo sums where FSDP2 asks for ReduceOp.AVG: reduce with SUM and divide instead
         for module in inner.modules():
             if isinstance(module, FSDPModule):
