@@ -121,14 +121,15 @@ def setup(
     config = model_config or Config.from_name(model_name)
     data_dir = data_dir or f"data/prepared/{data}"
     out_dir = Path(out_dir or f"out/pretrain/{config.name}-{data}")
-    tokenizer = load_tokenizer(shard_tokenizer(data_dir, stream), f"scripts/prepare_{data}.py")
+    tokenizer_dir = shard_tokenizer(data_dir, stream)
+    tokenizer = load_tokenizer(tokenizer_dir, f"scripts/prepare_{data}.py")
     vocab = tokenizer.vocab_size
     T = train.max_seq_length or config.block_size
     if T > config.block_size:
         raise ValueError(f"--train.max_seq_length {T} exceeds {config.name}'s block_size {config.block_size}")
     config = config.replace(vocab_size=vocab, padded_vocab_size=find_multiple(vocab, 64))
     if (resume_dir := resolve_resume(resume, out_dir)) is not None:
-        check_resume_config(resume_dir, config)
+        check_resume_config(resume_dir, config, tokenizer_dir)
 
     cuda = torch.cuda.is_available()
     precision = precision or ("bf16-mixed" if cuda else "32-true")
@@ -190,8 +191,16 @@ def fully_shard_blocks(
     return model
 
 
-def check_resume_config(resume_dir: Path, config: Config) -> None:
-    """One line if `resume_dir` was written for another model than `config` (before any work)."""
+def check_resume_config(resume_dir: Path, config: Config, tokenizer_dir: Path | None = None) -> None:
+    """One line if `resume_dir` was written for another model than `config`, or with another tokenizer than the
+    shards' `tokenizer_dir` (before any work)."""
+    for name in ("tokenizer.json", "tokenizer.model"):
+        saved_tok, data_tok = resume_dir / name, (tokenizer_dir or resume_dir) / name
+        if saved_tok.is_file() and data_tok.is_file() and saved_tok.read_bytes() != data_tok.read_bytes():
+            raise ValueError(
+                f"--resume {resume_dir} was trained on shards of another tokenizer than {tokenizer_dir} ({name} "
+                "differs): resume with the data it was trained on, or start a fresh --out_dir"
+            )
     saved_file = resume_dir / "model_config.yaml"
     if not saved_file.is_file():
         return

@@ -89,7 +89,7 @@ def prepare(
     """
     start = time.perf_counter()
     scale = Scale(num_workers, num_nodes, node_rank, work_dir, chunk_bytes, overwrite)
-    check_scale(scale)
+    check_scale(scale, out_dir=out_dir)
     work = work_dir_for(scale, out_dir)
     settings = {
         "inputs": [str(input_dir), sorted(set(ids or [])), catalog_language, catalog_count, mirror],

@@ -85,7 +85,7 @@ def prepare(
     if unknown:
         raise SystemExit(f"--sources {unknown} unknown: choose from {list(rp.SOURCES)}")
     scale = Scale(num_workers, num_nodes, node_rank, work_dir, chunk_bytes, overwrite)
-    check_scale(scale)
+    check_scale(scale, out_dir=out_dir)
     work = work_dir_for(scale, out_dir)
     settings = {
         "inputs": [str(input_dir), sources, max_bytes], "val_fraction": val_fraction, "seed": seed,

@@ -104,7 +104,7 @@ def test_two_machines_write_one_dataset_to_s3(s3_server, one_worker, prepared_gu
     assert remote.fetch_files(f"{url}/tokenizer", tmp_path / "tok", ("tokenizer.json",)) == ["tokenizer.json"]
 
 
-def test_bad_settings_give_one_line_before_any_work(one_worker, prepared_gutenberg, tmp_path):
+def test_bad_settings_give_one_line_before_any_work(s3_server, one_worker, prepared_gutenberg, tmp_path):
     prepare = load_script("scripts/prepare_gutenberg.py").prepare
     ref, _ = one_worker
     tok = prepared_gutenberg / "tokenizer"
@@ -115,3 +115,23 @@ def test_bad_settings_give_one_line_before_any_work(one_worker, prepared_gutenbe
     with pytest.raises(ValueError, match="need num_workers >= 1 and 0 <= node_rank < num_nodes"):
         prepare(out_dir=str(tmp_path / "b"), tokenizer_dir=tok, num_nodes=2, node_rank=2, **COMMON)
     assert not (tmp_path / "a" / "train").exists() and not (tmp_path / "b" / "train").exists()
+    with pytest.raises(remote.RemoteDataError, match="bucket 'missing' .* does not exist"):
+        prepare(out_dir="s3://missing/gutenberg", tokenizer_dir=tok, work_dir=tmp_path / "c", **COMMON)
+    assert not (tmp_path / "c").exists()
+
+
+def test_resuming_on_shards_of_another_tokenizer_is_refused(one_worker, prepared_gutenberg, tmp_path):
+    """A checkpoint keeps its tokenizer: resuming it on shards written by another tokenizer stops with one line."""
+    from litgpt_mm.config import Config
+
+    check = load_script("recipes/pretrain_moe.py").check_resume_config
+    ckpt = tmp_path / "step-000010"
+    ckpt.mkdir()
+    (ckpt / "tokenizer.json").write_bytes((prepared_gutenberg / "tokenizer" / "tokenizer.json").read_bytes())
+    config = Config.from_name("phi-2-moe-tiny")
+    check(ckpt, config, prepared_gutenberg / "tokenizer")  # the same tokenizer: accepted
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tokenizer.json").write_text((ckpt / "tokenizer.json").read_text().replace('"a"', '"b"', 1))
+    with pytest.raises(ValueError, match=r"another tokenizer .* \(tokenizer.json differs\)"):
+        check(ckpt, config, other)

@@ -61,8 +61,11 @@ class Scale:
     storage_options: dict | None = None
 
 
-def check_scale(scale: Scale, n_inputs: int | None = None) -> None:
-    """One line for a setting that cannot work, before any work (the worker count once the inputs are known)."""
+def check_scale(scale: Scale, n_inputs: int | None = None, out_dir: str | Path | None = None) -> None:
+    """One line for a setting that cannot work, before any work (the worker count once the inputs are known; an
+    `s3://` output whose bucket is missing or whose credentials are refused)."""
+    if out_dir is not None and remote.is_remote(out_dir):
+        remote.check_writable(str(out_dir), scale.storage_options)
     if scale.num_workers < 1 or scale.num_nodes < 1 or not 0 <= scale.node_rank < scale.num_nodes:
         raise ValueError(
             f"--num_workers {scale.num_workers}, --num_nodes {scale.num_nodes}, --node_rank {scale.node_rank}: "

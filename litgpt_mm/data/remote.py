@@ -147,6 +147,22 @@ def read_json(url: str, storage_options: dict | None = None) -> dict:
         return json.loads(download(url, Path(tmp) / "file.json", storage_options).read_text())
 
 
+def check_writable(url: str, storage_options: dict | None = None) -> None:
+    """Fail before any work when the bucket of `url` is missing or the credentials are refused (one line)."""
+    scheme, bucket, _ = _split(url)
+    if scheme != "s3":
+        raise RemoteDataError(f"writing to {scheme}:// is not supported: write to s3:// or a local folder")
+    import botocore.exceptions as bx
+
+    try:
+        s3_client(storage_options).head_bucket(Bucket=bucket)
+    except (bx.BotoCoreError, bx.ClientError) as e:
+        code = e.response.get("Error", {}).get("Code", "") if isinstance(e, bx.ClientError) else ""
+        if code in ("404", "NoSuchBucket"):
+            e = bx.ClientError({"Error": {"Code": "NoSuchBucket"}}, "HeadBucket")
+        raise _explain_s3(e, url, storage_options) from None
+
+
 def upload_file(local_path: Path, url: str, storage_options: dict | None = None) -> None:
     """Upload one file to `url` (`s3://bucket/key`)."""
     scheme, bucket, key = _split(url)
