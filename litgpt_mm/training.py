@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -96,6 +97,18 @@ def sharded_checkpoints(fabric: L.Fabric) -> bool:
     if isinstance(strategy, FSDPStrategy):
         return strategy._state_dict_type == "sharded"
     return isinstance(strategy, ModelParallelStrategy)
+
+
+LAUNCHER_ENV = ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "LSB_JOBID")
+
+
+def check_launcher(num_nodes: int) -> None:
+    """One line when several nodes are asked for but no launcher started this process (before any work)."""
+    if num_nodes > 1 and not any(k in os.environ for k in LAUNCHER_ENV):
+        raise ValueError(
+            f"--num_nodes {num_nodes} needs a launcher on every node: start the same command with torchrun "
+            "(--nnodes/--node_rank/--rdzv_endpoint) or srun (scripts/slurm/); see README 'Scaling out'"
+        )
 
 
 def resolve_resume(resume: bool | str | Path, out_dir: Path) -> Path | None:

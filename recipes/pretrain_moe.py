@@ -50,6 +50,7 @@ from litgpt_mm.training import (  # noqa: E402
     PRETRAIN_TRAIN,
     SHARDED_DIR,
     Stage,
+    check_launcher,
     fit,
     load_sharded_checkpoint,
     load_training_state,
@@ -116,6 +117,7 @@ def setup(
         seed: initialisation and data-order seed.
         num_workers: DataLoader workers.
     """
+    check_launcher(num_nodes)
     if isinstance(model_config, (str, Path)):
         model_config = Config.from_file(model_config)
     config = model_config or Config.from_name(model_name)

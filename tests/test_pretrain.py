@@ -12,7 +12,6 @@ import torch
 from conftest import DATA, check_kill_and_resume, load_script, pretrain_setup, run_python
 from litgpt.tokenizer import Tokenizer
 
-from litgpt_mm.checkpoint import save_config
 from litgpt_mm.config import Config
 from litgpt_mm.data import tokens
 from litgpt_mm.model import load_model
@@ -166,31 +165,6 @@ def test_8bit_adam_runs(prepared_gutenberg, tmp_path):
     assert big and all(m.dtype == torch.uint8 for m in big)  # 8-bit moments for the large tensors
     with pytest.raises(FileExistsError, match="--resume auto"):  # a fresh run never overwrites checkpoints
         setup(data_dir=prepared_gutenberg, out_dir=out, **quick(optimizer=opt, train={"max_steps": 8}))
-
-
-def test_two_process_gloo_matches_single_process(prepared_gutenberg, tmp_path):
-    config = Config.from_name("phi-2-moe-tiny", moe_aux_loss_coef=0.0, moe_z_loss_coef=0.0)
-    save_config(config, tmp_path)
-    cfg_file = tmp_path / "model_config.yaml"
-    common = {
-        "model_config": cfg_file,
-        "train.max_steps": 4,
-        "train.lr_warmup_steps": 2,
-        "train.log_interval": 1,
-        "train.micro_batch_size": 4,
-        "train.global_batch_size": 8,
-        "train.max_seq_length": 32,
-        "eval.interval": 4,
-        "eval.max_iters": 2,
-    }
-    logs = []
-    for devices in (1, 2):
-        proc = run_python(run_args(prepared_gutenberg, tmp_path / f"d{devices}", devices=devices, **common))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        logs.append(read_log(tmp_path / f"d{devices}" / "logs" / "train_log.csv"))
-    assert [r["tokens"] for r in logs[0]] == [r["tokens"] for r in logs[1]]
-    for one, two in zip(logs[0], logs[1], strict=True):
-        assert float(one["loss"]) == pytest.approx(float(two["loss"]), abs=1e-4)
 
 
 def test_our_loop_matches_litgpt_pretrain_on_the_same_seed(prepared_gutenberg, tmp_path):
