@@ -409,7 +409,10 @@ def fit(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
-        state["tokens"] = state.get("tokens", 0) + step_tokens * fabric.world_size
+        if fabric.world_size > 1:  # ranks see sequences of different lengths: count them all
+            total = torch.tensor(float(step_tokens), dtype=torch.float64, device=fabric.device)
+            step_tokens = int(fabric.all_reduce(total, reduce_op="sum").item())
+        state["tokens"] = state.get("tokens", 0) + step_tokens
         window_tokens += step_tokens
         state["elapsed"] = elapsed_before + time.perf_counter() - session_start
         step = state["step"]
@@ -418,7 +421,7 @@ def fit(
             reduced = {k: fabric.all_reduce(v, reduce_op="mean").item() for k, v in sums.items()}
             loss_value = reduced["loss"]
             elapsed = time.perf_counter() - window_start
-            tps = window_tokens * fabric.world_size / max(elapsed, 1e-9)
+            tps = window_tokens / max(elapsed, 1e-9)
             row = {"step": step, "tokens": state["tokens"], "lr": lr, **reduced, "tokens_per_s": tps}
             row.update(elapsed_s=state["elapsed"], peak_memory_gb=peak_memory_gb(fabric.device))
             if peak:

@@ -40,7 +40,7 @@ from litgpt_mm.multimodal import (  # noqa: E402
     separator_token_id,
     shifted_cross_entropy,
 )
-from litgpt_mm.training import Stage, fit, load_training_state, resolve_resume  # noqa: E402
+from litgpt_mm.training import Stage, check_launcher, fit, load_training_state, resolve_resume  # noqa: E402
 from litgpt_mm.vision import CLIPPatchEncoder  # noqa: E402
 
 
@@ -58,6 +58,7 @@ def setup(
     max_caption_tokens: int = 64,
     precision: str | None = None,
     devices: int = 1,
+    num_nodes: int = 1,
     train: TrainArgs = TrainArgs(
         save_interval=500,
         log_interval=10,
@@ -96,7 +97,10 @@ def setup(
         max_caption_tokens: captions are cut to this many tokens (EOS included).
         precision: Fabric precision; default `bf16-mixed` on CUDA (the frozen LM is then stored in bf16),
             `32-true` on CPU.
-        devices: number of devices (DDP).
+        devices: devices per node. Several run DDP (NCCL on GPUs, gloo on CPU): only the projector trains, and the
+            frozen LM fits one GPU in bf16 (Phi-2: 5.6 GB), so FSDP would add two all-gathers of it per step for
+            no memory a GPU needs. Any split of the same global batch trains the same curve.
+        num_nodes: nodes (started by torchrun or srun on each; see README "Scaling out").
         train: batch sizes, epochs or max_steps, schedule (litgpt's `TrainArgs`).
         eval: validation interval and size; `max_new_tokens` bounds the sample captions.
         optimizer: optimizer spec (e.g. `bitsandbytes.optim.AdamW8bit`); its `lr` is the schedule's peak.
@@ -113,11 +117,16 @@ def setup(
         eval_images_root: the folder of the images of `eval_captions` (default: the file's own folder).
         eval_limit: images captioned per validation.
     """
+    check_launcher(num_nodes)
     cuda = torch.cuda.is_available()
     precision = precision or ("bf16-mixed" if cuda else "32-true")
     warn_if_slow_bf16("cuda" if cuda else "cpu", precision)
-    strategy = DDPStrategy(process_group_backend="gloo" if not cuda else "nccl") if devices > 1 else "auto"
-    fabric = L.Fabric(accelerator="cuda" if cuda else "cpu", devices=devices, strategy=strategy, precision=precision)
+    several = devices * num_nodes > 1
+    strategy = DDPStrategy(process_group_backend="nccl" if cuda else "gloo") if several else "auto"
+    fabric = L.Fabric(
+        accelerator="cuda" if cuda else "cpu", devices=devices, num_nodes=num_nodes, strategy=strategy,
+        precision=precision,
+    )  # fmt: skip
     return fabric.launch(
         main, Path(lm_checkpoint_dir), Path(data_dir), Path(out_dir), clip_model, clip_pretrained, clip_layer,
         feature_cache, Path(feature_dir), projector, separator, max_caption_tokens, train, eval, optimizer, resume,
@@ -184,8 +193,9 @@ def main(
     loaders = {}
     for split, shuffle in (("train", True), ("val", False)):
         ds = coco.CaptionPairs(records[split], tokenizer, max_caption_tokens, images_root, cache, encoder.preprocess)
+        accumulation = train.gradient_accumulation_iters(fabric.world_size, 1) if shuffle else 1
         sampler = ResumableSampler(len(ds), seed, train.micro_batch_size, shuffle, fabric.global_rank,
-                                   fabric.world_size)  # fmt: skip
+                                   fabric.world_size, accumulation=accumulation)  # fmt: skip
         if sampler.batches_per_epoch == 0:
             raise ValueError(f"{data_dir / split}.jsonl has {len(ds)} pairs: fewer than a micro-batch per device")
         loaders[split] = ResumableLoader(ds, sampler, track=shuffle, num_workers=num_workers,

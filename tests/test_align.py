@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, check_kill_and_resume, load_script
+from conftest import DATA, assert_rows_close, check_kill_and_resume, load_script, read_log, run_python
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.tokenizer import Tokenizer
 from PIL import Image
@@ -172,6 +172,26 @@ def test_align_resume_after_kill(pretrained_tiny, prepared_coco, tmp_path):
     ]  # fmt: skip
     check_kill_and_resume(lambda out: [*common, "--out_dir", str(out)], tmp_path, "step-000008", "step-000004",
                           "projector.pth")  # fmt: skip
+
+
+def test_align_on_two_processes_trains_the_one_process_curve(pretrained_tiny, prepared_coco, tmp_path):
+    """DDP over gloo, 2 processes x micro-batch 2 x 2 accumulation steps against 1 process x 4 accumulation steps:
+    each step sees the same captions (of different lengths), so the losses and the projector agree."""
+    lm_dir = pretrained_tiny[0] / "final"
+    data, features = prepared_coco
+    common = [
+        "recipes/align.py", "--config", "recipes/configs/align_tiny.yaml", "--lm_checkpoint_dir", str(lm_dir),
+        "--data_dir", str(data), "--feature_dir", str(features), "--train.max_steps", "5", "--train.save_interval",
+        "100", "--train.log_interval", "1", "--eval.interval", "100", "--eval.initial_validation", "false",
+        "--num_sample_images", "0", "--train.micro_batch_size", "2", "--train.global_batch_size", "8",
+    ]  # fmt: skip
+    for devices in (1, 2):
+        proc = run_python([*common, "--devices", str(devices), "--out_dir", str(tmp_path / f"d{devices}")])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (read_log(tmp_path / f"d{d}" / "logs" / "train_log.csv") for d in (1, 2))
+    assert_rows_close(two, one, ("loss", "tokens"), abs_tol=1e-5)
+    a, b = (torch.load(tmp_path / f"d{d}" / "final" / "projector.pth") for d in (1, 2))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
 def test_prepare_coco_downloads_a_seeded_subset(tmp_path):

@@ -244,9 +244,13 @@ class TokenBlocks(Dataset):
 
 
 class ResumableSampler(DistributedSampler):
-    """Seeded per-epoch permutation, strided over ranks, that resumes at an exact position.
+    """Seeded per-epoch permutation, dealt to ranks in micro-batches, that resumes at an exact position.
 
-    Each epoch yields the same whole number of micro-batches on every rank (the remainder is dropped), so a batch
+    The permutation is cut into micro-batches of `batch_size`; an optimizer step takes `world_size * accumulation`
+    consecutive ones, rank `r` the `accumulation` consecutive micro-batches at `r * accumulation` of each step. So
+    one process accumulating N micro-batches and N ranks (or any split of the same global batch) see the same
+    micro-batches in every step, and their mean-of-micro-batch-means loss is the same whatever the sequence
+    lengths. Each epoch yields the same whole number of steps on every rank (the remainder is dropped), so a step
     never straddles two epochs and the position after `n` batches is `divmod(n, batches_per_epoch)`. It is a
     `DistributedSampler` so that Fabric's `setup_dataloaders` (as `litgpt.pretrain` calls it) keeps it in place:
     it already shards by rank.
@@ -265,11 +269,13 @@ class ResumableSampler(DistributedSampler):
         world_size: int = 1,
         chunk_sizes: list[int] | None = None,
         window: int = 4,
+        accumulation: int = 1,
     ) -> None:
         Sampler.__init__(self)
         self.length, self.seed, self.shuffle, self.rank, self.world_size = length, seed, shuffle, rank, world_size
         self.batch_size, self.chunk_sizes, self.window = batch_size, chunk_sizes, max(1, window)
-        self.batches_per_epoch = length // world_size // batch_size
+        self.accumulation = max(1, accumulation)
+        self.batches_per_epoch = length // (batch_size * world_size * self.accumulation) * self.accumulation
         self.epoch, self.position = 0, 0  # position: samples of this rank already consumed in `epoch`
 
     def __len__(self) -> int:
@@ -278,7 +284,9 @@ class ResumableSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         while True:
             order = self._order(torch.Generator().manual_seed(self.seed + self.epoch))
-            mine = order[self.rank :: self.world_size][: len(self)].tolist()
+            micro = order[: len(self) * self.world_size].view(-1, self.batch_size)
+            owner = torch.arange(len(micro)) // self.accumulation % self.world_size
+            mine = micro[owner == self.rank].flatten().tolist()
             for i in mine[self.position :]:
                 self.position += 1
                 yield i
