@@ -19,11 +19,13 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import lightning as L
 import torch
 import yaml
+from lightning.fabric.strategies import DDPStrategy
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.utils import instantiate_torch_optimizer
 from torch.utils.data import Dataset
@@ -39,7 +41,7 @@ from litgpt_mm.model import load_model  # noqa: E402
 from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, shifted_cross_entropy  # noqa: E402
 from litgpt_mm.qlora import LoRASettings, add_lora, lora_state_dict, merged_state_dict, quantize_nf4  # noqa: E402
 from litgpt_mm.scheduled import autoregressive_loss, teacher_forcing_p  # noqa: E402
-from litgpt_mm.training import Stage, fit, load_training_state, resolve_resume  # noqa: E402
+from litgpt_mm.training import Stage, check_launcher, fit, load_training_state, resolve_resume  # noqa: E402
 from litgpt_mm.vision import CLIPPatchEncoder  # noqa: E402
 
 
@@ -81,6 +83,8 @@ def setup(
     projector_lr_scale: float = 0.1,
     activation_checkpointing: bool = False,
     precision: str | None = None,
+    devices: int = 1,
+    num_nodes: int = 1,
     train: TrainArgs = TrainArgs(
         save_interval=500,
         log_interval=10,
@@ -124,6 +128,9 @@ def setup(
         projector_lr_scale: the projector's learning rate as a fraction of the LoRA learning rate.
         activation_checkpointing: recompute each block in the backward pass.
         precision: Fabric precision (`bf16-mixed` on CUDA, `32-true` on CPU by default).
+        devices: devices per node; several run DDP (NCCL on GPUs, gloo on CPU), each holding the nf4 LM (Phi-2:
+            about 1.9 GB) and the same adapters; any split of the same global batch trains the same curve.
+        num_nodes: nodes (started by torchrun or srun on each; see README "Scaling out").
         train: batch sizes, epochs or max_steps, schedule.
         eval: validation interval and size.
         optimizer: optimizer spec; the paged 8-bit AdamW of bitsandbytes by default.
@@ -141,57 +148,48 @@ def setup(
     if bad:
         allowed = "p_start and p_end are probabilities in [0, 1], cycles >= 1, lookahead >= 0"
         raise ValueError(f"{', '.join(bad)}: {allowed}")
+    check_launcher(num_nodes)
+    args = SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("bad",)})
     cuda = torch.cuda.is_available()
-    precision = precision or ("bf16-mixed" if cuda else "32-true")
-    warn_if_slow_bf16("cuda" if cuda else "cpu", precision)
-    fabric = L.Fabric(accelerator="cuda" if cuda else "cpu", devices=1, precision=precision)
-    fabric.seed_everything(seed)
-    out_dir, align_dir = Path(out_dir), Path(align_dir)
-    resume_dir = resolve_resume(resume, out_dir)
+    args.precision = precision or ("bf16-mixed" if cuda else "32-true")
+    warn_if_slow_bf16("cuda" if cuda else "cpu", args.precision)
+    several = devices * num_nodes > 1
+    strategy = DDPStrategy(process_group_backend="nccl" if cuda else "gloo") if several else "auto"
+    fabric = L.Fabric(
+        accelerator="cuda" if cuda else "cpu", devices=devices, num_nodes=num_nodes, strategy=strategy,
+        precision=args.precision,
+    )  # fmt: skip
+    return fabric.launch(main, args)
+
+
+def main(fabric: L.Fabric, a: SimpleNamespace) -> dict[str, float]:
+    """Build the data, the nf4 + LoRA model and the optimizer, then train with the shared `fit`."""
+    fabric.seed_everything(a.seed)
+    out_dir, align_dir = Path(a.out_dir), Path(a.align_dir)
+    resume_dir = resolve_resume(a.resume, out_dir)
     mm_config = MultimodalConfig.load(align_dir)
-    lm_dir = Path(lm_checkpoint_dir or mm_config.lm_checkpoint_dir)
-
+    lm_dir = Path(a.lm_checkpoint_dir or mm_config.lm_checkpoint_dir)
     encoder = CLIPPatchEncoder(mm_config.clip_model, mm_config.clip_pretrained, layer=mm_config.clip_layer)
-    cache = coco.FeatureCache(feature_dir, encoder.key())
-    datasets = {}
-    for split in ("train", "val"):
-        path = Path(data_dir) / f"{split}.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run scripts/prepare_llava_instruct.py first")
-        ds = InstructSamples(path, cache)
-        images = sorted({s["image"] for s in ds.samples})
-        cache.build(encoder.to(fabric.device), [coco.CaptionRecord(p, p, []) for p in images], Path("/"),
-                    coco.CocoSummary())  # fmt: skip
-        datasets[split] = ds
-    if eval_questions is None:
-        del encoder
-
-    lm = load_model(lm_dir, device=fabric.device)
-    lm.requires_grad_(False)
-    add_lora(lm, lora)
-    compute_dtype = torch.bfloat16 if "bf16" in precision else torch.float32
-    n_quantized = quantize_nf4(lm, compute_dtype) if quantize == "nf4" else 0
-    lm.activation_checkpointing = activation_checkpointing
-    mm = MultimodalGPT(lm, mm_config).to(fabric.device)
-    mm.load_adapter(align_dir)
-    for p in mm.projector.parameters():
-        p.requires_grad_(True)
-    longest = max(len(s["ids"]) for d in datasets.values() for s in d.samples)
-    lm.max_seq_length = min(lm.config.block_size, mm_config.num_patches + 1 + longest)
+    datasets = load_samples(fabric, Path(a.data_dir), Path(a.feature_dir), encoder)
+    encoder = encoder if a.eval_questions is not None else None  # CLIP is needed again only to answer questions
+    mm, lm, n_quantized = build_model(fabric, a, mm_config, lm_dir, datasets)
 
     lora_params = [p for n, p in lm.named_parameters() if p.requires_grad]
     extra = [p for n, p in mm.named_parameters() if p.requires_grad and not n.startswith("lm.")]
-    groups = [{"params": lora_params}, {"params": extra, "lr_scale": projector_lr_scale}]
-    opt = instantiate_torch_optimizer(optimizer, groups)
+    groups = [{"params": lora_params}, {"params": extra, "lr_scale": a.projector_lr_scale}]
+    opt = instantiate_torch_optimizer(a.optimizer, groups)
     peak_lr = opt.param_groups[0]["lr"]
     model = fabric.setup_module(mm)
     opt = fabric.setup_optimizers(opt)
+    train = a.train
+    accum = train.gradient_accumulation_iters(fabric.world_size, 1)
     loaders = {}
     for split, shuffle in (("train", True), ("val", False)):
         batch = train.micro_batch_size if shuffle else min(train.micro_batch_size, len(datasets[split]))
-        sampler = ResumableSampler(len(datasets[split]), seed, batch, shuffle)
+        sampler = ResumableSampler(len(datasets[split]), a.seed, batch, shuffle, fabric.global_rank,
+                                   fabric.world_size, accumulation=accum if shuffle else 1)  # fmt: skip
         if sampler.batches_per_epoch == 0:
-            raise ValueError(f"{data_dir}/{split}.jsonl has fewer samples than the micro batch size")
+            raise ValueError(f"{a.data_dir}/{split}.jsonl has fewer samples than a micro batch on every device")
         loaders[split] = ResumableLoader(datasets[split], sampler, track=shuffle, collate_fn=collate)
     state = {"model": model, "optimizer": opt, "train_dataloader": loaders["train"], "step": 0, "tokens": 0}
     if resume_dir is not None:
@@ -201,26 +199,26 @@ def setup(
         fabric.print(f"Resumed from {resume_dir} at step {state['step']}")
     trainable = sum(p.numel() for p in lora_params + extra)
     fabric.print(
-        f"LM {lm.config.name}: {n_quantized} linear layers in nf4, LoRA r={lora.r}; trainable {trainable:,} params "
-        f"(LoRA + projector); method {method}; {len(datasets['train'])} training samples"
+        f"LM {lm.config.name}: {n_quantized} linear layers in nf4, LoRA r={a.lora.r}; trainable {trainable:,} "
+        f"params (LoRA + projector); method {a.method}; {len(datasets['train'])} training samples"
     )
-
-    accum = train.gradient_accumulation_iters(1, 1)
-    max_steps = train.max_steps or max(
-        1, (train.epochs or 1) * len(datasets["train"]) // (accum * train.micro_batch_size)
-    )
+    global_batch = accum * train.micro_batch_size * fabric.world_size
+    max_steps = train.max_steps or max(1, (train.epochs or 1) * len(datasets["train"]) // global_batch)
 
     def loss_fn(batch: dict):
         feats = [f[None].to(fabric.device).float() for f in batch["features"]]
-        if method == "standard" or not model.training:
+        if a.method == "standard" or not model.training:
             logits, labels = model(feats, batch["ids"], batch["labels"])
             loss = shifted_cross_entropy(logits, labels)
             return loss, {"loss": loss}
-        p = teacher_forcing_p(schedule, state["step"], max_steps, p_start, p_end, cycles)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + loaders["train"].batches_served)  # resumes exactly
+        p = teacher_forcing_p(a.schedule, state["step"], max_steps, a.p_start, a.p_end, a.cycles)
+        # the draws follow the global micro-batch index: the same for any split of the global batch, and on resume
+        local = loaders["train"].batches_served - 1
+        served = (local // accum * fabric.world_size + fabric.global_rank) * accum + local % accum + 1
+        gen = torch.Generator().manual_seed(a.seed * 1_000_003 + served)
         with fabric.autocast():
             loss, info = autoregressive_loss(
-                mm, feats, batch["ids"], batch["labels"], p, gen, lookahead, model, decode_dequantized
+                mm, feats, batch["ids"], batch["labels"], p, gen, a.lookahead, model, a.decode_dequantized
             )
         metrics = {"loss": loss.detach(), "teacher_forcing_p": torch.tensor(p),
                    "model_fed": torch.tensor(info.model_fed / max(info.candidates, 1)),
@@ -228,28 +226,69 @@ def setup(
         return loss, metrics
 
     def save_fn(ckpt_dir: Path) -> None:
-        atomic_torch_save(lora_state_dict(lm), ckpt_dir / "lora.pth")
-        mm.save_adapter(ckpt_dir)
-        (ckpt_dir / "lora_config.yaml").write_text(yaml.safe_dump({**asdict(lora), "quantize": quantize}))
-        copy_tokenizer_files(lm_dir, ckpt_dir)
+        if fabric.global_rank == 0:  # every rank holds the same adapters
+            atomic_torch_save(lora_state_dict(lm), ckpt_dir / "lora.pth")
+            mm.save_adapter(ckpt_dir)
+            (ckpt_dir / "lora_config.yaml").write_text(yaml.safe_dump({**asdict(a.lora), "quantize": a.quantize}))
+            copy_tokenizer_files(lm_dir, ckpt_dir)
 
     on_eval = None
-    if eval_questions is not None:
+    if a.eval_questions is not None:
         from litgpt_mm.eval.hook import vqa_on_eval
 
-        meta = Path(data_dir) / "meta.json"
+        meta = Path(a.data_dir) / "meta.json"
         template = json.loads(meta.read_text()).get("template", "phi2") if meta.is_file() else "phi2"
         tokenizer = load_tokenizer(lm_dir)
-        on_eval = vqa_on_eval(mm, encoder, tokenizer, template, eval_questions, eval_images_root, eval_limit)
-    tokens_fn = lambda b: sum(int((lab != -100).sum()) for lab in b["labels"])
+        on_eval = vqa_on_eval(mm, encoder, tokenizer, template, a.eval_questions, a.eval_images_root, a.eval_limit)
+    tokens_fn = lambda b: sum(int((lab != -100).sum()) for lab in b["labels"])  # noqa: E731
     stage = Stage(loss_fn, save_fn, tokens_fn=tokens_fn, on_eval=on_eval)
     result = fit(
-        fabric, stage, state, out_dir=out_dir, train=train, eval=eval, max_steps=max_steps, learning_rate=peak_lr,
+        fabric, stage, state, out_dir=out_dir, train=train, eval=a.eval, max_steps=max_steps, learning_rate=peak_lr,
         val_loader=loaders["val"], resumed_from=resume_dir,
     )  # fmt: skip
-    if merge:
+    if a.merge and fabric.global_rank == 0:
         export_merged(mm, lm_dir, out_dir / "merged")
+    fabric.barrier()
     return result
+
+
+def load_samples(fabric: L.Fabric, data_dir: Path, feature_dir: Path, encoder: CLIPPatchEncoder) -> dict:
+    """The prepared train/val samples with the CLIP features of their images (built by rank 0, cached)."""
+    cache = coco.FeatureCache(feature_dir, encoder.key())
+    datasets = {}
+    for split in ("train", "val"):
+        path = data_dir / f"{split}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run scripts/prepare_llava_instruct.py first")
+        datasets[split] = InstructSamples(path, cache)
+        if fabric.global_rank == 0:
+            images = sorted({s["image"] for s in datasets[split].samples})
+            cache.build(encoder.to(fabric.device), [coco.CaptionRecord(p, p, []) for p in images], Path("/"),
+                        coco.CocoSummary())  # fmt: skip
+    fabric.barrier()
+    cache = coco.FeatureCache(feature_dir, encoder.key())  # the index as rank 0 left it
+    for ds in datasets.values():
+        ds.cache = cache
+    return datasets
+
+
+def build_model(
+    fabric: L.Fabric, a: SimpleNamespace, mm_config: MultimodalConfig, lm_dir: Path, datasets: dict
+) -> tuple[MultimodalGPT, torch.nn.Module, int]:
+    """The LM with LoRA layers, its linear weights in nf4 (unless `--quantize none`), under the aligned projector."""
+    lm = load_model(lm_dir, device=fabric.device)
+    lm.requires_grad_(False)
+    add_lora(lm, a.lora)
+    compute_dtype = torch.bfloat16 if "bf16" in a.precision else torch.float32
+    n_quantized = quantize_nf4(lm, compute_dtype) if a.quantize == "nf4" else 0
+    lm.activation_checkpointing = a.activation_checkpointing
+    mm = MultimodalGPT(lm, mm_config).to(fabric.device)
+    mm.load_adapter(Path(a.align_dir))
+    for p in mm.projector.parameters():
+        p.requires_grad_(True)
+    longest = max(len(s["ids"]) for d in datasets.values() for s in d.samples)
+    lm.max_seq_length = min(lm.config.block_size, mm_config.num_patches + 1 + longest)
+    return mm, lm, n_quantized
 
 
 def export_merged(mm: MultimodalGPT, lm_dir: Path, out: Path) -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import DATA, check_kill_and_resume, load_script, run_python
+from conftest import DATA, assert_rows_close, check_kill_and_resume, load_script, read_log, run_python
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_mm.config import Config
@@ -320,6 +320,20 @@ def test_instruct_resume_after_kill(aligned, tmp_path):
         lambda out: [*instruct_args(aligned, out, "standard", 12), "--merge", "false"], tmp_path, "step-000008",
         "step-000004", "lora.pth",
     )  # fmt: skip
+
+
+def test_two_processes_train_the_one_process_curve(aligned, tmp_path):
+    """DDP over gloo on the nf4 model, 2 processes x 1 accumulation step against 1 process x 2, with scheduled
+    teacher forcing: the same samples and teacher-forcing draws per micro-batch, so the same losses and adapters."""
+    for devices in (1, 2):
+        args = [*instruct_args(aligned, tmp_path / f"d{devices}", "autoregressive", 4), "--merge", "false"]
+        proc = run_python([*args, "--p_end", "0.5", "--devices", str(devices), "--eval.interval", "100"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (read_log(tmp_path / f"d{d}" / "logs" / "train_log.csv") for d in (1, 2))
+    assert_rows_close(two, one, ("loss", "tokens", "model_fed"), abs_tol=1e-5)
+    assert max(float(r["model_fed"]) for r in one) > 0  # the draws matter
+    a, b = (torch.load(tmp_path / f"d{d}" / "final" / "lora.pth") for d in (1, 2))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
 def test_merged_dense_phi_exports_to_hugging_face(tmp_path):
