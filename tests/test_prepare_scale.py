@@ -49,13 +49,15 @@ def one_worker(prepared_gutenberg, tmp_path_factory):
     return out, summary
 
 
-def test_two_workers_write_the_one_worker_stream_and_a_killed_run_resumes(one_worker, prepared_gutenberg, tmp_path):
+def test_two_workers_write_the_one_worker_stream_and_a_killed_run_resumes(
+    one_worker, prepared_gutenberg, tmp_path, capsys
+):
     ref, summary = one_worker
     tok = prepared_gutenberg / "tokenizer"
     assert summary.documents == {"train": 10, "val": 3} and summary.tokens["train"] == len(shard_tokens(ref / "train"))
-    two = run_python(cli(tmp_path / "two", tok, num_workers=2))
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "with 2 worker(s)" in two.stdout
+    prepare = load_script("scripts/prepare_gutenberg.py").prepare
+    two = prepare(out_dir=str(tmp_path / "two"), tokenizer_dir=tok, num_workers=2, **COMMON)
+    assert two.workers == 2 and two.tokens == summary.tokens
     for split in ("train", "val"):
         assert torch.equal(shard_tokens(tmp_path / "two" / split), shard_tokens(ref / split)), split
 
@@ -74,8 +76,8 @@ def test_two_workers_write_the_one_worker_stream_and_a_killed_run_resumes(one_wo
     assert {f.name: f.stat().st_mtime_ns for f in (run / ".prepare" / "clean").glob("*.json")} == cleaned
     for split in ("train", "val"):
         assert torch.equal(shard_tokens(run / split), shard_tokens(ref / split)), split
-    again = run_python(cli(run, tok))  # finished: nothing is redone
-    assert again.returncode == 0 and "train: already written, kept" in again.stdout
+    prepare(out_dir=str(run), tokenizer_dir=tok, **COMMON)  # finished: nothing is redone
+    assert "train: already written, kept" in capsys.readouterr().out
 
 
 def test_two_machines_write_one_dataset_to_s3(s3_server, one_worker, prepared_gutenberg, tmp_path):
