@@ -108,8 +108,23 @@ def pretrained_tiny(prepared_gutenberg, tmp_path_factory) -> tuple[Path, dict]:
     return out, result
 
 
-def kill_while_saving(checkpoint_name: str) -> str:
-    """`python -c` code that runs a recipe (argv[1:]) and SIGKILLs itself half-way through writing a checkpoint."""
+# a short pretraining run with checkpoints every 4 steps, for kill-and-resume tests (`--key value` overrides)
+SHORT_RUN = {
+    "train.max_steps": 12,
+    "train.lr_warmup_steps": 2,
+    "train.save_interval": 4,
+    "train.log_interval": 1,
+    "train.micro_batch_size": 4,
+    "train.global_batch_size": 8,
+    "train.max_seq_length": 32,
+    "eval.interval": 6,
+    "eval.max_iters": 2,
+}
+
+
+def kill_while_saving(checkpoint_name: str, torn: bool = True) -> str:
+    """`python -c` code (or a script) that runs a recipe (argv[1:]) and SIGKILLs itself when it starts writing a
+    checkpoint: with `torn`, half-way through (a partial temporary directory is left behind)."""
     import textwrap
 
     return textwrap.dedent(
@@ -119,9 +134,10 @@ def kill_while_saving(checkpoint_name: str) -> str:
         real = training.save_checkpoint
         def save_then_die(fabric, stage, state, ckpt_dir):
             if ckpt_dir.name == {checkpoint_name!r}:
-                tmp = ckpt_dir.with_name("." + ckpt_dir.name + ".tmp")
-                tmp.mkdir()
-                (tmp / "torn.pth").write_bytes(b"torn")
+                if {torn!r}:
+                    tmp = ckpt_dir.with_name("." + ckpt_dir.name + ".tmp")
+                    tmp.mkdir()
+                    (tmp / "torn.pth").write_bytes(b"torn")
                 os.kill(os.getpid(), signal.SIGKILL)
             real(fabric, stage, state, ckpt_dir)
         training.save_checkpoint = save_then_die

@@ -161,15 +161,21 @@ def test_align_puts_image_information_into_the_caption_loss(pretrained_tiny, pre
         assert sum(w > t for w, t in zip(wrong, true, strict=True)) >= 0.75 * len(true)
 
 
-def test_align_resume_after_kill(pretrained_tiny, prepared_coco, tmp_path):
-    lm_dir = pretrained_tiny[0] / "final"
+def align_cli(pretrained_tiny, prepared_coco, **overrides) -> list[str]:
+    """`recipes/align.py` on the tiny config, the tiny LM and the prepared COCO sample, with `--key value`s."""
     data, features = prepared_coco
-    common = [
-        "recipes/align.py", "--config", "recipes/configs/align_tiny.yaml", "--lm_checkpoint_dir", str(lm_dir),
-        "--data_dir", str(data), "--feature_dir", str(features), "--train.max_steps", "12", "--train.save_interval",
-        "4", "--train.log_interval", "1", "--eval.interval", "6", "--eval.max_new_tokens", "4",
-        "--train.micro_batch_size", "4", "--train.global_batch_size", "8",
-    ]  # fmt: skip
+    args = ["recipes/align.py", "--config", "recipes/configs/align_tiny.yaml", "--lm_checkpoint_dir",
+            str(pretrained_tiny[0] / "final"), "--data_dir", str(data), "--feature_dir", str(features)]  # fmt: skip
+    for key, value in overrides.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def test_align_resume_after_kill(pretrained_tiny, prepared_coco, tmp_path):
+    common = align_cli(pretrained_tiny, prepared_coco, **{
+        "train.max_steps": 12, "train.save_interval": 4, "train.log_interval": 1, "eval.interval": 6,
+        "eval.max_new_tokens": 4, "train.micro_batch_size": 4, "train.global_batch_size": 8,
+    })  # fmt: skip
     check_kill_and_resume(lambda out: [*common, "--out_dir", str(out)], tmp_path, "step-000008", "step-000004",
                           "projector.pth")  # fmt: skip
 
@@ -177,14 +183,11 @@ def test_align_resume_after_kill(pretrained_tiny, prepared_coco, tmp_path):
 def test_align_on_two_processes_trains_the_one_process_curve(pretrained_tiny, prepared_coco, tmp_path):
     """DDP over gloo, 2 processes x micro-batch 2 x 2 accumulation steps against 1 process x 4 accumulation steps:
     each step sees the same captions (of different lengths), so the losses and the projector agree."""
-    lm_dir = pretrained_tiny[0] / "final"
-    data, features = prepared_coco
-    common = [
-        "recipes/align.py", "--config", "recipes/configs/align_tiny.yaml", "--lm_checkpoint_dir", str(lm_dir),
-        "--data_dir", str(data), "--feature_dir", str(features), "--train.max_steps", "5", "--train.save_interval",
-        "100", "--train.log_interval", "1", "--eval.interval", "100", "--eval.initial_validation", "false",
-        "--num_sample_images", "0", "--train.micro_batch_size", "2", "--train.global_batch_size", "8",
-    ]  # fmt: skip
+    common = align_cli(pretrained_tiny, prepared_coco, **{
+        "train.max_steps": 5, "train.save_interval": 100, "train.log_interval": 1, "eval.interval": 100,
+        "eval.initial_validation": "false", "num_sample_images": 0, "train.micro_batch_size": 2,
+        "train.global_batch_size": 8,
+    })  # fmt: skip
     for devices in (1, 2):
         proc = run_python([*common, "--devices", str(devices), "--out_dir", str(tmp_path / f"d{devices}")])
         assert proc.returncode == 0, proc.stderr[-3000:]

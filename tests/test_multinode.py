@@ -7,50 +7,29 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import REPO, THREADS, assert_rows_close, load_script, pretrain_args, read_log, run_python
+from conftest import (
+    REPO,
+    SHORT_RUN,
+    THREADS,
+    assert_rows_close,
+    kill_while_saving,
+    load_script,
+    pretrain_args,
+    read_log,
+    run_python,
+)
 
 from litgpt_mm.checkpoint import save_config
 from litgpt_mm.config import Config
-
-SETTINGS = {
-    "train.max_steps": 12,
-    "train.lr_warmup_steps": 2,
-    "train.save_interval": 4,
-    "train.log_interval": 1,
-    "train.micro_batch_size": 4,
-    "train.global_batch_size": 8,
-    "train.max_seq_length": 32,
-    "eval.interval": 6,
-    "eval.max_iters": 2,
-}
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def die_at_checkpoint(name: str) -> str:
-    """A script that runs the recipe given after it and SIGKILLs its own process when it starts writing `name`."""
-    return textwrap.dedent(
-        f"""
-        import os, signal, sys, runpy
-        import litgpt_mm.training as training
-        real = training.save_checkpoint
-        def save_or_die(fabric, stage, state, ckpt_dir):
-            if ckpt_dir.name == {name!r}:
-                os.kill(os.getpid(), signal.SIGKILL)
-            real(fabric, stage, state, ckpt_dir)
-        training.save_checkpoint = save_or_die
-        sys.argv = sys.argv[1:]
-        runpy.run_path(sys.argv[0], run_name="__main__")
-        """
-    )
 
 
 def two_nodes(args: list[str], node1_script: list[str] | None = None, timeout: float = 300) -> list:
@@ -80,13 +59,13 @@ def two_nodes(args: list[str], node1_script: list[str] | None = None, timeout: f
 def test_torchrun_two_nodes_follow_one_process_and_resume_after_one_node_is_killed(prepared_gutenberg, tmp_path):
     config = Config.from_name("phi-2-moe-tiny", moe_aux_loss_coef=0.0, moe_z_loss_coef=0.0)
     save_config(config, tmp_path)
-    settings = {"model_config": tmp_path / "model_config.yaml", **SETTINGS}
+    settings = {"model_config": tmp_path / "model_config.yaml", **SHORT_RUN}
     ref = run_python(pretrain_args(prepared_gutenberg, tmp_path / "one", **settings))
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     run = pretrain_args(prepared_gutenberg, tmp_path / "two", **settings)
     wrapper = tmp_path / "die.py"
-    wrapper.write_text(die_at_checkpoint("step-000008"))
+    wrapper.write_text(kill_while_saving("step-000008", torn=False))
     killed = two_nodes(run, node1_script=[str(wrapper)])
     assert killed[1][0] != 0 and killed[0][0] != 0, killed  # node 1 killed; node 0 loses its peer and stops
     assert not (tmp_path / "two" / "final").exists()

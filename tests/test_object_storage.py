@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 import torch
 import yaml
-from conftest import check_kill_and_resume, pretrain_args, run_python
+from conftest import SHORT_RUN, check_kill_and_resume, pretrain_args, run_python
 
 from litgpt_mm.data import remote, tokens
 
@@ -73,15 +73,8 @@ def test_chunk_window_shuffle_reads_few_chunks_at_a_time_and_resumes():
 def test_training_streamed_from_s3_resumes_on_the_local_curve(s3, tmp_path):
     """Local folder (chunk-window shuffle) uninterrupted vs. the same shards from S3, SIGKILLed and resumed."""
     common = {
-        "train.max_steps": 12,
-        "train.lr_warmup_steps": 2,
-        "train.save_interval": 4,
-        "train.log_interval": 1,
-        "train.micro_batch_size": 4,
+        **SHORT_RUN,
         "train.global_batch_size": 4,
-        "train.max_seq_length": 32,
-        "eval.interval": 6,
-        "eval.max_iters": 2,
         "stream.shuffle": "chunks",
         "stream.cache_dir": tmp_path / "cache",
     }

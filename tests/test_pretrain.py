@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, check_kill_and_resume, load_script, pretrain_setup, run_python
+from conftest import DATA, SHORT_RUN, check_kill_and_resume, load_script, pretrain_setup, run_python
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_mm.config import Config
@@ -119,17 +119,7 @@ def test_tiny_run_beats_unigram_baseline(prepared_gutenberg, pretrained_tiny):
 
 
 def test_resume_after_kill_continues_the_same_curve(prepared_gutenberg, tmp_path):
-    common = {
-        "train.max_steps": 16,
-        "train.lr_warmup_steps": 3,
-        "train.save_interval": 4,
-        "train.log_interval": 1,
-        "train.micro_batch_size": 4,
-        "train.global_batch_size": 8,
-        "train.max_seq_length": 32,
-        "eval.interval": 6,
-        "eval.max_iters": 2,
-    }
+    common = {**SHORT_RUN, "train.max_steps": 16, "train.lr_warmup_steps": 3}
     check_kill_and_resume(lambda out: run_args(prepared_gutenberg, out, **common), tmp_path, "step-000012",
                           "step-000008", "lit_model.pth")  # fmt: skip
 
