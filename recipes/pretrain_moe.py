@@ -275,6 +275,10 @@ def main(
         ddp_ignore_experts(model)
     model = fabric.setup(model)
     optimizer = instantiate_torch_optimizer(optimizer_spec, model.parameters())
+    if expert_parallel > 1 and isinstance(fabric.strategy, ModelParallelStrategy):
+        for group in optimizer.param_groups:  # FSDP2's DTensors beside plain expert weights: no batched kernels
+            group.update({"foreach": False} if "foreach" in group else {})
+            group.update({"fused": False} if group.get("fused") else {})
     if expert_parallel > 1:
         shard_optimizer_state(optimizer, model)
     optimizer = fabric.setup_optimizers(optimizer)

@@ -11,9 +11,11 @@ skipped with that reason. The paths: data preparation (the bundled Gutenberg boo
 random-weight tiny LMs, projectors and a merged model), tiny MoE pretraining (`--compile`, activation checkpointing,
 8-bit AdamW, several devices, a SIGKILL mid-run resumed with `--resume auto`), alignment with CLIP on the device
 (feature cache off and on), QLoRA (nf4, paged 8-bit AdamW, both methods, merge, Hugging Face export),
-`generate/mm.py` (bf16, nf4, batch mode), and the benchmarks at the Phi-2 shape (their JSON goes to
-`<out_dir>/bench_<name>/results/`, never over the committed results). The table (path | status | seconds | result)
-is printed and written to `<results_dir>/gpu_check_<device>.md` and `.json`; the exit status is 1 if a path failed.
+`generate/mm.py` (bf16, nf4, batch mode), the benchmarks at the Phi-2 shape (their JSON goes to
+`<out_dir>/bench_<name>/results/`, never over the committed results), and the multi-GPU section: `phi-2-moe` under
+FSDP and FSDP + expert parallelism over every visible GPU (`torchrun`; skipped on one GPU). The table (path |
+status | seconds | result) is printed and written to `<results_dir>/gpu_check_<device>.md` and `.json`; the exit
+status is 1 if a path failed.
 
 On a CPU (`--device cpu`) the precision is `32-true` instead of `bf16-mixed`, the benchmarks run at tiny sizes, and a
 path that cannot run there says why (status `skip`). A path that the code cannot run on this machine has the status
@@ -122,6 +124,7 @@ def checks(device: str, out_dir: Path, n_gpus: int = 1) -> list[Check]:
         *_pretrain_checks(device, out_dir, n_gpus),
         *_multimodal_checks(device, out_dir),
         *_bench_checks(device, out_dir),
+        *_scale_out_checks(device, out_dir, n_gpus),
     ]
 
 
@@ -286,6 +289,34 @@ def _bench_checks(device: str, out: Path) -> list[Check]:
     ]  # fmt: skip
 
 
+def scale_out_layers(n_gpus: int) -> int:
+    """Depth of `phi-2-moe` in the multi-GPU section: all 32 layers from 8 GPUs on; 16 below, where the weights,
+    gradients and AdamW state (16 bytes a parameter, over 6B parameters, split over the GPUs) and micro-batch 4's
+    activations at sequence 2048 would not fit in 80 GB."""
+    return 32 if n_gpus >= 8 else 16
+
+
+def _scale_out_checks(device: str, out: Path, n_gpus: int) -> list[Check]:
+    cuda = device == "cuda"
+    n_procs = n_gpus if cuda else 2
+    argv = python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", n_procs, "benchmarks/scale_out.py",
+                  "--device", device, "--micro_batches", "1,4", "--results_dir", out / "scale_out_fsdp_ep")  # fmt: skip
+    if cuda:
+        layers = scale_out_layers(n_gpus)
+        argv += ["--model_name", "phi-2-moe", "--n_layer", str(layers), "--warmup", "2", "--steps", "5"]
+        what = (
+            f"benchmarks/scale_out.py over {n_gpus} GPUs (torchrun): phi-2-moe at {layers} of its 32 layers, bf16, "
+            "sequence 2048, micro-batch 1 and 4: FSDP vs FSDP + expert parallelism, step time, peak memory, the "
+            "all-to-all's share of the step"
+        )
+    else:
+        argv += ["--model_name", "phi-2-moe-tiny", "--seq_len", "32", "--warmup", "1", "--steps", "2"]
+        what = "benchmarks/scale_out.py over 2 CPU processes (torchrun, gloo): phi-2-moe-tiny, FSDP vs FSDP + EP"
+    skip = "" if not cuda or n_gpus >= 2 else "skip: fewer than 2 GPUs visible (the multi-GPU section needs 2 or more)"
+    timeout = 600.0 if cuda else 180.0
+    return [Check("scale_out_fsdp_ep", what, argv, skip=skip, key=scale_out_key, timeout=timeout, exclusive=cuda)]
+
+
 def precision(device: str) -> str:
     return "bf16-mixed" if device == "cuda" else "32-true"
 
@@ -447,6 +478,26 @@ def decode_dequantized_advice(out: Path) -> str:
         f"`--decode_dequantized`: the dequantised decoding pass peaks at {auto:.1f} GB, over the target (standard "
         f"{standard:.1f} GB): make `false` the GPU default (benchmarks/instruct.py cannot measure `false` yet)."
     )
+
+
+def scale_out_payload(out: Path) -> dict:
+    files = sorted((out / "scale_out_fsdp_ep").glob("scale_out_*.json"))
+    if not files:
+        raise CheckFailed("no scale_out_*.json written")
+    return json.loads(files[0].read_text())
+
+
+def scale_out_key(out: Path, log: str) -> str:
+    rows, parts = scale_out_payload(out)["rows"], []
+    for micro in sorted({r["micro_batch"] for r in rows}):
+        runs = [r for r in rows if r["micro_batch"] == micro]
+        said = []
+        for r in runs:
+            peak = f", {r['peak_GiB']:.1f} GiB" if "peak_GiB" in r else ""
+            a2a = f", all-to-all {r['a2a_share']:.0%}" if r["variant"] != "fsdp" else ""
+            said.append(f"{r['variant']} {r['ms_per_step']:.0f} ms{peak}{a2a}")
+        parts.append(f"micro-batch {micro}: " + " vs ".join(said))
+    return "; ".join(parts)
 
 
 def generate_bench_key(out: Path, log: str) -> str:
@@ -691,6 +742,8 @@ def write_report(results: list[Result], selected: list[Check], info: dict, argv:
     for r in results:
         if r.status == "pass" and r.name.startswith("bench_"):
             r.notes = bench_payload(out_dir, r.name.removeprefix("bench_")).get("notes", [])
+        elif r.status == "pass" and r.name == "scale_out_fsdp_ep":
+            r.notes = scale_out_payload(out_dir).get("notes", [])
     stem = results_dir / f"gpu_check_{device_slug(info)}"
     results_dir.mkdir(parents=True, exist_ok=True)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

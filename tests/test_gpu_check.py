@@ -73,6 +73,50 @@ def test_benchmark_numbers_are_read_from_the_committed_results(gpu_check, tmp_pa
     assert re.search(r"\d\.\d", key(tmp_path, ""))
 
 
+def test_scale_out_numbers_are_read_from_the_committed_results(gpu_check, tmp_path):
+    (tmp_path / "scale_out_fsdp_ep").mkdir()
+    shutil.copy(REPO / "benchmarks" / "results" / "scale_out_cpu.json", tmp_path / "scale_out_fsdp_ep")
+    key = gpu_check.scale_out_key(tmp_path, "")
+    assert re.search(r"micro-batch 4: fsdp \d+ ms vs fsdp_ep2 \d+ ms, all-to-all \d+%", key), key
+
+
+def _scale_out_rank(rank: int, port: int, argv: list[str]) -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(1)  # a forked child: the parent's OpenMP pool is not its own
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    sys.argv = argv
+    sys.modules["benchmarks_scale_out"].main()
+
+
+def test_scale_out_runs_on_two_processes_and_is_skipped_on_one_gpu(gpu_check, tmp_path):
+    """The multi-GPU path skips with fewer than 2 GPUs; its CPU command (2 gloo processes, forked here rather than
+    started by torchrun, which would import everything twice more) times FSDP and FSDP + expert parallelism."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    (one,) = [c for c in gpu_check.checks("cuda", tmp_path, 1) if c.name == "scale_out_fsdp_ep"]
+    assert one.skip.startswith("skip: fewer than 2 GPUs")
+    (four,) = [c for c in gpu_check.checks("cuda", tmp_path, 4) if c.name == "scale_out_fsdp_ep"]
+    assert not four.skip and four.argv[four.argv.index("--nproc_per_node") + 1] == "4"
+    (check,) = [c for c in gpu_check.checks("cpu", tmp_path) if c.name == "scale_out_fsdp_ep"]
+    script, args = command(check.argv)
+    assert check.argv[check.argv.index("--nproc_per_node") + 1] == "2"
+    load_script(script)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_scale_out_rank, args=(port, [script, *args]), nprocs=2, start_method="fork")
+    rows = json.loads((tmp_path / "scale_out_fsdp_ep" / "scale_out_cpu.json").read_text())["rows"]
+    assert [(r["variant"], r["micro_batch"]) for r in rows] == [(v, b) for b in (1, 4) for v in ("fsdp", "fsdp_ep2")]
+    assert all((r["a2a_share"] > 0) == (r["variant"] == "fsdp_ep2") for r in rows)
+    assert "all-to-all" in gpu_check.scale_out_key(tmp_path, "")
+
+
 @pytest.mark.parametrize("auto_gib, met, advice", [(8.0, "met", "keep `true`"), (11.0, "NOT met", "make `false`")])
 def test_peak_memory_decides_the_decode_dequantized_advice(gpu_check, tmp_path, auto_gib, met, advice):
     rows = [
@@ -88,6 +132,9 @@ def test_peak_memory_decides_the_decode_dequantized_advice(gpu_check, tmp_path, 
 
 def command(argv: list[str]) -> tuple[str, list[str]] | None:
     """(script, its arguments) of a path's command, or None for a helper of gpu_check itself."""
+    if argv[1:3] == ["-m", "torch.distributed.run"]:  # -m torch.distributed.run <launcher flags> <script> <args>
+        i = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+        return argv[i], argv[i + 1 :]
     if argv[1] != "-c":
         return argv[1], argv[2:]
     if "runpy" in argv[2]:  # a benchmark with its results redirected: -c <code> <results dir> <script> <args>

@@ -1,6 +1,8 @@
 """Sharded checkpoints on CPU: `recipes/pretrain_moe.py --strategy fsdp` (FSDP2 over gloo) writes one shard per rank,
 resumes on 2 ranks and on 1, and `scripts/consolidate_checkpoint.py` gives litgpt's single-file layout."""
 
+import json
+
 import pytest
 import torch
 from conftest import assert_rows_close, load_script, pretrain_args, pretrain_setup, read_log, run_python
@@ -38,6 +40,11 @@ def test_sharded_checkpoint_resumes_on_two_and_on_one_rank_and_consolidates(prep
         "one_resumed": dict(devices=1, resume=step2),
         "ep_resumed": dict(devices=2, strategy="fsdp", expert_parallel=2, resume=step2),  # FSDP × experts split
     }
+    # DTensor shards beside plain expert weights: the recipe turns off the batched kernels CUDA's AdamW would pick
+    batched = {"lr": 3.0e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "foreach": True}
+    (tmp_path / "foreach.yaml").write_text(json.dumps({"optimizer": {"class_path": "torch.optim.AdamW",
+                                                                     "init_args": batched}}))  # fmt: skip
+    runs["ep_resumed"]["config"] = tmp_path / "foreach.yaml"
     for name, extra in runs.items():
         proc = run_python(pretrain_args(prepared_gutenberg, tmp_path / name, **common, **extra))
         assert proc.returncode == 0, proc.stderr[-3000:]
