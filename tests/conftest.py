@@ -278,3 +278,19 @@ def shard_tokens(shard_dir) -> "torch.Tensor":
         offsets = np.frombuffer(raw[4 : 4 + 4 * (n + 1)], np.uint32)
         ids.append(torch.from_numpy(np.frombuffer(raw[offsets[0] : offsets[-1]], np.int32).copy()))
     return torch.cat(ids)
+
+
+# the longest tests (minutes each on 2 cores), started first: with `--dist worksteal` no worker is left alone with one
+# of them at the end of the run
+LONG_FIRST = (
+    "test_learning.py::test_colour_answers_are_grounded_after_a_short_run",
+    "test_xla.py::test_generate_launcher_on_the_xla_cpu_device_matches_cpu",
+    "test_sharded_checkpoint.py::test_sharded_checkpoint_resumes_on_two_and_on_one_rank_and_consolidates",
+    "test_xla.py::test_pretrain_launcher_runs_on_the_xla_cpu_device",
+    "test_gpu_check.py::test_cpu_dry_run",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("/")[-1], len(rank)))  # stable: the rest keep their order
