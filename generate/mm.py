@@ -120,7 +120,7 @@ def _batch(assistant, settings, speech: _Speech, input: Path, output: Path, batc
             if not isinstance(row.get("prompt", ""), str):
                 raise ValueError("'prompt' must be a string")
         except (json.JSONDecodeError, ValueError, AttributeError) as err:
-            raise SystemExit(
+            raise ValueError(
                 f"{input}:{n}: not a prompt row ({err}); expected {{'id', 'prompt', 'image', 'audio'}}"
             ) from None
         images = row.get("image") or []

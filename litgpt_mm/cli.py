@@ -16,14 +16,16 @@ USER_ERRORS = (ValueError, OSError)
 
 
 def run_cli(component: Callable | list[Callable], **kwargs: Any) -> Any:
-    """Run `jsonargparse.CLI(component, **kwargs)`; a `ValueError` or `OSError` prints `error: <message>` on stderr
-    and exits with status 2. Set `LITGPT_MM_DEBUG=1` to see the full traceback instead."""
+    """Run `jsonargparse.CLI(component, **kwargs)`; a `ValueError`, an `OSError` or a `SystemExit("message")` prints
+    `error: <message>` on stderr and exits with status 2. Set `LITGPT_MM_DEBUG=1` to see the full traceback instead."""
     try:
         return CLI(component, **kwargs)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, SystemExit) as err:
+        if isinstance(err, SystemExit) and not isinstance(err.code, str):
+            raise  # a status (jsonargparse's usage errors print their own message)
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        message = str(err) or type(err).__name__
+        message = (err.code if isinstance(err, SystemExit) else str(err)) or type(err).__name__
         if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
             message = f"{err.filename}: {message}"
         print(f"error: {message}", file=sys.stderr)

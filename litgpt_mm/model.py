@@ -189,6 +189,14 @@ def embed_tokens(model: lit_model.GPT, idx: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def xla_sync(device: torch.device) -> None:
+    """On an XLA device, compile and run the operations recorded so far (a no-op elsewhere)."""
+    if device.type == "xla":
+        import torch_xla
+
+        torch_xla.sync()
+
+
 def save_checkpoint(model: GPT, checkpoint_dir: Path) -> None:
     """Write `lit_model.pth` and `model_config.yaml` (litgpt's layout), each atomically."""
     from litgpt_mm.checkpoint import atomic_torch_save, save_config

@@ -26,7 +26,7 @@ import yaml
 from litgpt import model as lit_model
 
 from litgpt_mm.checkpoint import atomic_torch_save, atomic_write
-from litgpt_mm.model import embed_tokens, forward_embeds
+from litgpt_mm.model import embed_tokens, forward_embeds, xla_sync
 from litgpt_mm.projector import build_projector
 
 IGNORE_INDEX = -100
@@ -365,6 +365,7 @@ def stream_batch(
         logits = forward_embeds(lm, embeds, torch.arange(T0, device=device), None if static else T0)
         for i in range(steps):
             tokens = torch.cat([sampling[b](logits[b, -1]) for b in range(B)])
+            xla_sync(device)  # the step and its KV-cache writes: every step then runs the same graph
             step: list[int | None] = []
             for b in range(B):
                 done[b] = done[b] or (cancelled is not None and cancelled(b))

@@ -63,6 +63,20 @@ def run_python(args: list[str], timeout: float = 600, **kwargs):
     return proc
 
 
+def cli_here(capfd, fn, args: list[str], **kwargs) -> tuple[int, str, str]:
+    """`python <script> <args>` without a new interpreter: `run_cli(fn, args)` here; (exit status, stdout, stderr)."""
+    from litgpt_mm.cli import run_cli
+
+    capfd.readouterr()
+    try:
+        run_cli(fn, args=args, **kwargs)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(scope="session")
 def prepared_gutenberg(tmp_path_factory) -> Path:
     """The 13 bundled books prepared with a small BPE vocabulary (shared by the pretraining tests)."""

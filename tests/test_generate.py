@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import DATA, run_python
+from conftest import DATA, cli_here, load_script
 
 from litgpt_mm.inference import Assistant, GenerationSettings
 
@@ -58,29 +58,30 @@ def test_context_limits(checkpoints, capsys):
         assistant.prompt_ids("hi", n_images=5, max_new_tokens=16)
 
 
-def test_cli_single_and_batch_mode(checkpoints, tmp_path):
-    common = ["generate/mm.py", "--checkpoint_dir", str(checkpoints["merged"]), "--max_new_tokens", "8"]
-    single = run_python([*common, "--image", str(IMAGES[0]), "--prompt", "What is in the cup?", "--stream", "false"])
-    assert single.returncode == 0, single.stderr[-2000:]
+def test_cli_single_and_batch_mode(checkpoints, tmp_path, capfd):
+    main = load_script("generate/mm.py").main
+    common = ["--checkpoint_dir", str(checkpoints["merged"]), "--max_new_tokens", "8", "--device", "cpu"]
+    code, single, err = cli_here(capfd, main, [*common, "--image", str(IMAGES[0]), "--prompt", "What is in the cup?",
+                                               "--stream", "false"])  # fmt: skip
+    assert code == 0, err[-2000:]
     rows = [
         {"id": "a", "prompt": "What is in the cup?", "image": str(IMAGES[0])},
         {"id": "b", "prompt": "Describe.", "image": [str(IMAGES[1]), str(IMAGES[2])]},
         {"id": "c", "prompt": "Say something."},
     ]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    batch = run_python([*common, "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")])
-    assert batch.returncode == 0, batch.stderr[-2000:]
+    code, _, err = cli_here(capfd, main, [*common, "--input", str(tmp_path / "in.jsonl"), "--output",
+                                          str(tmp_path / "out.jsonl")])  # fmt: skip
+    assert code == 0, err[-2000:]
     answers = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [a["id"] for a in answers] == ["a", "b", "c"]
-    assert answers[0]["answer"] == single.stdout.strip().splitlines()[-1].strip()
+    assert answers[0]["answer"] == single.strip().splitlines()[-1].strip()
     (tmp_path / "bad.jsonl").write_text('{"id": 1, "prompt": 5}\n')
-    bad = run_python([*common, "--input", str(tmp_path / "bad.jsonl")])
-    assert bad.returncode != 0 and "bad.jsonl:1" in bad.stderr
+    code, _, err = cli_here(capfd, main, [*common, "--input", str(tmp_path / "bad.jsonl")])
+    assert code == 2 and "error: " in err and "bad.jsonl:1: not a prompt row" in err
 
 
 def test_cli_reports_an_empty_answer(checkpoints, monkeypatch, capsys):
-    from conftest import load_script
-
     mm = load_script("generate/mm.py")
     for pieces, told in (([" \n"], "[empty answer"), (["Yes", " it is"], "tokens, first after")):
         monkeypatch.setattr(Assistant, "stream", lambda self, *a, p=pieces, **k: iter(p))
@@ -88,23 +89,22 @@ def test_cli_reports_an_empty_answer(checkpoints, monkeypatch, capsys):
         assert text == "".join(pieces).strip() and told in capsys.readouterr().err
 
 
-def test_cli_feeds_the_speech_transcript_into_the_prompt(checkpoints, tmp_path):
-    from conftest import load_script
-
+def test_cli_feeds_the_speech_transcript_into_the_prompt(checkpoints, tmp_path, capfd):
     from litgpt_mm.audio import SpeechToText, prompt_with_speech
 
     whisper = load_script("scripts/build_tiny_whisper.py").build_tiny_whisper(tmp_path / "whisper")
     jfk = DATA / "audio" / "jfk.flac"
-    proc = run_python(
-        ["generate/mm.py", "--checkpoint_dir", str(checkpoints["merged"]), "--max_new_tokens", "8", "--stream",
-         "false", "--image", str(IMAGES[0]), "--audio", str(jfk), "--prompt", "Answer:", "--whisper_model",
-         str(whisper), "--device", "cpu"]
+    code, out, err = cli_here(
+        capfd, load_script("generate/mm.py").main,
+        ["--checkpoint_dir", str(checkpoints["merged"]), "--max_new_tokens", "8", "--stream", "false", "--image",
+         str(IMAGES[0]), "--audio", str(jfk), "--prompt", "Answer:", "--whisper_model", str(whisper), "--device",
+         "cpu"],
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "only the first 10 s of speech" in proc.stderr  # the 11 s clip is cut, and the user is told
+    assert code == 0, err[-2000:]
+    assert "only the first 10 s of speech" in err  # the 11 s clip is cut, and the user is told
     transcript = SpeechToText(str(whisper), device="cpu").transcribe(jfk)
     assert transcript.text and transcript.clipped
     want = Assistant.load(checkpoints["merged"], device="cpu").answer(
         prompt_with_speech("Answer:", transcript), [IMAGES[0]], GenerationSettings(8)
     )
-    assert proc.stdout.strip().splitlines()[-1].strip() == want
+    assert out.strip().splitlines()[-1].strip() == want

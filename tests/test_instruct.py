@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import DATA, assert_rows_close, check_kill_and_resume, load_script, read_log, run_python
+from conftest import DATA, assert_rows_close, check_kill_and_resume, cli_here, load_script, read_log, run_python
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_mm.config import Config
@@ -308,11 +308,11 @@ def test_both_methods_lower_the_loss(aligned, tmp_path, method):
         assert p == sorted(p, reverse=True)
 
 
-def test_bad_scheduling_arguments_fail_before_any_work(tmp_path):
-    proc = run_python(["recipes/qlora_instruct.py", "--align_dir", str(tmp_path / "none"), "--p_end", "1.5",
-                       "--lookahead", "-1"])  # fmt: skip
-    assert proc.returncode != 0
-    assert "--p_end 1.5, --lookahead -1: p_start and p_end are probabilities in [0, 1]" in proc.stderr
+def test_bad_scheduling_arguments_fail_before_any_work(tmp_path, capfd):
+    setup = load_script("recipes/qlora_instruct.py").setup
+    args = ["--align_dir", str(tmp_path / "none"), "--p_end", "1.5", "--lookahead", "-1"]
+    code, _, err = cli_here(capfd, setup, args, fail_untyped=False)
+    assert code == 2 and "--p_end 1.5, --lookahead -1: p_start and p_end are probabilities in [0, 1]" in err
 
 
 def test_instruct_resume_after_kill(aligned, tmp_path):

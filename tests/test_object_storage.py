@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 import torch
 import yaml
-from conftest import SHORT_RUN, check_kill_and_resume, pretrain_args, run_python
+from conftest import SHORT_RUN, check_kill_and_resume, cli_here, load_script, pretrain_args, run_python
 
 from litgpt_mm.data import remote, tokens
 
@@ -96,7 +96,7 @@ def _error(url: str, monkeypatch, **env) -> str:
     return str(e.value)
 
 
-def test_bad_remote_locations_give_one_line(s3, tmp_path, monkeypatch):
+def test_bad_remote_locations_give_one_line(s3, tmp_path, monkeypatch, capfd):
     with pytest.raises(remote.RemoteDataError, match="bucket 'nowhere' .* does not exist"):
         tokens.read_index("s3://nowhere/gutenberg/train")
     with pytest.raises(remote.RemoteDataError, match="index.json not found: run the matching scripts/prepare_"):
@@ -112,8 +112,9 @@ def test_bad_remote_locations_give_one_line(s3, tmp_path, monkeypatch):
         f"{s3['url']}/train", monkeypatch, AWS_ENDPOINT_URL="http://127.0.0.1:9"
     )
     # the recipe says it in one line, before any work
-    proc = run_python(pretrain_args("s3://nowhere/gutenberg", tmp_path / "out"))
-    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    setup = load_script("recipes/pretrain_moe.py").setup
+    code, _, err = cli_here(capfd, setup, pretrain_args("s3://nowhere/gutenberg", tmp_path / "out")[1:])
+    assert code == 2 and "does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
     # moto checks signatures once told to: wrong keys are refused
     moto_auth(s3["endpoint"], after_requests=0)

@@ -27,6 +27,7 @@ from xla.utils import load_recipe, xla_fabric  # noqa: E402
 
 def setup(
     model_name: str = "phi-2-moe",
+    model_config: Path | None = None,
     data: str = "gutenberg",
     data_dir: Path | None = None,
     out_dir: Path | None = None,
@@ -42,7 +43,8 @@ def setup(
     num_workers: int = 4,
 ) -> None:
     """Arguments as in `recipes/pretrain_moe.py`; `fsdp=False` runs plain data parallelism (`XLAStrategy`)."""
-    config = Config.from_name(model_name, moe_impl="static")
+    config = Config.from_file(model_config) if model_config else Config.from_name(model_name)
+    config = config.replace(moe_impl="static")
     data_dir = Path(data_dir or f"data/prepared/{data}")
     vocab = Tokenizer(data_dir / "tokenizer").vocab_size
     config = config.replace(vocab_size=vocab, padded_vocab_size=find_multiple(vocab, 128))
