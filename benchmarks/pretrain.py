@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -37,6 +38,8 @@ def recipe_run(device: torch.device) -> dict:
     import re
     import subprocess
 
+    # as installed without the `xla` extra: accelerate (imported through Lightning) would otherwise import torch_xla
+    env = {**os.environ, "USE_TORCH_XLA": "0"}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "gutenberg"
         prep = [sys.executable, "scripts/prepare_gutenberg.py", "--vocab_size", "4096", "--out_dir", str(data)]
@@ -44,10 +47,13 @@ def recipe_run(device: torch.device) -> dict:
         cmd = [sys.executable, "recipes/pretrain_moe.py", "--config", "recipes/configs/pretrain_moe_tiny.yaml",
                "--data_dir", str(data), "--out_dir", str(Path(tmp) / "run")]  # fmt: skip
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, env=env)
         total = time.perf_counter() - start
     setup = float(re.search(r"Set-up: ([\d.]+) s", proc.stdout).group(1))
-    return {"total_s": total, "setup_s": setup, "share": setup / total}
+    # what any Lightning program pays before its first line: torch, then torchmetrics and what it imports
+    timed = "import time; t = time.perf_counter(); import lightning; print(time.perf_counter() - t)"
+    lightning_s = float(subprocess.run([sys.executable, "-c", timed], check=True, env=env, capture_output=True).stdout)
+    return {"total_s": total, "setup_s": setup, "share": setup / total, "lightning_s": lightning_s}
 
 
 def train_step_fn(name: str, device: torch.device, batch: int, seq: int):
@@ -96,6 +102,7 @@ def main() -> None:
             {"what": "recipe: set-up before the first step", "value": run["setup_s"], "unit": "s"},
             {"what": "recipe: whole 150-step tiny run (fresh process)", "value": run["total_s"], "unit": "s"},
             {"what": "recipe: set-up share of the run (target <= 0.10)", "value": run["share"], "unit": "x"},
+            {"what": "of the set-up: `import lightning` alone", "value": run["lightning_s"], "unit": "s"},
         ]
     active = {n: active_params(m) for n, m in models.items()}
     notes = [

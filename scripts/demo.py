@@ -24,25 +24,41 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # no torch_xla import through transformers/accelerate (see litgpt_mm/__init__.py), no Hub calls
-ENV = {**os.environ, "USE_TORCH_XLA": os.environ.get("USE_TORCH_XLA", "0"), "HF_HUB_OFFLINE": "1"}
+os.environ.setdefault("USE_TORCH_XLA", "0")
+os.environ["HF_HUB_OFFLINE"] = "1"
 SIZES = {  # shapes images, and the optimizer steps of each training stage
-    False: dict(n_train=400, n_val=40, n_test=120, pretrain_steps=150, align_steps=40, instruct_steps=450),
-    True: dict(n_train=1200, n_val=100, n_test=200, pretrain_steps=150, align_steps=200, instruct_steps=1200),
+    False: dict(
+        n_train=400, n_val=40, n_test=100, pretrain_steps=150, align_steps=40, instruct_steps=450, eval_limit=100
+    ),
+    True: dict(
+        n_train=1200, n_val=100, n_test=200, pretrain_steps=150, align_steps=200, instruct_steps=1200, eval_limit=200
+    ),
 }
 
 
-def run(title: str, *args: str) -> None:
-    print(f"\n=== {title}\n$ python {' '.join(args)}", flush=True)
+def run(title: str, script: str, *args: str) -> None:
+    """Run `python <script> <args>` as that command would, in this process (one interpreter start-up and one import
+    of torch, Lightning and litgpt for the whole demo instead of one per stage)."""
+    print(f"\n=== {title}\n$ python {script} {' '.join(args)}", flush=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, env=ENV)
+    argv = sys.argv
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as exit_:
+        if exit_.code not in (None, 0):
+            failed = f"demo: the stage '{title}' failed (exit status {exit_.code}); its output is above"
+            raise SystemExit(failed) from None
+    finally:
+        sys.argv = argv
     print(f"=== {title}: done in {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -50,6 +66,7 @@ def main(long: bool = False) -> None:
     """Run every stage; `long` uses more shapes images and steps (see `make demo-long`)."""
     out = ROOT / "out" / ("demo-long" if long else "demo")
     size = SIZES[long]
+    os.chdir(ROOT)
     if out.exists():
         shutil.rmtree(out)
     started = time.perf_counter()
@@ -98,6 +115,7 @@ def main(long: bool = False) -> None:
         "--train.global_batch_size", "16", "--train.micro_batch_size", "16", "--optimizer.init_args.lr", "3e-3",
         "--projector_lr_scale", "1.0", "--lora.r", "16", "--lora.alpha", "32", "--lora.key", "true",
         "--eval_questions", str(shapes / "eval" / "vqa_val.jsonl"), "--eval_images_root", str(shapes),
+        "--eval_limit", str(size["eval_limit"]),
     )  # fmt: skip
 
     whisper = out / "whisper-tiny-random"

@@ -1,4 +1,5 @@
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -68,13 +69,27 @@ def cli_here(capfd, fn, args: list[str], **kwargs) -> tuple[int, str, str]:
     from litgpt_mm.cli import run_cli
 
     capfd.readouterr()
+    cwd = os.getcwd()
+    os.chdir(REPO)  # as `run_python`: relative paths (`--config recipes/configs/...`) are from the repo root
     try:
         run_cli(fn, args=args, **kwargs)
         code = 0
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        os.chdir(cwd)
     out, err = capfd.readouterr()
     return code, out, err
+
+
+RECIPE_ENTRIES = {"recipes/align.py": {}, "recipes/qlora_instruct.py": {"fail_untyped": False}}
+
+
+def run_recipe_here(capfd, args: list[str]) -> subprocess.CompletedProcess:
+    """`run_python(["recipes/<x>.py", ...])` for a single-process run, in this process (no interpreter start-up and
+    imports: seconds per run on 2 cores). Only what must be a child process (SIGKILL, several ranks) needs one."""
+    code, out, err = cli_here(capfd, load_script(args[0]).setup, args[1:], **RECIPE_ENTRIES[args[0]])
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 @pytest.fixture(scope="session")

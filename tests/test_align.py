@@ -4,11 +4,20 @@ resume after a kill."""
 import csv
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, assert_rows_close, check_kill_and_resume, load_script, read_log, run_python
+from conftest import (
+    DATA,
+    assert_rows_close,
+    check_kill_and_resume,
+    load_script,
+    read_log,
+    run_python,
+    run_recipe_here,
+)
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.tokenizer import Tokenizer
 from PIL import Image
@@ -180,7 +189,7 @@ def test_align_resume_after_kill(pretrained_tiny, prepared_coco, tmp_path):
                           "projector.pth")  # fmt: skip
 
 
-def test_align_on_two_processes_trains_the_one_process_curve(pretrained_tiny, prepared_coco, tmp_path):
+def test_align_on_two_processes_trains_the_one_process_curve(pretrained_tiny, prepared_coco, tmp_path, capfd):
     """DDP over gloo, 2 processes x micro-batch 2 x 2 accumulation steps against 1 process x 4 accumulation steps:
     each step sees the same captions (of different lengths), so the losses and the projector agree."""
     common = align_cli(pretrained_tiny, prepared_coco, **{
@@ -188,8 +197,8 @@ def test_align_on_two_processes_trains_the_one_process_curve(pretrained_tiny, pr
         "eval.initial_validation": "false", "num_sample_images": 0, "train.micro_batch_size": 2,
         "train.global_batch_size": 8,
     })  # fmt: skip
-    for devices in (1, 2):
-        proc = run_python([*common, "--devices", str(devices), "--out_dir", str(tmp_path / f"d{devices}")])
+    for devices, run in ((1, partial(run_recipe_here, capfd)), (2, run_python)):
+        proc = run([*common, "--devices", str(devices), "--out_dir", str(tmp_path / f"d{devices}")])
         assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (read_log(tmp_path / f"d{d}" / "logs" / "train_log.csv") for d in (1, 2))
     assert_rows_close(two, one, ("loss", "tokens"), abs_tol=1e-5)

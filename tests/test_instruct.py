@@ -3,10 +3,20 @@ instruction-tuning recipe (both methods learn, merged == unmerged, exact resume)
 
 import csv
 import json
+from functools import partial
 
 import pytest
 import torch
-from conftest import DATA, assert_rows_close, check_kill_and_resume, cli_here, load_script, read_log, run_python
+from conftest import (
+    DATA,
+    assert_rows_close,
+    check_kill_and_resume,
+    cli_here,
+    load_script,
+    read_log,
+    run_python,
+    run_recipe_here,
+)
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_mm.config import Config
@@ -288,10 +298,10 @@ def instruct_args(root, out, method, steps=24):
 
 
 @pytest.mark.parametrize("method", ["standard", "autoregressive"])
-def test_both_methods_lower_the_loss(aligned, tmp_path, method):
+def test_both_methods_lower_the_loss(aligned, tmp_path, method, capfd):
     steps = 24 if method == "standard" else 12
     extra = ["--p_end", "0.8", "--activation_checkpointing", str(method == "autoregressive").lower()]
-    proc = run_python([*instruct_args(aligned, tmp_path / method, method, steps), *extra])
+    proc = run_recipe_here(capfd, [*instruct_args(aligned, tmp_path / method, method, steps), *extra])
     assert proc.returncode == 0, proc.stderr[-3000:]
     val = list(csv.DictReader(open(tmp_path / method / "logs" / "val_log.csv")))
     assert float(val[-1]["val_loss"]) < float(val[0]["val_loss"]) - 0.05
@@ -322,12 +332,12 @@ def test_instruct_resume_after_kill(aligned, tmp_path):
     )  # fmt: skip
 
 
-def test_two_processes_train_the_one_process_curve(aligned, tmp_path):
+def test_two_processes_train_the_one_process_curve(aligned, tmp_path, capfd):
     """DDP over gloo on the nf4 model, 2 processes x 1 accumulation step against 1 process x 2, with scheduled
     teacher forcing: the same samples and teacher-forcing draws per micro-batch, so the same losses and adapters."""
-    for devices in (1, 2):
+    for devices, run in ((1, partial(run_recipe_here, capfd)), (2, run_python)):
         args = [*instruct_args(aligned, tmp_path / f"d{devices}", "autoregressive", 4), "--merge", "false"]
-        proc = run_python([*args, "--p_end", "0.5", "--devices", str(devices), "--eval.interval", "100"])
+        proc = run([*args, "--p_end", "0.5", "--devices", str(devices), "--eval.interval", "100"])
         assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (read_log(tmp_path / f"d{d}" / "logs" / "train_log.csv") for d in (1, 2))
     assert_rows_close(two, one, ("loss", "tokens", "model_fed"), abs_tol=1e-5)
