@@ -82,7 +82,11 @@ def cli_here(capfd, fn, args: list[str], **kwargs) -> tuple[int, str, str]:
     return code, out, err
 
 
-RECIPE_ENTRIES = {"recipes/align.py": {}, "recipes/qlora_instruct.py": {"fail_untyped": False}}
+RECIPE_ENTRIES = {
+    "recipes/align.py": {},
+    "recipes/pretrain_moe.py": {},
+    "recipes/qlora_instruct.py": {"fail_untyped": False},
+}
 
 
 def run_recipe_here(capfd, args: list[str]) -> subprocess.CompletedProcess:

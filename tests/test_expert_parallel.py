@@ -6,6 +6,7 @@ changes `--expert_parallel`."""
 import copy
 import os
 import socket
+from functools import partial
 
 import pytest
 import torch
@@ -244,11 +245,11 @@ def test_bad_expert_parallel_is_one_clear_error(ep, n_expert, world, match):
 
 
 @pytest.mark.slow
-def test_pretrain_expert_parallel_matches_single_process_and_resumes_without_it(prepared_gutenberg, tmp_path):
+def test_pretrain_expert_parallel_matches_single_process_and_resumes_without_it(prepared_gutenberg, tmp_path, capfd):
     """`--devices 2 --expert_parallel 2` follows the one-process loss curve (balance and z losses included) and writes
     the single-device checkpoint layout; resuming its step-2 checkpoint with `--expert_parallel 1` (plain DDP)
     continues the same curve and the same expert statistics."""
-    from conftest import run_python
+    from conftest import run_python, run_recipe_here
 
     from litgpt_mm.checkpoint import save_config
 
@@ -271,7 +272,8 @@ def test_pretrain_expert_parallel_matches_single_process_and_resumes_without_it(
         "resumed": dict(devices=2, expert_parallel=1, resume=tmp_path / "ep" / "step-000002"),
     }
     for name, extra in runs.items():
-        proc = run_python(pretrain_args(prepared_gutenberg, tmp_path / name, **common, **extra))
+        run = partial(run_recipe_here, capfd) if extra["devices"] == 1 else run_python
+        proc = run(pretrain_args(prepared_gutenberg, tmp_path / name, **common, **extra))
         assert proc.returncode == 0, proc.stderr[-3000:]
     logs = {n: read_log(tmp_path / n / "logs" / "train_log.csv") for n in runs}
     # one process accumulating 2 micro-batches sees the micro-batches of the 2 ranks: the balance loss agrees too

@@ -19,7 +19,7 @@ from conftest import (
     load_script,
     pretrain_args,
     read_log,
-    run_python,
+    run_recipe_here,
 )
 
 from litgpt_mm.checkpoint import save_config
@@ -56,11 +56,11 @@ def two_nodes(args: list[str], node1_script: list[str] | None = None, timeout: f
     return results
 
 
-def test_torchrun_two_nodes_follow_one_process_and_resume_after_one_node_is_killed(prepared_gutenberg, tmp_path):
+def test_torchrun_two_nodes_follow_one_process_and_resume_after_one_node_is_killed(prepared_gutenberg, tmp_path, capfd):
     config = Config.from_name("phi-2-moe-tiny", moe_aux_loss_coef=0.0, moe_z_loss_coef=0.0)
     save_config(config, tmp_path)
     settings = {"model_config": tmp_path / "model_config.yaml", **SHORT_RUN}
-    ref = run_python(pretrain_args(prepared_gutenberg, tmp_path / "one", **settings))
+    ref = run_recipe_here(capfd, pretrain_args(prepared_gutenberg, tmp_path / "one", **settings))
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     run = pretrain_args(prepared_gutenberg, tmp_path / "two", **settings)

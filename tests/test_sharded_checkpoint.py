@@ -2,10 +2,19 @@
 resumes on 2 ranks and on 1, and `scripts/consolidate_checkpoint.py` gives litgpt's single-file layout."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
-from conftest import assert_rows_close, load_script, pretrain_args, pretrain_setup, read_log, run_python
+from conftest import (
+    assert_rows_close,
+    load_script,
+    pretrain_args,
+    pretrain_setup,
+    read_log,
+    run_python,
+    run_recipe_here,
+)
 
 from litgpt_mm.checkpoint import save_config
 from litgpt_mm.config import Config
@@ -13,7 +22,7 @@ from litgpt_mm.model import load_model
 
 
 @pytest.mark.slow
-def test_sharded_checkpoint_resumes_on_two_and_on_one_rank_and_consolidates(prepared_gutenberg, tmp_path):
+def test_sharded_checkpoint_resumes_on_two_and_on_one_rank_and_consolidates(prepared_gutenberg, tmp_path, capfd):
     """Save on 2 FSDP ranks (one `.distcp` per rank, no `lit_model.pth`); resume step 2 on 2 FSDP ranks, on one
     plain process, and on 2 FSDP ranks with the experts split over them (`--expert_parallel 2`): all continue the
     uninterrupted curve; the consolidated final weights load with `load_model` and equal the single-process
@@ -46,7 +55,8 @@ def test_sharded_checkpoint_resumes_on_two_and_on_one_rank_and_consolidates(prep
                                                                      "init_args": batched}}))  # fmt: skip
     runs["ep_resumed"]["config"] = tmp_path / "foreach.yaml"
     for name, extra in runs.items():
-        proc = run_python(pretrain_args(prepared_gutenberg, tmp_path / name, **common, **extra))
+        run = partial(run_recipe_here, capfd) if extra["devices"] == 1 else run_python
+        proc = run(pretrain_args(prepared_gutenberg, tmp_path / name, **common, **extra))
         assert proc.returncode == 0, proc.stderr[-3000:]
         if "resume" in extra:
             assert "Resumed from" in proc.stdout and "at step 2" in proc.stdout
