@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
+import psutil
 from jsonargparse import CLI
 
 DEBUG_ENV = "LITGPT_MM_DEBUG"
@@ -15,9 +17,20 @@ DEBUG_ENV = "LITGPT_MM_DEBUG"
 USER_ERRORS = (ValueError, OSError)
 
 
+_command_start: float | None = None
+
+
+def command_started() -> float:
+    """When the running command started (`time.time()`): the process start for the first `run_cli` of a process
+    (its imports count), the call for a later one in the same process (`scripts/demo.py` runs every stage in one)."""
+    return _command_start or psutil.Process().create_time()
+
+
 def run_cli(component: Callable | list[Callable], **kwargs: Any) -> Any:
     """Run `jsonargparse.CLI(component, **kwargs)`; a `ValueError`, an `OSError` or a `SystemExit("message")` prints
     `error: <message>` on stderr and exits with status 2. Set `LITGPT_MM_DEBUG=1` to see the full traceback instead."""
+    global _command_start
+    _command_start = psutil.Process().create_time() if _command_start is None else time.time()
     try:
         return CLI(component, **kwargs)
     except (*USER_ERRORS, SystemExit) as err:

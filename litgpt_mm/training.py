@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import psutil
 import torch
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.pretrain import get_lr
 from tqdm import tqdm
 
+from litgpt_mm.cli import command_started
 from litgpt_mm.flops import compute_dtype, peak_flops, refresh_peak_flops
 
 CHECKPOINT_PREFIX = "step-"
@@ -102,17 +102,8 @@ def sharded_checkpoints(fabric: L.Fabric) -> bool:
 LAUNCHER_ENV = ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "LSB_JOBID")
 
 
-_stage_start: float | None = None  # see `check_launcher`
-
-
 def check_launcher(num_nodes: int) -> None:
-    """One line when several nodes are asked for but no launcher started this process (before any work).
-
-    Every recipe's `setup()` calls this first; it also marks where the stage's set-up time starts: the process start
-    for the first stage of a process (imports included), the call itself for a later one (`scripts/demo.py`, tests).
-    """
-    global _stage_start
-    _stage_start = psutil.Process().create_time() if _stage_start is None else time.time()
+    """One line when several nodes are asked for but no launcher started this process (before any work)."""
     if num_nodes > 1 and not any(k in os.environ for k in LAUNCHER_ENV):
         raise ValueError(
             f"--num_nodes {num_nodes} needs a launcher on every node: start the same command with torchrun "
@@ -363,7 +354,7 @@ def fit(
 ) -> dict[str, float]:
     """Run optimizer steps until `max_steps`. `state` holds `model`, `optimizer`, `train_dataloader`, `step`.
 
-    Returns the final train and validation loss, and the set-up seconds before the first step (`check_launcher`).
+    Returns the final train and validation loss, and the set-up seconds before the first step (`command_started`).
     """
     model, optimizer, loader = state["model"], state["optimizer"], state["train_dataloader"]
     accum = train.gradient_accumulation_iters(fabric.world_size, 1)
@@ -384,7 +375,7 @@ def fit(
             row.update(stage.on_eval(0))
         logs.log("val_log", row)
 
-    startup_s = time.time() - (_stage_start or psutil.Process().create_time())
+    startup_s = time.time() - command_started()
     fabric.print(f"Set-up: {startup_s:.1f} s before the first step")
     batches = _batches(loader)
     progress = tqdm(

@@ -76,6 +76,7 @@ def main(long: bool = False) -> None:
         "pretrain Phi-2 + MoE (tiny)",
         "recipes/pretrain_moe.py", "--config", "recipes/configs/pretrain_moe_tiny.yaml",
         "--data_dir", str(data), "--out_dir", str(pretrain), "--train.max_steps", str(size["pretrain_steps"]),
+        "--eval.interval", "50",
     )  # fmt: skip
 
     shapes, coco_data, features = (out / "data" / n for n in ("shapes", "coco", "clip_features"))
@@ -115,7 +116,7 @@ def main(long: bool = False) -> None:
         "--train.global_batch_size", "16", "--train.micro_batch_size", "16", "--optimizer.init_args.lr", "3e-3",
         "--projector_lr_scale", "1.0", "--lora.r", "16", "--lora.alpha", "32", "--lora.key", "true",
         "--eval_questions", str(shapes / "eval" / "vqa_val.jsonl"), "--eval_images_root", str(shapes),
-        "--eval_limit", str(size["eval_limit"]),
+        "--eval_limit", str(size["eval_limit"]), "--eval.initial_validation", "false",
     )  # fmt: skip
 
     whisper = out / "whisper-tiny-random"
@@ -132,7 +133,7 @@ def main(long: bool = False) -> None:
         "evaluate on held-out shapes questions (with the image, blind, with another image)",
         "recipes/evaluate.py", "vqa", "--checkpoint_dir", str(instruct / "merged"), "--questions",
         str(shapes / "eval" / "vqa_test.jsonl"), "--images_root", str(shapes), "--prompt_suffix", "",
-        "--device", "cpu", "--out_dir", str(evaluation),
+        "--device", "cpu", "--out_dir", str(evaluation), "--batch_size", "64",
     )  # fmt: skip
     summary(out, evaluation, time.perf_counter() - started)
 
