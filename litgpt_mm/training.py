@@ -16,6 +16,7 @@ A stage (pretraining, alignment, instruction tuning) supplies a `loss_fn(batch) 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -28,6 +29,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.pretrain import get_lr
 from tqdm import tqdm
@@ -109,6 +111,32 @@ def check_launcher(num_nodes: int) -> None:
             f"--num_nodes {num_nodes} needs a launcher on every node: start the same command with torchrun "
             "(--nnodes/--node_rank/--rdzv_endpoint) or srun (scripts/slurm/); see README 'Scaling out'"
         )
+
+
+def optimizer_spec(optimizer: str | dict) -> str | dict:
+    """The `--optimizer` argument as litgpt's `instantiate_torch_optimizer` takes it.
+
+    jsonargparse parses `--optimizer.init_args.lr 3e-3` given after a `--config` into a stray top-level `lr: "3e-3"`
+    beside `init_args` (which litgpt would silently ignore), and drops `class_path` without one: the stray keys are
+    folded into `init_args` as numbers, and a spec without a class is one clear error.
+    """
+    if isinstance(optimizer, str):
+        return optimizer
+    spec = dict(optimizer)
+    class_path = spec.pop("class_path", None)
+    init_args = dict(spec.pop("init_args", None) or {})
+    for key, value in spec.items():
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+            with contextlib.suppress(TypeError, ValueError):
+                value = float(value) if isinstance(value, str) else value  # YAML 1.1 reads "3e-3" as a string
+        init_args[key] = value
+    if class_path is None:
+        raise ValueError(
+            f"--optimizer {optimizer}: no class_path. Name the class first, e.g. --optimizer.class_path "
+            "torch.optim.AdamW --optimizer.init_args.lr 3e-3, or give the whole spec in a --config file"
+        )
+    return {"class_path": class_path, "init_args": init_args}
 
 
 def resolve_resume(resume: bool | str | Path, out_dir: Path) -> Path | None:

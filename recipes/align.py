@@ -40,7 +40,14 @@ from litgpt_mm.multimodal import (  # noqa: E402
     separator_token_id,
     shifted_cross_entropy,
 )
-from litgpt_mm.training import Stage, check_launcher, fit, load_training_state, resolve_resume  # noqa: E402
+from litgpt_mm.training import (  # noqa: E402
+    Stage,
+    check_launcher,
+    fit,
+    load_training_state,
+    optimizer_spec,
+    resolve_resume,
+)
 from litgpt_mm.vision import CLIPPatchEncoder  # noqa: E402
 
 
@@ -118,6 +125,7 @@ def setup(
         eval_limit: images captioned per validation.
     """
     check_launcher(num_nodes)
+    optimizer = optimizer_spec(optimizer)
     cuda = torch.cuda.is_available()
     precision = precision or ("bf16-mixed" if cuda else "32-true")
     warn_if_slow_bf16("cuda" if cuda else "cpu", precision)

@@ -25,7 +25,7 @@ from litgpt_mm.checkpoint import load_tokenizer  # noqa: E402
 from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.config import Config  # noqa: E402
 from litgpt_mm.data.tokens import StreamArgs, shard_tokenizer  # noqa: E402
-from litgpt_mm.training import PRETRAIN_EVAL, PRETRAIN_TRAIN, check_launcher  # noqa: E402
+from litgpt_mm.training import PRETRAIN_EVAL, PRETRAIN_TRAIN, check_launcher, optimizer_spec  # noqa: E402
 
 
 def setup(
@@ -75,6 +75,7 @@ def setup(
     from litgpt.__main__ import main as litgpt_main
 
     check_launcher(num_nodes)
+    optimizer = optimizer_spec(optimizer)
     config = Config.from_name(model_name)
     if config.n_expert:
         raise ValueError(f"{model_name} is a MoE preset: this recipe trains litgpt's dense model; use pretrain_moe.py")

@@ -54,6 +54,7 @@ from litgpt_mm.training import (  # noqa: E402
     fit,
     load_sharded_checkpoint,
     load_training_state,
+    optimizer_spec,
     resolve_resume,
     sharded_checkpoints,
 )
@@ -118,6 +119,7 @@ def setup(
         num_workers: DataLoader workers.
     """
     check_launcher(num_nodes)
+    optimizer = optimizer_spec(optimizer)
     if isinstance(model_config, (str, Path)):
         model_config = Config.from_file(model_config)
     config = model_config or Config.from_name(model_name)

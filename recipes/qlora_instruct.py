@@ -41,7 +41,14 @@ from litgpt_mm.model import load_model  # noqa: E402
 from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, shifted_cross_entropy  # noqa: E402
 from litgpt_mm.qlora import LoRASettings, add_lora, lora_state_dict, merged_state_dict, quantize_nf4  # noqa: E402
 from litgpt_mm.scheduled import autoregressive_loss, teacher_forcing_p  # noqa: E402
-from litgpt_mm.training import Stage, check_launcher, fit, load_training_state, resolve_resume  # noqa: E402
+from litgpt_mm.training import (  # noqa: E402
+    Stage,
+    check_launcher,
+    fit,
+    load_training_state,
+    optimizer_spec,
+    resolve_resume,
+)
 from litgpt_mm.vision import CLIPPatchEncoder  # noqa: E402
 
 
@@ -149,6 +156,7 @@ def setup(
         allowed = "p_start and p_end are probabilities in [0, 1], cycles >= 1, lookahead >= 0"
         raise ValueError(f"{', '.join(bad)}: {allowed}")
     check_launcher(num_nodes)
+    optimizer = optimizer_spec(optimizer)
     args = SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("bad",)})
     cuda = torch.cuda.is_available()
     args.precision = precision or ("bf16-mixed" if cuda else "32-true")

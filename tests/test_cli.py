@@ -1,7 +1,7 @@
 """Bad input at the command line: one `error:` line naming what is wrong, exit status 2, no traceback."""
 
 import pytest
-from conftest import DATA, load_script
+from conftest import DATA, REPO, load_script
 
 from litgpt_mm.cli import run_cli
 
@@ -64,3 +64,43 @@ def test_a_script_exit_message_is_one_error_line(capsys, tmp_path):
     prepare = load_script("scripts/prepare_shapes.py").prepare
     line = _error_of(capsys, prepare, ["--out_dir", str(tmp_path / "w"), "--max_shapes", "99"])
     assert line.startswith("error: --max_shapes must be between 1 and")
+
+
+def test_set_up_time_counts_from_the_start_of_the_command(monkeypatch):
+    """The first command of a process counts from the process start (imports included); a later one in the same
+    process (`scripts/demo.py` runs every stage in one) from its own start."""
+    import time
+
+    import psutil
+
+    from litgpt_mm import cli
+
+    def noop() -> None:
+        """Nothing."""
+
+    monkeypatch.setattr(cli, "_command_start", None)
+    run_cli(noop, args=[])
+    assert cli.command_started() == psutil.Process().create_time()
+    before = time.time()
+    run_cli(noop, args=[])
+    assert before <= cli.command_started() <= time.time()
+
+
+def test_optimizer_overrides_after_a_config_reach_the_optimizer():
+    """`--optimizer.init_args.lr` after a `--config`: jsonargparse leaves a stray `lr: "3e-3"` beside `init_args`,
+    which litgpt's `instantiate_torch_optimizer` would silently ignore; `optimizer_spec` folds it in."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from litgpt_mm.training import optimizer_spec
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(load_script("recipes/qlora_instruct.py").setup, fail_untyped=False)
+    args = ["--config", str(REPO / "recipes/configs/qlora_instruct_tiny.yaml"), "--optimizer.init_args.lr", "3e-3",
+            "--optimizer.init_args.betas", "[0.9, 0.99]"]  # fmt: skip
+    spec = optimizer_spec(parser.parse_args(args).optimizer)
+    assert spec["init_args"]["lr"] == 3e-3 and spec["init_args"]["betas"] == [0.9, 0.99]
+    assert spec["class_path"] == "bitsandbytes.optim.PagedAdamW8bit" and set(spec) == {"class_path", "init_args"}
+    assert optimizer_spec("AdamW") == "AdamW"
+    with pytest.raises(ValueError, match="no class_path"):
+        optimizer_spec({"lr": "3e-3"})  # what `--optimizer AdamW --optimizer.init_args.lr 3e-3` parses into

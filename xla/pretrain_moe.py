@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.config import Config  # noqa: E402
-from litgpt_mm.training import PRETRAIN_EVAL, PRETRAIN_TRAIN  # noqa: E402
+from litgpt_mm.training import PRETRAIN_EVAL, PRETRAIN_TRAIN, optimizer_spec  # noqa: E402
 from xla.utils import load_recipe, xla_fabric  # noqa: E402
 
 
@@ -52,7 +52,8 @@ def setup(
     recipe = load_recipe("pretrain_moe")
     fabric.launch(
         recipe.main, config, data_dir, Path(out_dir or f"out/pretrain/{config.name}-{data}-xla"),
-        Tokenizer(data_dir / "tokenizer"), train, eval, optimizer, False, False, resume, seed, num_workers,
+        Tokenizer(data_dir / "tokenizer"), train, eval, optimizer_spec(optimizer), False, False, resume, seed,
+        num_workers,
     )  # fmt: skip
 
 
