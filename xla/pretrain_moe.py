@@ -43,6 +43,7 @@ def setup(
     num_workers: int = 4,
 ) -> None:
     """Arguments as in `recipes/pretrain_moe.py`; `fsdp=False` runs plain data parallelism (`XLAStrategy`)."""
+    optimizer = optimizer_spec(optimizer)
     config = Config.from_file(model_config) if model_config else Config.from_name(model_name)
     config = config.replace(moe_impl="static")
     data_dir = Path(data_dir or f"data/prepared/{data}")
@@ -52,8 +53,7 @@ def setup(
     recipe = load_recipe("pretrain_moe")
     fabric.launch(
         recipe.main, config, data_dir, Path(out_dir or f"out/pretrain/{config.name}-{data}-xla"),
-        Tokenizer(data_dir / "tokenizer"), train, eval, optimizer_spec(optimizer), False, False, resume, seed,
-        num_workers,
+        Tokenizer(data_dir / "tokenizer"), train, eval, optimizer, False, False, resume, seed, num_workers,
     )  # fmt: skip
 
 
