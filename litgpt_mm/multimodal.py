@@ -26,7 +26,7 @@ import yaml
 from litgpt import model as lit_model
 
 from litgpt_mm.checkpoint import atomic_torch_save, atomic_write
-from litgpt_mm.model import embed_tokens, forward_embeds, xla_sync
+from litgpt_mm.model import embed_tokens, forward_embeds, lm_logits, xla_sync
 from litgpt_mm.projector import build_projector
 
 IGNORE_INDEX = -100
@@ -197,16 +197,33 @@ class MultimodalGPT(nn.Module):
         features: Sequence[torch.Tensor | None],
         input_ids: Sequence[torch.Tensor],
         labels: Sequence[torch.Tensor] | None = None,
+        targets_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, T, vocab) and aligned labels of a padded batch (no KV cache)."""
+        """Logits (B, T, vocab) and aligned labels (B, T) of a padded batch (no KV cache), for
+        `shifted_cross_entropy`.
+
+        With `targets_only`, only the positions that predict a labelled token go through the LM head: logits
+        (N, vocab) and their target ids (N,), for `target_cross_entropy` (the same loss without the head's matmul
+        and softmax on image, prompt and padding positions, and without their logits in memory).
+        """
         embeds, out_labels, _ = self.build_inputs(features, input_ids, labels)
         checkpointed = getattr(self.lm, "activation_checkpointing", False) and self.training
-        return forward_embeds(self.lm, embeds, checkpointed=checkpointed), out_labels
+        if not targets_only:
+            return forward_embeds(self.lm, embeds, checkpointed=checkpointed), out_labels
+        hidden = forward_embeds(self.lm, embeds, checkpointed=checkpointed, head=False)
+        targets = out_labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        return lm_logits(self.lm, hidden[:, :-1][keep]), targets[keep]
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose target is not `IGNORE_INDEX`."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of `MultimodalGPT(..., targets_only=True)`'s logits (N, vocab) against its targets (N,)."""
+    return F.cross_entropy(logits.float(), targets)
 
 
 def separator_token_id(tokenizer, token: str) -> int:

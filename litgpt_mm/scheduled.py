@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from litgpt_mm.model import embed_tokens, forward_embeds, lm_logits
-from litgpt_mm.multimodal import IGNORE_INDEX, MultimodalGPT, shifted_cross_entropy
+from litgpt_mm.multimodal import IGNORE_INDEX, MultimodalGPT, target_cross_entropy
 from litgpt_mm.qlora import dequantized
 
 SCHEDULES = ("constant", "linear", "exponential", "cyclic")
@@ -192,5 +192,5 @@ def autoregressive_loss(
     `forward` is the module that runs pass 2 (e.g. Fabric's wrapper of `model`; default `model`).
     """
     batch = scheduled_inputs(model, features, input_ids, labels, p, generator, lookahead, dequantize)
-    logits, out_labels = (forward or model)(features, batch.input_ids, labels)
-    return shifted_cross_entropy(logits, out_labels), batch
+    logits, targets = (forward or model)(features, batch.input_ids, labels, targets_only=True)
+    return target_cross_entropy(logits, targets), batch

@@ -38,7 +38,7 @@ from litgpt_mm.multimodal import (  # noqa: E402
     MultimodalGPT,
     generate,
     separator_token_id,
-    shifted_cross_entropy,
+    target_cross_entropy,
 )
 from litgpt_mm.training import (  # noqa: E402
     Stage,
@@ -231,8 +231,8 @@ def main(
 
     def loss_fn(batch: dict):
         feats = features_of(batch)
-        logits, labels = model([f[None] for f in feats], batch["ids"], batch.get("labels"))
-        loss = shifted_cross_entropy(logits, labels)
+        logits, targets = model([f[None] for f in feats], batch["ids"], batch.get("labels"), targets_only=True)
+        loss = target_cross_entropy(logits, targets)
         return loss, {"loss": loss}
 
     sample_ids = [r.image_id for r in records["val"][:num_sample_images]]

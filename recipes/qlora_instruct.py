@@ -38,7 +38,7 @@ from litgpt_mm.data import coco  # noqa: E402
 from litgpt_mm.data.tokens import ResumableLoader, ResumableSampler  # noqa: E402
 from litgpt_mm.flops import warn_if_slow_bf16  # noqa: E402
 from litgpt_mm.model import load_model  # noqa: E402
-from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, shifted_cross_entropy  # noqa: E402
+from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, target_cross_entropy  # noqa: E402
 from litgpt_mm.qlora import LoRASettings, add_lora, lora_state_dict, merged_state_dict, quantize_nf4  # noqa: E402
 from litgpt_mm.scheduled import autoregressive_loss, teacher_forcing_p  # noqa: E402
 from litgpt_mm.training import (  # noqa: E402
@@ -216,8 +216,7 @@ def main(fabric: L.Fabric, a: SimpleNamespace) -> dict[str, float]:
     def loss_fn(batch: dict):
         feats = [f[None].to(fabric.device).float() for f in batch["features"]]
         if a.method == "standard" or not model.training:
-            logits, labels = model(feats, batch["ids"], batch["labels"])
-            loss = shifted_cross_entropy(logits, labels)
+            loss = target_cross_entropy(*model(feats, batch["ids"], batch["labels"], targets_only=True))
             return loss, {"loss": loss}
         p = teacher_forcing_p(a.schedule, state["step"], max_steps, a.p_start, a.p_end, a.cycles)
         # the draws follow the global micro-batch index: the same for any split of the global batch, and on resume

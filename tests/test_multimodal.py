@@ -8,7 +8,14 @@ from PIL import Image
 
 from litgpt_mm.config import Config
 from litgpt_mm.model import GPT, embed_tokens
-from litgpt_mm.multimodal import IGNORE_INDEX, MultimodalConfig, MultimodalGPT, generate, shifted_cross_entropy
+from litgpt_mm.multimodal import (
+    IGNORE_INDEX,
+    MultimodalConfig,
+    MultimodalGPT,
+    generate,
+    shifted_cross_entropy,
+    target_cross_entropy,
+)
 from litgpt_mm.projector import PROJECTORS, build_projector
 from litgpt_mm.vision import CLIPPatchEncoder
 
@@ -130,6 +137,31 @@ def test_only_projector_and_separator_receive_gradients():
     trained = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
     assert trained and all(n.startswith(("projector.", "separator")) for n in trained)
     assert "separator" in trained
+
+
+def test_targets_only_gives_the_full_loss_and_gradients():
+    """The LM head on labelled positions only: the same loss and gradients as the full logits."""
+    model = tiny_mm().train()
+    feats = [torch.randn(2, 4, 32), None, torch.randn(1, 4, 32)]
+    ids = [torch.randint(0, 300, (n,)) for n in (6, 9, 4)]
+    labels = [i.clone() for i in ids]
+    labels[0][:4] = IGNORE_INDEX  # a prompt without loss, as in instruction tuning
+    labels[1][:7] = IGNORE_INDEX
+
+    full = shifted_cross_entropy(*model(feats, ids, labels))
+    full.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logits, targets = model(feats, ids, labels, targets_only=True)
+    # each labelled token is predicted from the position before it: the separator for a first token after images
+    assert logits.shape == (2 + 2 + 4, 320)
+    assert torch.equal(targets, torch.cat([ids[0][4:], ids[1][7:], ids[2]]))
+    loss = target_cross_entropy(logits, targets)
+    loss.backward()
+    torch.testing.assert_close(loss, full)
+    assert expected.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
 
 
 def test_token_separator_uses_the_lm_embedding():
