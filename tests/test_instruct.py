@@ -22,7 +22,14 @@ from litgpt.tokenizer import Tokenizer
 from litgpt_mm.config import Config
 from litgpt_mm.data import llava
 from litgpt_mm.model import GPT, embed_tokens, forward_embeds
-from litgpt_mm.multimodal import IGNORE_INDEX, MultimodalConfig, MultimodalGPT, generate, shifted_cross_entropy
+from litgpt_mm.multimodal import (
+    IGNORE_INDEX,
+    MultimodalConfig,
+    MultimodalGPT,
+    generate,
+    shifted_cross_entropy,
+    target_cross_entropy,
+)
 from litgpt_mm.qlora import LoRASettings, add_lora, dequantized, lora_state_dict, merged_state_dict, quantize_nf4
 from litgpt_mm.scheduled import autoregressive_loss, scheduled_inputs, teacher_forcing_p
 
@@ -156,10 +163,10 @@ def test_autoregressive_with_p1_equals_standard():
     model = tiny_mm()
     batch = [sample(24), sample(19, images=2), sample(21, images=0)]
     feats, ids, labels = (list(x) for x in zip(*batch, strict=True))
-    logits, lab = model(feats, ids, labels)
-    standard = shifted_cross_entropy(logits, lab)
+    standard = target_cross_entropy(*model(feats, ids, labels, targets_only=True))
     loss, info = autoregressive_loss(model, feats, ids, labels, 1.0)
     assert torch.equal(loss, standard) and info.model_fed == info.chunks == 0 and info.candidates > 0
+    torch.testing.assert_close(loss, shifted_cross_entropy(*model(feats, ids, labels)))
 
 
 @pytest.mark.parametrize("lookahead", [0, 3])

@@ -215,6 +215,8 @@ class FeatureCache:
               batch_size: int = 32, shard_size: int = 1024) -> int:  # fmt: skip
         """Encode the images not cached yet. Returns how many were added."""
         todo = [r for r in records if r.image_id not in self and _path_key(images_root, r.file) not in self]
+        if not todo:
+            return 0
         self.dir.mkdir(parents=True, exist_ok=True)
         shard = max((s for s, _ in self.index.values()), default=-1) + 1
         added = 0
