@@ -19,13 +19,15 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
-import torch
-from lightning.fabric.strategies import DDPStrategy
-from litgpt.args import EvalArgs, TrainArgs
-from litgpt.utils import instantiate_torch_optimizer
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import litgpt_mm  # noqa: E402, F401  (first: sets USE_TORCH_XLA=0 before Lightning imports transformers)
+
+# isort: split
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.fabric.strategies import DDPStrategy  # noqa: E402
+from litgpt.args import EvalArgs, TrainArgs  # noqa: E402
+from litgpt.utils import instantiate_torch_optimizer  # noqa: E402
 
 from litgpt_mm.checkpoint import copy_tokenizer_files, load_tokenizer  # noqa: E402
 from litgpt_mm.cli import run_cli  # noqa: E402

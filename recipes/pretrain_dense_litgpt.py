@@ -15,11 +15,13 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-import torch
-from litgpt.args import EvalArgs, TrainArgs
-from litgpt.config import find_multiple
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import litgpt_mm  # noqa: E402, F401  (first: sets USE_TORCH_XLA=0 before Lightning imports transformers)
+
+# isort: split
+import torch  # noqa: E402
+from litgpt.args import EvalArgs, TrainArgs  # noqa: E402
+from litgpt.config import find_multiple  # noqa: E402
 
 from litgpt_mm.checkpoint import load_tokenizer  # noqa: E402
 from litgpt_mm.cli import run_cli  # noqa: E402

@@ -18,16 +18,18 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
-import torch
-from lightning.fabric.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
-from litgpt.args import EvalArgs, TrainArgs
-from litgpt.config import find_multiple
-from litgpt.pretrain import initialize_weights
-from litgpt.tokenizer import Tokenizer
-from litgpt.utils import chunked_cross_entropy, instantiate_torch_optimizer, num_parameters
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import litgpt_mm  # noqa: E402, F401  (first: sets USE_TORCH_XLA=0 before Lightning imports transformers)
+
+# isort: split
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.fabric.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy  # noqa: E402
+from litgpt.args import EvalArgs, TrainArgs  # noqa: E402
+from litgpt.config import find_multiple  # noqa: E402
+from litgpt.pretrain import initialize_weights  # noqa: E402
+from litgpt.tokenizer import Tokenizer  # noqa: E402
+from litgpt.utils import chunked_cross_entropy, instantiate_torch_optimizer, num_parameters  # noqa: E402
 
 from litgpt_mm.checkpoint import load_tokenizer, save_config  # noqa: E402
 from litgpt_mm.cli import run_cli  # noqa: E402

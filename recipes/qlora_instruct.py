@@ -22,15 +22,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal
 
-import lightning as L
-import torch
-import yaml
-from lightning.fabric.strategies import DDPStrategy
-from litgpt.args import EvalArgs, TrainArgs
-from litgpt.utils import instantiate_torch_optimizer
-from torch.utils.data import Dataset
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import litgpt_mm  # noqa: E402, F401  (first: sets USE_TORCH_XLA=0 before Lightning imports transformers)
+
+# isort: split
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from lightning.fabric.strategies import DDPStrategy  # noqa: E402
+from litgpt.args import EvalArgs, TrainArgs  # noqa: E402
+from litgpt.utils import instantiate_torch_optimizer  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
 
 from litgpt_mm.checkpoint import atomic_torch_save, copy_tokenizer_files, load_tokenizer, save_config  # noqa: E402
 from litgpt_mm.cli import run_cli  # noqa: E402
