@@ -38,7 +38,7 @@ def recipe_run(device: torch.device) -> dict:
     import re
     import subprocess
 
-    # as installed without the `xla` extra: accelerate (imported through Lightning) would otherwise import torch_xla
+    # `import lightning` alone as the recipes import it: without torch_xla through accelerate (litgpt_mm's default)
     env = {**os.environ, "USE_TORCH_XLA": "0"}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "gutenberg"
@@ -47,7 +47,7 @@ def recipe_run(device: torch.device) -> dict:
         cmd = [sys.executable, "recipes/pretrain_moe.py", "--config", "recipes/configs/pretrain_moe_tiny.yaml",
                "--data_dir", str(data), "--out_dir", str(Path(tmp) / "run")]  # fmt: skip
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
         total = time.perf_counter() - start
     setup = float(re.search(r"Set-up: ([\d.]+) s", proc.stdout).group(1))
     # what any Lightning program pays before its first line: torch, then torchmetrics and what it imports
