@@ -28,7 +28,7 @@ from common import save, timeit_interleaved  # noqa: E402
 from litgpt_mm.config import Config  # noqa: E402
 from litgpt_mm.data.coco import load_rgb  # noqa: E402
 from litgpt_mm.model import GPT  # noqa: E402
-from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, shifted_cross_entropy  # noqa: E402
+from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, target_cross_entropy  # noqa: E402
 from litgpt_mm.vision import CLIPPatchEncoder  # noqa: E402
 
 
@@ -77,8 +77,7 @@ def main() -> None:
 
     def step(feats: torch.Tensor) -> None:
         with torch.autocast(**amp):
-            logits, labels = mm([f[None] for f in feats.float()], ids)
-            loss = shifted_cross_entropy(logits, labels)
+            loss = target_cross_entropy(*mm([f[None] for f in feats.float()], ids, targets_only=True))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -32,7 +32,7 @@ from common import save, timeit_interleaved  # noqa: E402
 
 from litgpt_mm.config import Config  # noqa: E402
 from litgpt_mm.model import GPT, embed_tokens, forward_embeds  # noqa: E402
-from litgpt_mm.multimodal import IGNORE_INDEX, MultimodalConfig, MultimodalGPT, generate, shifted_cross_entropy  # noqa: E402,E501
+from litgpt_mm.multimodal import IGNORE_INDEX, MultimodalConfig, MultimodalGPT, generate, target_cross_entropy  # noqa: E402,E501
 from litgpt_mm.qlora import LoRASettings, add_lora, quantize_nf4  # noqa: E402
 from litgpt_mm.scheduled import autoregressive_loss, scheduled_inputs  # noqa: E402
 
@@ -112,8 +112,7 @@ def main() -> None:
         return step
 
     def standard():
-        logits, lab = model(feats, ids, labels)
-        return shifted_cross_entropy(logits, lab)
+        return target_cross_entropy(*model(feats, ids, labels, targets_only=True))  # as recipes/qlora_instruct.py
 
     def ours(p, lookahead, i, lab):
         return lambda: autoregressive_loss(model, feats, i, lab, p, torch.Generator().manual_seed(0), lookahead)[0]
