@@ -114,7 +114,12 @@ def prepare(
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     summary = {**counts, "skipped": [{"id": i, "reason": r} for i, r in skipped]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, indent=1))
+    print(f"{'split':<6}{'images':>8}{'samples':>9}{'answer tokens':>15}")
+    for split, samples in out.items():
+        n_images = len({sample["image"] for sample in samples})
+        print(f"{split:<6}{n_images:>8,}{counts[f'{split}_samples']:>9,}{counts[f'{split}_answer_tokens']:>15,}")
+    if mapped:
+        print(f"{mapped} missing image(s) mapped onto {map_missing_to}")
     print(f"skipped: {len(skipped)}" + "".join(f"\n  - {i}: {r}" for i, r in skipped))
     print(f"Wrote {out_dir}/train.jsonl and {out_dir}/val.jsonl")
     return summary
