@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
@@ -94,6 +96,22 @@ def run_recipe_here(capfd, args: list[str]) -> subprocess.CompletedProcess:
     imports: seconds per run on 2 cores). Only what must be a child process (SIGKILL, several ranks) needs one."""
     code, out, err = cli_here(capfd, load_script(args[0]).setup, args[1:], **RECIPE_ENTRIES[args[0]])
     return subprocess.CompletedProcess(args, code, out, err)
+
+
+class NoBf16OnCpu(TorchDispatchMode):
+    """Records every operator that reads or writes a bf16 tensor on the CPU while active: on CPUs without native bf16
+    such an operator is emulated, up to 100x slower than fp32, so no default CPU path may run one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = tree_leaves((args, kwargs, out))
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in leaves):
+            self.seen.add(str(func))
+        return out
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import (
     DATA,
+    NoBf16OnCpu,
     assert_rows_close,
     check_kill_and_resume,
     cli_here,
@@ -21,6 +22,7 @@ from litgpt.tokenizer import Tokenizer
 
 from litgpt_mm.config import Config
 from litgpt_mm.data import llava
+from litgpt_mm.inference import Assistant, GenerationSettings
 from litgpt_mm.model import GPT, embed_tokens, forward_embeds
 from litgpt_mm.multimodal import (
     IGNORE_INDEX,
@@ -302,6 +304,24 @@ def instruct_args(root, out, method, steps=24):
         "--train.max_steps", str(steps), "--train.save_interval", "4", "--train.log_interval", "1",
         "--eval.interval", str(steps), "--train.micro_batch_size", "2", "--train.global_batch_size", "4",
     ]  # fmt: skip
+
+
+def test_cpu_paths_never_compute_in_bf16(aligned, tmp_path, capfd):
+    """QLoRA training (both passes of the autoregressive method, validation), merging, and answering about an image
+    from the nf4 adapters and from the merged model: no operator touches a bf16 tensor on the CPU (bf16 is emulated,
+    up to 100x slower than fp32, on CPUs without native bf16)."""
+    guard = NoBf16OnCpu()
+    image = sorted((DATA / "coco" / "val2017").glob("*.jpg"))[0]
+    with guard:
+        proc = run_recipe_here(capfd, instruct_args(aligned, tmp_path, "autoregressive", steps=2))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for checkpoint in ("final", "merged"):
+            assistant = Assistant.load(tmp_path / checkpoint, device="cpu")
+            assert list(assistant.stream("What is this?", [image], GenerationSettings(max_new_tokens=3)))
+    assert guard.seen == set()
+    with guard:  # the guard itself sees bf16 work
+        torch.ones(4, dtype=torch.bfloat16) @ torch.ones(4, dtype=torch.bfloat16)
+    assert guard.seen
 
 
 @pytest.mark.parametrize("method", ["standard", "autoregressive"])

@@ -9,7 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, SHORT_RUN, check_kill_and_resume, load_script, pretrain_setup, run_python
+from conftest import (
+    DATA,
+    SHORT_RUN,
+    NoBf16OnCpu,
+    check_kill_and_resume,
+    load_script,
+    pretrain_args,
+    pretrain_setup,
+    run_python,
+    run_recipe_here,
+)
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_mm.config import Config
@@ -116,6 +126,17 @@ def test_tiny_run_beats_unigram_baseline(prepared_gutenberg, pretrained_tiny):
     model = load_model(out / "final")  # litgpt layout + our config: reloads
     assert model.config.vocab_size == 1024 and len(model.moe_layers) == 4
     assert (out / "final" / "tokenizer.json").is_file() and not (out / "final" / "training_state.pth").exists()
+
+
+def test_cpu_pretraining_never_computes_in_bf16(prepared_gutenberg, tmp_path, capfd):
+    """The default CPU run (training with MFU, validation, checkpoints) touches no bf16 tensor on the CPU."""
+    guard = NoBf16OnCpu()
+    with guard:
+        settings = {"train.max_steps": 2, "train.log_interval": 1, "eval.interval": 2}
+        proc = run_recipe_here(capfd, pretrain_args(prepared_gutenberg, tmp_path, **settings))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "final" / "lit_model.pth").is_file()
+    assert guard.seen == set()
 
 
 def test_resume_after_kill_continues_the_same_curve(prepared_gutenberg, tmp_path):
