@@ -240,7 +240,13 @@ class TokenBlocks(Dataset):
             self._ds = StreamingDataset(
                 str(self.shard_dir), item_loader=TokensLoader(block_size=self.block_size), shuffle=False, **cache
             )
-        return self._ds[index].long()
+        try:
+            return self._ds[index].long()
+        except KeyError:
+            # litdata (0.2.76) races with itself when its bounded cache evicts: its download thread deletes the
+            # previous chunk's memory map between the reader's membership check and its `del` (`TokensLoader.close`).
+            # The read stopped before loading anything, and a second read finds the map gone and goes on.
+            return self._ds[index].long()
 
 
 class ResumableSampler(DistributedSampler):
