@@ -117,7 +117,7 @@ def prepare(
     print(f"{'split':<6}{'images':>8}{'samples':>9}{'answer tokens':>15}")
     for split, samples in out.items():
         n_images = len({sample["image"] for sample in samples})
-        print(f"{split:<6}{n_images:>8,}{counts[f'{split}_samples']:>9,}{counts[f'{split}_answer_tokens']:>15,}")
+        print(f"{split:<6}{n_images:>8,}{len(samples):>9,}{counts[f'{split}_answer_tokens']:>15,}")
     if mapped:
         print(f"{mapped} missing image(s) mapped onto {map_missing_to}")
     print(f"skipped: {len(skipped)}" + "".join(f"\n  - {i}: {r}" for i, r in skipped))
