@@ -88,7 +88,7 @@ class Assistant:
         model = MultimodalGPT(lm, config).to(device).eval()
         model.load_adapter(checkpoint_dir)
         model.projector.to(lm.transformer.wte.weight.dtype)
-        encoder = CLIPPatchEncoder(config.clip_model, config.clip_pretrained, layer=config.clip_layer).to(device)
+        encoder = CLIPPatchEncoder.from_config(config).to(device)
         tok_dir = checkpoint_dir if (checkpoint_dir / "tokenizer.json").is_file() else lm_dir
         return cls(model, encoder, load_tokenizer(tok_dir), template)
 

@@ -43,6 +43,8 @@ class MultimodalConfig:
         clip_pretrained: open_clip pretrained tag (None: random initialisation).
         clip_layer: which vision block's output is read.
         clip_normalize: whether `ln_post` is applied to the patch features.
+        clip_quick_gelu: whether the tower ran QuickGELU (as OpenAI's weights were trained). Checkpoints written
+            before this field existed ran open_clip's default `nn.GELU` and load as such.
         vision_width: width of the patch features.
         num_patches: patches per image.
         projector: `linear`, `resblock` or `mlp2x_gelu`.
@@ -58,6 +60,7 @@ class MultimodalConfig:
     clip_pretrained: str | None = "openai"
     clip_layer: int = -1
     clip_normalize: bool = False
+    clip_quick_gelu: bool = False
     vision_width: int = 768
     num_patches: int = 49
     projector: str = "resblock"

@@ -174,9 +174,11 @@ def main(
         for split in records:
             records[split] = [r for r in records[split] if r.image_id in cache]
 
+    if clip_pretrained and Path(clip_pretrained).is_file():  # a local file: found again from any directory
+        clip_pretrained = str(Path(clip_pretrained).resolve())
     mm_config = MultimodalConfig(
         clip_model=clip_model, clip_pretrained=clip_pretrained, clip_layer=encoder.layer,
-        vision_width=encoder.width, num_patches=encoder.num_patches, projector=projector, separator=separator,
+        clip_quick_gelu=encoder.quick_gelu, vision_width=encoder.width, num_patches=encoder.num_patches, projector=projector, separator=separator,
         lm_checkpoint_dir=str(lm_dir.resolve()), feature_norm=feature_norm,
     )  # fmt: skip
     sep_id = None if separator == "learned" else separator_token_id(tokenizer, separator)

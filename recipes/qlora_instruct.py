@@ -179,7 +179,7 @@ def main(fabric: L.Fabric, a: SimpleNamespace) -> dict[str, float]:
     resume_dir = resolve_resume(a.resume, out_dir)
     mm_config = MultimodalConfig.load(align_dir)
     lm_dir = Path(a.lm_checkpoint_dir or mm_config.lm_checkpoint_dir)
-    encoder = CLIPPatchEncoder(mm_config.clip_model, mm_config.clip_pretrained, layer=mm_config.clip_layer)
+    encoder = CLIPPatchEncoder.from_config(mm_config)
     datasets = load_samples(fabric, Path(a.data_dir), Path(a.feature_dir), encoder)
     encoder = encoder if a.eval_questions is not None else None  # CLIP is needed again only to answer questions
     mm, lm, n_quantized = build_model(fabric, a, mm_config, lm_dir, datasets)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -238,18 +239,51 @@ def _number(n: int, noun: str) -> str:
     return f"{NUMBERS[n] if n < len(NUMBERS) else n} {noun}{'s' if n != 1 else ''}"
 
 
+def describe(shapes: Sequence[Shape], count: int | None = None) -> str:
+    """The caption "there are two shapes: a red circle at the top left and a blue square in the centre" (shapes in
+    reading order): one of `captions`' templates, which zero-shot prompts vary one attribute of (`count` states
+    another number of shapes than the list holds)."""
+    reading = sorted(shapes, key=lambda s: s.cell)
+    n = len(shapes) if count is None else count
+    listed = _join([f"{_noun(s)} {s.place}" for s in reading])
+    return f"there {'is' if n == 1 else 'are'} {_number(n, 'shape')}: {listed}"
+
+
+def counterfactual(shapes: Sequence[Shape], rng: random.Random, max_shapes: int = 3) -> list[Shape]:
+    """The shapes with one thing changed (a colour, a kind, a place moved to a free cell, one shape fewer or one
+    more, up to `max_shapes`), so that `describe` of the result is untrue of the image yet reads like a true caption
+    (contrastive hard negatives: telling it from the true one takes the image)."""
+    free = [c for c in range(len(POSITIONS)) if c not in {s.cell for s in shapes}]
+    changes = ["colour", "kind"] + ["place"] * bool(free) + ["fewer"] * (len(shapes) > 1)
+    changes += ["more"] * (bool(free) and len(shapes) < max_shapes)
+    change, out = rng.choice(changes), list(shapes)
+    if change == "fewer":
+        out.pop(rng.randrange(len(out)))
+    elif change == "more":
+        out.append(Shape(rng.choice(list(COLOURS)), rng.choice(KINDS), rng.choice(free), 0.0, 0.0, 0.0))
+    else:
+        i = rng.randrange(len(out))
+        old = out[i]
+        if change == "colour":
+            out[i] = replace(old, colour=rng.choice([c for c in COLOURS if c != old.colour]))
+        elif change == "kind":
+            out[i] = replace(old, kind=rng.choice([k for k in KINDS if k != old.kind]))
+        else:
+            out[i] = replace(old, cell=rng.choice(free))
+    return out
+
+
 def captions(scene: Scene, rng: random.Random, n: int = 4) -> list[str]:
     """`n` (at most 5) different true captions, e.g. "a red circle at the top left and a blue square in the centre"."""
     reading = sorted(scene.shapes, key=lambda s: s.cell)
     shuffled = rng.sample(scene.shapes, len(scene.shapes))
     count = _number(len(scene.shapes), "shape")
-    verb = "is" if len(scene.shapes) == 1 else "are"
     bg = scene.background.name
     templates = [
         _join([f"{_noun(s)} {s.place}" for s in shuffled]),
         f"{count}: " + _join([_noun(s) for s in reading]),
         _join([_noun(s) for s in shuffled]) + f" on {article(bg)} {bg} background",
-        f"there {verb} {count}: " + _join([f"{_noun(s)} {s.place}" for s in reading]),
+        describe(scene.shapes),
         f"{article(bg)} {bg} background with " + _join([f"{_noun(s)} {s.place}" for s in shuffled]),
     ]
     return rng.sample(templates, min(n, len(templates)))
