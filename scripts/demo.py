@@ -31,15 +31,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from litgpt_mm.data import shapes  # noqa: E402
+
 # no torch_xla import through transformers/accelerate (see litgpt_mm/__init__.py), no Hub calls
 os.environ.setdefault("USE_TORCH_XLA", "0")
 os.environ["HF_HUB_OFFLINE"] = "1"
+CLIP_MODEL = "shapes-ViT-T-16"
 SIZES = {  # shapes images, and the optimizer steps of each training stage
     False: dict(
-        n_train=400, n_val=40, n_test=100, pretrain_steps=150, align_steps=40, instruct_steps=450, eval_limit=100
+        n_train=400, n_val=40, n_test=100, pretrain_steps=150, clip_steps=60, align_steps=40, instruct_steps=450,
+        eval_limit=100,
     ),
     True: dict(
-        n_train=1200, n_val=100, n_test=200, pretrain_steps=150, align_steps=200, instruct_steps=1200, eval_limit=200
+        n_train=1200, n_val=100, n_test=200, pretrain_steps=150, clip_steps=300, align_steps=200,
+        instruct_steps=1200, eval_limit=200,
     ),
 }
 
@@ -86,14 +92,22 @@ def main(long: bool = False) -> None:
         "scripts/prepare_shapes.py", "--out_dir", str(shapes), "--n_train", str(size["n_train"]),
         "--n_val", str(size["n_val"]), "--n_test", str(size["n_test"]),
     )  # fmt: skip
+    clip_dir = out / "clip"
+    run(
+        "pretrain a small CLIP on the shapes world (offline stand-in for OpenAI's CLIP)",
+        "scripts/pretrain_clip.py", "--data_dir", str(shapes), "--out_dir", str(clip_dir),
+        "--train.max_steps", str(size["clip_steps"]), "--eval.interval", str(size["clip_steps"]),
+        "--eval.initial_validation", "false",
+    )  # fmt: skip
+    clip = ("--clip_model", CLIP_MODEL, "--clip_pretrained", str(clip_dir / "final" / "open_clip_model.safetensors"))
     run(
         "prepare captions + CLIP features",
         "scripts/prepare_coco.py", "--source_dir", str(shapes), "--out_dir", str(coco_data), "--subset", "null",
-        "--val_subset", "null", "--features", "true", "--clip_pretrained", "null", "--feature_dir", str(features),
+        "--val_subset", "null", "--features", "true", *clip, "--feature_dir", str(features),
     )  # fmt: skip
     run(
         "align CLIP patches to the LM (projector only)",
-        "recipes/align.py", "--config", "recipes/configs/align_tiny.yaml", "--lm_checkpoint_dir",
+        "recipes/align.py", "--config", "recipes/configs/align_tiny.yaml", *clip, "--lm_checkpoint_dir",
         str(pretrain / "final"), "--data_dir", str(coco_data), "--feature_dir", str(features), "--out_dir", str(align),
         "--train.max_steps", str(size["align_steps"]), "--feature_norm", "standardize",
         "--eval.interval", str(size["align_steps"] // 2), "--eval_captions",
@@ -120,14 +134,18 @@ def main(long: bool = False) -> None:
     )  # fmt: skip
 
     whisper = out / "whisper-tiny-random"
-    test_image = next(iter(sorted((shapes / "test").iterdir())))
+    image_id, example = held_out_example(shapes)
+    test_image = shapes / "test" / f"{image_id:012d}.png"
+    questions = list(example.questions)
     run("build a random tiny Whisper (offline stand-in)", "scripts/build_tiny_whisper.py", "--out_dir", str(whisper))
     run(
         "answer about a held-out image and a speech clip",
         "generate/mm.py", "--checkpoint_dir", str(instruct / "merged"), "--image", str(test_image),
-        "--audio", "data/audio/jfk.flac", "--prompt", "What colour is the shape?", "--whisper_model", str(whisper),
+        "--audio", "data/audio/jfk.flac", "--prompt", questions[0].text, "--whisper_model", str(whisper),
         "--max_new_tokens", "8", "--device", "cpu",
     )  # fmt: skip
+    print(f"(expected: {questions[0].answer}; the transcript of the random Whisper above is part of the prompt)")
+    show_answers(instruct / "merged", test_image, example, questions)
     evaluation = out / "eval"
     run(
         "evaluate on held-out shapes questions (with the image, blind, with another image)",
@@ -135,7 +153,43 @@ def main(long: bool = False) -> None:
         str(shapes / "eval" / "vqa_test.jsonl"), "--images_root", str(shapes), "--prompt_suffix", "",
         "--device", "cpu", "--out_dir", str(evaluation), "--batch_size", "64",
     )  # fmt: skip
+    run(
+        "POPE-style yes/no questions on the held-out shapes (with the image, blind, with another image)",
+        "recipes/evaluate.py", "pope", "--checkpoint_dir", str(instruct / "merged"), "--questions",
+        f"[{shapes / 'eval' / 'pope_test.jsonl'}]", "--images_root", str(shapes), "--prompt_suffix", "",
+        "--device", "cpu", "--out_dir", str(evaluation / "pope"), "--batch_size", "64",
+    )  # fmt: skip
     summary(out, evaluation, time.perf_counter() - started)
+
+
+def held_out_example(shapes_dir: Path) -> tuple[int, shapes.Example]:
+    """The first test image with three shapes (the richest scenes), regenerated from the world's seed: its id and
+    everything true of it."""
+    summary = json.loads((shapes_dir / "summary.json").read_text())
+    first, last = summary["splits"]["test"]["image_ids"]
+    for image_id in range(first, last + 1):
+        example = shapes.make_example(summary["seed"], image_id, summary["max_shapes"], summary["noise"],
+                                       summary["captions_per_image"])  # fmt: skip
+        if len(example.scene.shapes) == summary["max_shapes"]:
+            return image_id, example
+    return first, shapes.make_example(summary["seed"], first, summary["max_shapes"], summary["noise"])
+
+
+def show_answers(checkpoint: Path, image: Path, example: shapes.Example, questions: list[shapes.Question]) -> None:
+    """The merged model's answers to questions with one right answer about a held-out image, beside that answer."""
+    from litgpt_mm.inference import Assistant, GenerationSettings
+
+    assistant = Assistant.load(checkpoint, device="cpu")
+    answers = assistant.answer_batch([q.text for q in questions], [[image]] * len(questions),
+                                     GenerationSettings(max_new_tokens=8))  # fmt: skip
+    background = example.scene.background.name
+    print(f"\nHeld-out image {image.name}: {shapes.describe(example.scene.shapes)} "
+          f"(on {shapes.article(background)} {background} background)")
+    width = max(len(q.text) for q in questions)
+    print(f"  {'question':<{width}}  {'expected':<12}{'answer':<12}")
+    for q, a in zip(questions, answers, strict=True):
+        mark = "right" if a.strip().lower().rstrip(".") == q.answer else "wrong"
+        print(f"  {q.text:<{width}}  {q.answer:<12}{a:<12}{mark}")
 
 
 def summary(out: Path, evaluation: Path, seconds: float) -> None:

@@ -159,6 +159,27 @@ def pretrained_tiny(prepared_gutenberg, tmp_path_factory) -> tuple[Path, dict]:
     return out, result
 
 
+@pytest.fixture(scope="session")
+def shapes_clip(tmp_path_factory) -> tuple[Path, Path]:
+    """A shapes world and a small CLIP pretrained on its training images, as the demo's stage 0 (shorter):
+    (world directory, CLIP run directory with `final/`)."""
+    from litgpt.args import EvalArgs, TrainArgs
+
+    root = tmp_path_factory.mktemp("shapes_clip")
+    world, clip = root / "shapes", root / "clip"
+    load_script("scripts/prepare_shapes.py").prepare(out_dir=world, n_train=CLIP_IMAGES, n_val=8, n_test=60, seed=5)
+    load_script("scripts/pretrain_clip.py").setup(
+        data_dir=world, out_dir=clip, zero_shot_images=0,
+        train=TrainArgs(save_interval=1000, log_interval=10, global_batch_size=128, micro_batch_size=128,
+                        max_steps=CLIP_STEPS, lr_warmup_steps=10, max_norm=1.0, min_lr=1e-5),
+        eval=EvalArgs(interval=1000, max_iters=1, initial_validation=False),
+    )  # fmt: skip
+    return world, clip
+
+
+CLIP_IMAGES, CLIP_STEPS = 400, 60
+
+
 # a short pretraining run with checkpoints every 4 steps, for kill-and-resume tests (`--key value` overrides)
 SHORT_RUN = {
     "train.max_steps": 12,

@@ -1,0 +1,136 @@
+"""The vision tower: the activation its weights were trained with, local towers with their own configs, and stage 0
+(`scripts/pretrain_clip.py`): a small CLIP pretrained on the shapes world that loses, resumes and sees."""
+
+import json
+import warnings
+
+import open_clip
+import pytest
+import torch
+import yaml
+from conftest import check_kill_and_resume, load_script
+from open_clip.transformer import QuickGELU
+
+from litgpt_mm.eval.zero_shot import zero_shot
+from litgpt_mm.multimodal import MultimodalConfig
+from litgpt_mm.vision import CLIPPatchEncoder, tag_quick_gelu
+
+
+def _activation(encoder: CLIPPatchEncoder) -> type:
+    acts = {type(block.mlp.gelu) for block in encoder.visual.transformer.resblocks}
+    assert len(acts) == 1
+    return acts.pop()
+
+
+def test_openai_tags_run_quick_gelu_without_a_download(monkeypatch):
+    # every tag's own config decides, read from open_clip's local tables
+    assert tag_quick_gelu("ViT-B-32", "openai") and tag_quick_gelu("ViT-L-14", "openai")
+    assert not tag_quick_gelu("ViT-B-32", "laion2b_s34b_b79k") and not tag_quick_gelu("ViT-B-32", None)
+    # build ViT-B-32 as `pretrained="openai"` does, with the download and the weight loading stubbed out
+    import open_clip.factory as factory
+
+    monkeypatch.setattr(factory, "download_pretrained", lambda cfg, cache_dir=None: "openai-weights.pt")
+    monkeypatch.setattr(factory, "load_checkpoint", lambda model, path, **kwargs: {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # open_clip warns "QuickGELU mismatch" when the tower is built wrong
+        tower = CLIPPatchEncoder("ViT-B-32", pretrained="openai")
+    assert tower.quick_gelu and _activation(tower) is QuickGELU
+    assert "-qgelu" in tower.key()  # features cached with the wrong activation are never reused
+    with pytest.raises(ValueError, match="neither a file nor an open_clip tag"):
+        CLIPPatchEncoder("ViT-B-32", pretrained="not-a-tag")
+
+
+def test_checkpoints_load_with_the_activation_they_were_trained_with(tmp_path):
+    old = MultimodalConfig(clip_model="shapes-ViT-T-16", clip_pretrained=None)
+    text = yaml.safe_load(yaml.safe_dump(vars(old)))
+    text.pop("clip_quick_gelu")  # what checkpoints written before the field say
+    (tmp_path / "multimodal_config.yaml").write_text(yaml.safe_dump(text))
+    loaded = MultimodalConfig.load(tmp_path)
+    assert loaded.clip_quick_gelu is False
+    assert _activation(CLIPPatchEncoder.from_config(loaded)) is torch.nn.GELU
+    quick = CLIPPatchEncoder.from_config(
+        MultimodalConfig(clip_model="shapes-ViT-T-16", clip_pretrained=None, clip_quick_gelu=True)
+    )
+    assert _activation(quick) is QuickGELU
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clip") / "shapes"
+    load_script("scripts/prepare_shapes.py").prepare(out_dir=out, n_train=256, n_val=16, n_test=60, seed=3)
+    return out
+
+
+def clip_args(world, out_dir, steps: int = 8) -> list[str]:
+    return [
+        "scripts/pretrain_clip.py", "--data_dir", str(world), "--out_dir", str(out_dir),
+        "--train.max_steps", str(steps), "--train.global_batch_size", "64", "--train.micro_batch_size", "32",
+        "--train.lr_warmup_steps", "2", "--train.save_interval", "4", "--train.log_interval", "1",
+        "--eval.interval", "4", "--eval.max_iters", "1", "--zero_shot_images", "4",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_clip_pretraining_loss_falls_and_resumes_exactly_after_sigkill(world, tmp_path):
+    check_kill_and_resume(
+        lambda out: clip_args(world, out), tmp_path, kill_at="step-000008", resumed_at="at step 4",
+        weights="open_clip_model.safetensors",
+    )  # fmt: skip
+    rows = [json.loads(json.dumps(r)) for r in _csv(tmp_path / "ref" / "logs" / "train_log.csv")]
+    losses = [float(r["loss"]) for r in rows]
+    assert losses[-1] < losses[0] - 0.3, losses
+    val = _csv(tmp_path / "ref" / "logs" / "val_log.csv")
+    assert {"zero_shot_colour", "zero_shot_yesno", "zero_shot_all"} <= set(val[-1])
+    final = tmp_path / "ref" / "final"
+    assert {p.name for p in final.iterdir()} >= {"open_clip_model.safetensors", "shapes-ViT-T-16.json",
+                                                  "open_clip_config.json", "zero_shot.json"}  # fmt: skip
+
+
+def _csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_tower_loads_from_its_local_file_with_its_config_beside_it(tmp_path):
+    """A tower trained from a `--model_config` unknown to open_clip loads through `CLIPPatchEncoder` from the file
+    alone (its config is registered from beside the weights), as `--clip_pretrained` passes it."""
+    script = load_script("scripts/pretrain_clip.py")
+    name = "tiny-test-ViT-8"
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+           "patch_size": 8, "pool_type": "avg"}, "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16,
+           "heads": 1, "layers": 1}}  # fmt: skip
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    torch.manual_seed(1)
+    model, _, preprocess = open_clip.create_model_and_transforms(name)
+    out = tmp_path / "ckpt"
+    script.save_clip(model, name, dict(model.visual.preprocess_cfg), out)
+    open_clip.factory._MODEL_CONFIGS.pop(name)  # a fresh process: the name is known only from the file
+    tower = CLIPPatchEncoder(name, pretrained=str(out / script.WEIGHTS))
+    pixels = torch.randn(2, 3, 32, 32)
+    captured = {}
+    hook = model.visual.transformer.resblocks[-1].register_forward_hook(lambda m, i, o: captured.update(out=o))
+    with torch.no_grad():
+        model.visual(pixels)
+    hook.remove()
+    assert tower.num_patches == 16 and not tower.quick_gelu
+    torch.testing.assert_close(tower(pixels), captured["out"][:, 1:])
+    same = open_clip.create_model(f"local-dir:{out}")  # open_clip's Hub layout loads the directory as well
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), model.state_dict().values(), strict=True))
+
+
+@pytest.mark.slow
+def test_pretrained_tower_sees_colour_beyond_a_random_one(shapes_clip):
+    """The demo's pretraining (short) against the same architecture at random: held-out zero-shot colour accuracy
+    above the random tower's by more than both intervals."""
+    world, clip_dir = shapes_clip
+    trained = json.loads((clip_dir / "final" / "zero_shot.json").read_text())
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("shapes-ViT-T-16")
+    random = zero_shot(model, open_clip.get_tokenizer("shapes-ViT-T-16"), preprocess, world, "test")
+    summary = json.dumps({k: (round(trained[k]["accuracy"], 3), round(random[k]["accuracy"], 3)) for k in trained})
+    assert trained["colour"]["low"] > random["colour"]["high"], summary
+    assert trained["colour"]["accuracy"] > 0.6, summary
+    assert random["colour"]["high"] < 0.45, summary
