@@ -253,6 +253,37 @@ def test_chat_template_renders_conversations_like_our_prompt_builder(exports, tm
     assert list(got) == ([image_id] * PATCHES + [sep_id]) * 2 + ours
 
 
+def test_features_after_post_layernorm_go_to_the_remote_package(exports, tmp_path, monkeypatch):
+    """A tower whose features pass `ln_post` (`clip_normalize`): no stock LLaVA reads them, the package does."""
+    import litgpt_mm.export.hf as hf
+    from litgpt_mm.export.load import load_checkpoint
+
+    def normalized(checkpoint_dir):
+        ck = load_checkpoint(checkpoint_dir)
+        ck.encoder.normalize = True
+        torch.nn.init.normal_(ck.encoder.visual.ln_post.weight, mean=1.0, std=0.5)  # not the identity
+        loaded.append(ck)
+        return ck
+
+    loaded = []
+    monkeypatch.setattr(hf, "load_checkpoint", normalized)
+    checkpoint, _, _ = exports["dense_linear"]
+    with pytest.raises(ValueError, match="post_layernorm"):
+        hf.export_hf(checkpoint, tmp_path / "llava", layout="llava")
+    assert hf.export_hf(checkpoint, tmp_path / "hf") == "remote"
+    model, info, processor = _load_hf(tmp_path / "hf")
+    assert {k: v for k, v in info.items() if v} == {} and model.config.vision_feature_normalize
+    ck = loaded[-1]
+    pixels = processor(images=[_image(32, 32, 6)], text="<image>", return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        want = ck.model.image_prefix(ck.encoder(pixels))[:, :-1]
+        got = model.get_image_features(pixels)
+        ck.encoder.normalize = False
+        plain = ck.model.image_prefix(ck.encoder(pixels))[:, :-1]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert not torch.allclose(want, plain, atol=1e-2)  # ln_post matters here
+
+
 def test_remote_code_imports_only_torch_and_transformers():
     from litgpt_mm.export.hf import REMOTE_CODE
 

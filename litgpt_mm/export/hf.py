@@ -280,6 +280,7 @@ def phi_text_config(ck: LoadedCheckpoint, vocab: int) -> dict:
     """`PhiConfig` fields of a dense LM."""
     c = ck.lm_config
     return {
+        "architectures": ["PhiForCausalLM"],  # engines that build the text model by name (vLLM) pick Phi's biased head
         "model_type": "phi",
         "vocab_size": vocab,
         "hidden_size": c.n_embd,
