@@ -31,6 +31,7 @@ def export(
     format: Literal["hf", "gguf"] = "hf",
     template: str = "phi2",
     layout: Literal["auto", "llava", "remote"] = "auto",
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     overwrite: bool = False,
 ) -> Path:
     """Export `checkpoint_dir` into `out_dir`.
@@ -44,6 +45,7 @@ def export(
             chat template.
         layout: `hf`: `llava` (stock classes), `remote` (trust_remote_code package) or `auto` (llava wherever it can
             express the model).
+        dtype: `hf`: the weights' dtype (`float32` computes what our model computes; `bfloat16` halves the size).
         overwrite: replace an existing non-empty `out_dir` (only once the new export is complete).
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir or f"out/export/{format}")
@@ -68,7 +70,7 @@ def export(
         from litgpt_mm.export.hf import export_hf
 
         def write(tmp: Path) -> str:
-            return export_hf(checkpoint_dir, tmp, template=template, layout=layout)
+            return export_hf(checkpoint_dir, tmp, template=template, layout=layout, dtype=dtype)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))

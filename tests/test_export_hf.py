@@ -343,3 +343,15 @@ def test_export_cli_writes_the_directory(exports, capfd, tmp_path):
     assert "llava" in stdout and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
     assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    from safetensors import safe_open
+
+    code, _, err = cli_here(
+        capfd, export, ["--checkpoint_dir", str(checkpoint), "--out_dir", str(tmp_path / "bf16"), "--dtype", "bfloat16"]
+    )
+    assert code == 0, err
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        half = f.get_tensor("language_model.lm_head.bias")
+    with safe_open(str(reference / "model.safetensors"), "pt") as f:
+        torch.testing.assert_close(half.float(), f.get_tensor("language_model.lm_head.bias"), rtol=1e-2, atol=1e-3)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
