@@ -172,6 +172,29 @@ def test_hf_export_gives_our_logits_and_greedy_tokens(exports, name):
     assert len(our_tokens) == 20 and hf_tokens.tolist() == our_tokens
 
 
+def test_remote_package_batches_left_padded_prompts_like_one_by_one(exports):
+    """The package's own attention masking: a left-padded batch greedily decodes what we decode for each prompt."""
+    from litgpt_mm.inference import Assistant
+    from litgpt_mm.multimodal import generate
+
+    checkpoint, directory, _ = exports["moe"]
+    model, _, processor = _load_hf(directory)
+    ours = Assistant.load(checkpoint, device="cpu")
+    questions, images = ["Why?", "Which colour fills most of this picture, and where?"], [_image(32, 32, 7)]
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True
+        )
+        for q in questions
+    ]
+    inputs = processor(images=images * 2, text=texts, padding=True, return_tensors="pt")
+    assert inputs["attention_mask"][0, 0] == 0  # the shorter prompt is left-padded
+    got = model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].size(1) :].tolist()
+    feats = ours.features(images)
+    want = [list(generate(ours.model, feats, ours.prompt_ids(q, 1, 8), 8)) for q in questions]
+    assert got == want
+
+
 def test_llava_layout_keeps_the_head_bias_for_stock_loaders(exports):
     """Stock `LlavaForConditionalGeneration` (no remote code) finds the bias in the weights as its one unexpected key:
     its logits are ours less the bias, which engines whose Phi keeps the bias (vLLM) add back."""

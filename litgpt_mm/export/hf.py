@@ -158,6 +158,9 @@ def build_tokenizer(ck: LoadedCheckpoint):
     eos = ck.tokenizer.processor.id_to_token(ck.tokenizer.eos_id) if ck.tokenizer.eos_id is not None else None
     if eos is not None and tok.eos_token is None:
         tok.eos_token = eos
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token  # batches of prompts pad (masked out of attention)
+    tok.padding_side = tok.init_kwargs["padding_side"] = "left"  # a batch generates from aligned ends
     tok.model_input_names = ["input_ids", "attention_mask"]  # no token_type_ids (generate() refuses them)
     tok.init_kwargs["model_input_names"] = tok.model_input_names
     existing = set(tok.get_vocab())
