@@ -40,6 +40,8 @@ def _register_towers(root: Path) -> None:
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory) -> dict:
     """Four checkpoints and their exports: {name: (checkpoint_dir, export_dir, layout)}."""
+    from litgpt.tokenizer import Tokenizer
+
     from litgpt_mm.config import Config
     from litgpt_mm.data.tokens import train_bpe_tokenizer
     from litgpt_mm.export.hf import export_hf
@@ -55,10 +57,11 @@ def exports(tmp_path_factory) -> dict:
     lm = GPT(Config.from_name("phi-2-tiny", n_layer=2, vocab_size=512, padded_vocab_size=512))
     save_checkpoint(lm, root / "lm")
 
-    def multimodal(lm, out: Path, **kw) -> MultimodalGPT:
+    def multimodal(lm, out: Path, separator_id: int | None = None, **kw) -> MultimodalGPT:
         config = MultimodalConfig(clip_pretrained=None, vision_width=WIDTH, num_patches=PATCHES, **kw)
-        mm = MultimodalGPT(lm, config)
-        torch.nn.init.normal_(mm.separator, std=1.0)
+        mm = MultimodalGPT(lm, config, separator_id=separator_id)
+        if mm.separator is not None:
+            torch.nn.init.normal_(mm.separator, std=1.0)
         for p in mm.projector.parameters():
             torch.nn.init.normal_(p, std=0.3)
         if config.feature_norm == "standardize":
@@ -82,12 +85,15 @@ def exports(tmp_path_factory) -> dict:
     torch.save(lora_state_dict(lora_lm), root / "dense_mlp" / "lora.pth")
     (root / "dense_mlp" / "lora_config.yaml").write_text(yaml.safe_dump({**vars(settings), "quantize": "nf4"}))
     ckpts["dense_mlp"] = "llava"
-    # dense + resblock, GELU tower read one block before the last, aligned projector only
+    # dense + resblock, GELU tower read one block before the last, a token separator, aligned projector only
     lm = GPT(Config.from_name("phi-2-tiny", n_layer=2, vocab_size=512, padded_vocab_size=512))
     lm.load_state_dict(torch.load(root / "lm" / "lit_model.pth"))
+    newline = Tokenizer(root / "lm").encode("\n", bos=False, eos=False).tolist()
+    assert len(newline) == 1
     multimodal(
-        lm, root / "dense_resblock", clip_model="litgpt-mm-test-vit-gelu", projector="resblock", clip_layer=-2, **base
-    )
+        lm, root / "dense_resblock", newline[0], clip_model="litgpt-mm-test-vit-gelu", projector="resblock",
+        clip_layer=-2, separator="\n", **base,
+    )  # fmt: skip
     ckpts["dense_resblock"] = "remote"
     # dense + linear, merged (its own tokenizer files)
     merged = root / "dense_linear"
