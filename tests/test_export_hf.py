@@ -95,12 +95,19 @@ def exports(tmp_path_factory) -> dict:
         clip_layer=-2, separator="\n", **base,
     )  # fmt: skip
     ckpts["dense_resblock"] = "remote"
-    # dense + linear, merged (its own tokenizer files)
+    # dense + linear, features of the block before the last, merged (its own tokenizer files)
     merged = root / "dense_linear"
     save_checkpoint(lm, merged)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(root / "lm" / f, merged / f)
-    multimodal(lm, merged, clip_model="litgpt-mm-test-vit-gelu", projector="linear", lm_checkpoint_dir=str(merged))
+    multimodal(
+        lm,
+        merged,
+        clip_model="litgpt-mm-test-vit-gelu",
+        projector="linear",
+        clip_layer=-2,
+        lm_checkpoint_dir=str(merged),
+    )
     ckpts["dense_linear"] = "llava"
     # MoE LM + mlp2x_gelu, merged
     torch.manual_seed(1)
