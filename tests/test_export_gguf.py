@@ -379,3 +379,51 @@ def test_bad_tokenizer_is_refused_by_name(tmp_path, tokenizer_dir):
         build_vocab(tmp_path / "tokenizer.json", 448)
     with pytest.raises(ValueError, match=r"token id 399 is outside the LM's 300 embedding rows"):
         build_vocab(tokenizer_dir / "tokenizer.json", 300)
+
+
+@pytest.fixture(scope="module")
+def llama(exported):
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (extra llamacpp: a CMake source build)")
+    from litgpt_mm.export.llamacpp import LlamaCpp
+
+    runner = LlamaCpp(exported["out"], n_ctx=256, n_threads=2)
+    yield runner
+    runner.close()
+
+
+def test_llama_cpp_tokenizes_as_ours(exported, llama):
+    ours = exported["loaded"].tokenizer
+    for text in TEXTS + ["Instruct: What is in the picture?\nOutput: "]:
+        assert llama.tokenize(text) == ours.encode(text, bos=False, eos=False).tolist(), text
+    # the separator is one control token, only when special tokens are parsed (as mtmd parses the prompt)
+    assert (
+        llama.tokenize("<|image_sep|>Instruct:", special=True)
+        == [448] + ours.encode("Instruct:", bos=False, eos=False).tolist()
+    )
+    assert 448 not in llama.tokenize("<|image_sep|>")
+
+
+def test_llama_cpp_image_embeddings_and_greedy_answer_match_ours(exported, llama):
+    import numpy as np
+    from PIL import Image
+
+    from litgpt_mm.multimodal import generate
+
+    loaded = exported["loaded"]
+    photos = sorted((DATA / "coco" / "val2017").glob("*.jpg"))[:2]
+    images = [Image.open(p).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC) for p in photos]
+    prompt = "Instruct: What is in the picture?\nOutput: "
+    answers = []
+    for image in images:
+        with torch.no_grad():
+            features = loaded.encoder.encode_images([image])
+            ours = loaded.model.image_prefix(features)[0]  # 16 projected patches + the separator
+        theirs = torch.from_numpy(llama.image_embeddings(np.asarray(image)))
+        assert theirs.shape == (16, 128)
+        assert F.cosine_similarity(theirs, ours[:-1], dim=-1).min() >= 0.999
+        ids = loaded.tokenizer.encode(prompt, bos=False, eos=False)
+        want = list(generate(loaded.model, features, ids, 12, eos_id=loaded.tokenizer.eos_id))
+        got = llama.greedy("<__media__><|image_sep|>" + prompt, [np.asarray(image)], 12, loaded.tokenizer.eos_id)
+        assert got == want
+        answers.append(want)
+    assert answers[0] != answers[1]  # the answer depends on the image: the parity is not that of a blind model
