@@ -66,31 +66,8 @@ class Assistant:
         cls, checkpoint_dir: Path, device: str | None = None, quantize: str | None = None, template: str = "phi2"
     ) -> Assistant:
         """Load any of the three checkpoint kinds; `quantize="nf4"` stores the LM's linear weights in nf4."""
-        checkpoint_dir = Path(checkpoint_dir)
-        config = MultimodalConfig.load(checkpoint_dir)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        merged = (checkpoint_dir / "lit_model.pth").is_file()
-        lm_dir = checkpoint_dir if merged else Path(config.lm_checkpoint_dir)
-        lm = load_model(lm_dir, device=device)
-        lora_file = checkpoint_dir / "lora.pth"
-        if not merged and lora_file.is_file():
-            settings = yaml.safe_load((checkpoint_dir / "lora_config.yaml").read_text())
-            trained_nf4 = settings.pop("quantize", None) == "nf4"
-            add_lora(lm, LoRASettings(**{**settings, "dropout": 0.0}))
-            lm.load_state_dict(torch.load(lora_file, map_location="cpu", weights_only=True), strict=False)
-            quantize = quantize or ("nf4" if trained_nf4 else None)  # the function the adapters were trained on
-        if quantize == "nf4":
-            quantize_nf4(lm, torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        elif quantize is not None:
-            raise ValueError(f"--quantize {quantize!r}: only 'nf4' is supported")
-        elif device.startswith("cuda"):
-            lm = lm.to(torch.bfloat16)
-        model = MultimodalGPT(lm, config).to(device).eval()
-        model.load_adapter(checkpoint_dir)
-        model.projector.to(lm.transformer.wte.weight.dtype)
-        encoder = CLIPPatchEncoder(config.clip_model, config.clip_pretrained, layer=config.clip_layer).to(device)
-        tok_dir = checkpoint_dir if (checkpoint_dir / "tokenizer.json").is_file() else lm_dir
-        return cls(model, encoder, load_tokenizer(tok_dir), template)
+        model, encoder, tokenizer = load_multimodal(checkpoint_dir, device, quantize)
+        return cls(model, encoder, tokenizer, template)
 
     def features(self, images: Sequence[Path | Image.Image]) -> torch.Tensor | None:
         """Patch features (n_images, num_patches, width) of image files or PIL images, or None without images."""
@@ -153,3 +130,48 @@ class Assistant:
         )  # fmt: skip
         eos = self.tokenizer.eos_id
         return [self.tokenizer.decode(torch.tensor([t for t in row if t != eos])).strip() for row in out]
+
+
+def load_multimodal(
+    checkpoint_dir: Path, device: str | None = None, quantize: str | None = None
+) -> tuple[MultimodalGPT, CLIPPatchEncoder, Tokenizer]:
+    """The model (in eval mode), its CLIP encoder and its tokenizer from any of the three checkpoint kinds.
+
+    LoRA adapters trained on an nf4 base run on the nf4 base (the function they were trained with) unless `quantize`
+    says otherwise; `quantize="nf4"` stores the LM's linear weights in nf4. On CUDA without quantisation the LM runs
+    in bf16, elsewhere in fp32. Shared by `Assistant.load` and the exporters (`litgpt_mm.export.load`).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    config = MultimodalConfig.load(checkpoint_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    merged = (checkpoint_dir / "lit_model.pth").is_file()
+    lm_dir = checkpoint_dir if merged else Path(config.lm_checkpoint_dir)
+    lm = load_model(lm_dir, device=device)
+    lora_file = checkpoint_dir / "lora.pth"
+    if not merged and lora_file.is_file():
+        settings = yaml.safe_load((checkpoint_dir / "lora_config.yaml").read_text())
+        trained_nf4 = settings.pop("quantize", None) == "nf4"
+        add_lora(lm, LoRASettings(**{**settings, "dropout": 0.0}))
+        lm.load_state_dict(torch.load(lora_file, map_location="cpu", weights_only=True), strict=False)
+        quantize = quantize or ("nf4" if trained_nf4 else None)  # the function the adapters were trained on
+    if quantize == "nf4":
+        quantize_nf4(lm, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    elif quantize is not None:
+        raise ValueError(f"--quantize {quantize!r}: only 'nf4' is supported")
+    elif device.startswith("cuda"):
+        lm = lm.to(torch.bfloat16)
+    model = MultimodalGPT(lm, config).to(device).eval()
+    model.load_adapter(checkpoint_dir)
+    model.projector.to(lm.transformer.wte.weight.dtype)
+    encoder = CLIPPatchEncoder(config.clip_model, config.clip_pretrained, layer=config.clip_layer).to(device)
+    return model, encoder, load_tokenizer(tokenizer_dir(checkpoint_dir, config))
+
+
+def tokenizer_dir(checkpoint_dir: Path, config: MultimodalConfig) -> Path:
+    """Where a checkpoint's tokenizer lives: the checkpoint itself when it has `tokenizer.json` (a merged model), else
+    the LM directory it names."""
+    checkpoint_dir = Path(checkpoint_dir)
+    merged = (checkpoint_dir / "lit_model.pth").is_file()
+    if merged or (checkpoint_dir / "tokenizer.json").is_file():
+        return checkpoint_dir
+    return Path(config.lm_checkpoint_dir)
