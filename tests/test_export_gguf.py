@@ -427,3 +427,26 @@ def test_llama_cpp_image_embeddings_and_greedy_answer_match_ours(exported, llama
         assert got == want
         answers.append(want)
     assert answers[0] != answers[1]  # the answer depends on the image: the parity is not that of a blind model
+
+
+def test_aligned_projector_exports_with_the_tokenizer_of_the_lm_it_names(exported, tokenizer_dir, tmp_path):
+    """An aligned checkpoint (projector only) takes LM weights and tokenizer from `lm_checkpoint_dir`."""
+    from litgpt_mm.export.gguf import export_gguf
+    from litgpt_mm.multimodal import CONFIG_FILE, WEIGHTS_FILE
+
+    aligned = tmp_path / "align"
+    aligned.mkdir()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        shutil.copy(exported["checkpoint"] / name, aligned / name)
+    export_gguf(aligned, tmp_path / "out")
+    for name in ("model.gguf", "mmproj.gguf"):
+        assert (tmp_path / "out" / name).read_bytes() == (exported["out"] / name).read_bytes()
+    lm_dir = tmp_path / "lm"
+    shutil.copytree(exported["checkpoint"], lm_dir)
+    (lm_dir / "tokenizer.json").unlink()
+    (aligned / CONFIG_FILE).write_text(
+        (aligned / CONFIG_FILE).read_text().replace(str(exported["checkpoint"]), str(lm_dir))
+    )
+    with pytest.raises(ValueError, match=f"no tokenizer.json in {lm_dir}"):
+        export_gguf(aligned, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
