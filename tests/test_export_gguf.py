@@ -381,6 +381,18 @@ def test_bad_tokenizer_is_refused_by_name(tmp_path, tokenizer_dir):
         build_vocab(tokenizer_dir / "tokenizer.json", 300)
 
 
+def test_lm_configs_llama_cpp_phi2_does_not_compute_are_refused():
+    from litgpt_mm.config import Config
+    from litgpt_mm.export.gguf import check_lm_config
+
+    for name in ("phi-2", "phi-2-twin", "phi-2-tiny"):
+        check_lm_config(Config.from_name(name))
+    with pytest.raises(ValueError, match=r"'pythia-14m' differs from llama.cpp's phi2 architecture in \{'shared_atte"):
+        check_lm_config(Config.from_name("pythia-14m"))
+    with pytest.raises(ValueError, match=r"'gelu_approximate': 'none'"):
+        check_lm_config(Config.from_name("phi-2", gelu_approximate="none"))
+
+
 @pytest.fixture(scope="module")
 def llama(exported):
     pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (extra llamacpp: a CMake source build)")
