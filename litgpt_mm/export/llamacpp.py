@@ -121,8 +121,9 @@ class LlamaCpp:
             self.mtmd.mtmd_input_chunks_free(chunks)
         raise RuntimeError("no image chunk")
 
-    def greedy(self, prompt: str, images: Sequence[np.ndarray], max_new_tokens: int, eos_id: int | None) -> list[int]:
-        """Greedy new token ids for a prompt with `<__media__>` markers (one per image) and special tokens parsed."""
+    def prompt_logits(self, prompt: str, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Evaluate a prompt with `<__media__>` markers (one per image; special tokens parsed) from an empty cache and
+        return the logits (n_vocab,) at its last position."""
         from llama_cpp import llama_cpp as C
 
         chunks = self._chunks(prompt, images)
@@ -137,16 +138,22 @@ class LlamaCpp:
                 raise RuntimeError(f"mtmd_helper_eval_chunks failed with status {status}")
         finally:
             self.mtmd.mtmd_input_chunks_free(chunks)
-        n_vocab, out = self.llm.n_vocab(), []
+        return np.ctypeslib.as_array(C.llama_get_logits_ith(lctx, -1), shape=(self.llm.n_vocab(),)).copy()
+
+    def greedy(self, prompt: str, images: Sequence[np.ndarray], max_new_tokens: int, eos_id: int | None) -> list[int]:
+        """Greedy new token ids for a prompt with `<__media__>` markers (one per image; special tokens parsed)."""
+        from llama_cpp import llama_cpp as C
+
+        logits, lctx, out = self.prompt_logits(prompt, images), self.llm._ctx.ctx, []
         for _ in range(max_new_tokens):
-            logits = np.ctypeslib.as_array(C.llama_get_logits_ith(lctx, -1), shape=(n_vocab,))
             token = int(np.argmax(logits))
             out.append(token)
-            if token == eos_id:
+            if token == eos_id or len(out) == max_new_tokens:
                 break
             batch = C.llama_batch_get_one((C.llama_token * 1)(token), 1)
             if C.llama_decode(lctx, batch) != 0:
                 raise RuntimeError("llama_decode failed")
+            logits = np.ctypeslib.as_array(C.llama_get_logits_ith(lctx, -1), shape=(self.llm.n_vocab(),))
         return out
 
 
