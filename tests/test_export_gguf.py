@@ -437,6 +437,17 @@ def test_llama_cpp_text_logits_and_greedy_answer_match_ours(exported, llama):
     want = list(generate(loaded.model, None, ids, 16, eos_id=loaded.tokenizer.eos_id))
     assert llama.greedy(prompt, [], 16, loaded.tokenizer.eos_id) == want
     assert np.argmax(theirs.numpy()) == want[0]
+    # the same through llama-cpp-python's chat API with our chat handler (what the benchmark's server runs)
+    from litgpt_mm.export.llamacpp import chat_handler
+
+    llama.llm.chat_handler = chat_handler(exported["out"] / "mmproj.gguf")
+    reply = llama.llm.create_chat_completion(
+        messages=[{"role": "user", "content": "Where is the white rabbit going?"}],
+        temperature=0.0, repeat_penalty=1.0, max_tokens=16,
+    )  # fmt: skip
+    # random weights answer in stray bytes: llama-cpp-python drops incomplete UTF-8 where ours shows U+FFFD
+    assert reply["choices"][0]["message"]["content"] == llama.llm.detokenize(want).decode("utf-8", errors="ignore")
+    assert reply["usage"]["completion_tokens"] == len(want)
 
 
 def test_llama_cpp_image_embeddings_and_greedy_answer_match_ours(exported, llama):
@@ -504,3 +515,44 @@ def test_aligned_projector_exports_with_the_tokenizer_of_the_lm_it_names(exporte
     with pytest.raises(ValueError, match=f"no tokenizer.json in {lm_dir}"):
         export_gguf(aligned, tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+
+
+def test_llama_cpp_chat_template_renders_our_prompt():
+    """The Jinja template given to llama-cpp-python renders what our server renders for the same OpenAI messages
+    (`litgpt_mm.messages` + `PromptBuilder`), with each image (its URL, which the handler swaps for the media marker)
+    and the separator before the text."""
+    import base64
+    import io
+
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from PIL import Image
+
+    from litgpt_mm.chat import PromptBuilder, merge_turns
+    from litgpt_mm.data.llava import TEMPLATES
+    from litgpt_mm.export.llamacpp import CHAT_TEMPLATE
+    from litgpt_mm.messages import parse_messages
+
+    urls = []
+    for colour in ("red", "blue"):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), colour).save(buf, format="PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": urls[0]}}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": "A square."},
+        {"role": "user", "content": [
+            {"type": "text", "text": " And here? "}, {"type": "image_url", "image_url": urls[1]},
+            {"type": "text", "text": "Left side."}]},
+    ]  # fmt: skip
+    # as llama-cpp-python's LLaVA handler renders it (then it replaces each URL with the media marker)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    text = env.from_string(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=True)
+    conversation = parse_messages(messages)
+    t = TEMPLATES["phi2"]
+    history, question = PromptBuilder(None, t, 256, 16).render(merge_turns(conversation.turns))
+    images = "".join(url + "<|image_sep|>" for url in urls)
+    assert len(conversation.images) == 2
+    assert text == images + history + t.user.format(question) + t.assistant_prefix
+    assert text.endswith("A square.\nInstruct: And here? \nLeft side.\nOutput: ")

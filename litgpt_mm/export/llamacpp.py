@@ -27,12 +27,12 @@ CHAT_TEMPLATE = (
     "{{ part.image_url.url if part.image_url is mapping else part.image_url }}" + SEPARATOR_TOKEN + "{% endif %}"
     "{% endfor %}{% endif %}{% endfor %}"
     "{% for message in messages %}"
-    "{% if message.role == 'system' %}{{ message.content }}{{ '\\n' }}"
-    "{% elif message.role == 'user' %}Instruct: "
-    "{% if message.content is string %}{{ message.content }}{% else %}"
-    "{% for part in message.content %}{% if part.type == 'text' %}{{ part.text }}{% endif %}{% endfor %}"
-    "{% endif %}{{ '\\n' }}Output: "
-    "{% elif message.role == 'assistant' %}{{ message.content }}{{ '\\n' }}{% endif %}"
+    "{% if message.content is string %}{% set text = message.content %}"
+    "{% else %}{% set text = message.content | selectattr('type', 'equalto', 'text') | map(attribute='text') "
+    "| join('\\n') %}{% endif %}"
+    "{% if message.role == 'system' %}{{ text | trim }}{{ '\\n' }}"
+    "{% elif message.role == 'user' %}Instruct: {{ text | trim }}{{ '\\n' }}Output: "
+    "{% elif message.role == 'assistant' %}{{ text | trim }}{{ '\\n' }}{% endif %}"
     "{% endfor %}"
 )
 
