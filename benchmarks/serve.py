@@ -105,10 +105,11 @@ def one_request(client, messages: list, max_tokens: int) -> dict:
             model="bench", messages=messages, max_tokens=max_tokens, temperature=0, stream=True
         )
         for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content is not None:
+                pieces += 1  # llama-cpp-python: one chunk per token, '' while a UTF-8 character is incomplete
             if chunk.choices and chunk.choices[0].delta.content:
                 first = first or time.perf_counter()
                 text += chunk.choices[0].delta.content
-                pieces += 1
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens
         tokens = tokens or pieces  # llama-cpp-python streams one token per chunk and no usage
@@ -116,6 +117,8 @@ def one_request(client, messages: list, max_tokens: int) -> dict:
     except Exception as err:  # counted and reported: a benchmark must not hide failures
         return {"ok": False, "error": f"{type(err).__name__}: {err}"}
     end = time.perf_counter()
+    if not ok:
+        return {"ok": False, "error": f"no tokens came back (text {text!r})"}
     return {"ok": ok, "latency": end - start, "ttft": (first or end) - start, "tokens": tokens}
 
 
