@@ -71,7 +71,6 @@ def export_gguf(checkpoint_dir: Path, out_dir: Path) -> None:
     from litgpt_mm.export.load import load_checkpoint, vision_spec
 
     loaded = load_checkpoint(checkpoint_dir)
-    check_lm_config(loaded.lm_config)
     spec = vision_spec(loaded.encoder)
     vocab = build_vocab(tokenizer_json, loaded.lm_config.padded_vocab_size)
 
@@ -95,7 +94,8 @@ def check_exportable(checkpoint_dir: Path) -> Path:
     """What can be checked from the configs alone, before any weight is read; returns the `tokenizer.json` path.
 
     Raises:
-        ValueError: an MoE LM, a projector other than `mlp2x_gelu`, or no byte-level BPE `tokenizer.json`.
+        ValueError: an MoE LM, an LM llama.cpp's phi2 does not compute, a projector other than `mlp2x_gelu`, or no
+            `tokenizer.json`.
     """
     from litgpt_mm.config import Config
     from litgpt_mm.multimodal import MultimodalConfig
@@ -115,6 +115,7 @@ def check_exportable(checkpoint_dir: Path) -> Path:
             f"{len(lm_config.moe_layer_indices)} blocks); llama.cpp's phi2 architecture has no MoE sub-layer, so only "
             "dense models (n_expert=0) export to GGUF"
         )
+    check_lm_config(lm_config)
     if config.projector != "mlp2x_gelu":
         raise ValueError(
             f"{checkpoint_dir}: projector {config.projector!r} cannot be expressed in llama.cpp's mmproj: its "
