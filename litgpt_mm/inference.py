@@ -25,7 +25,7 @@ from litgpt_mm.checkpoint import load_tokenizer
 from litgpt_mm.data.coco import load_rgb
 from litgpt_mm.data.llava import TEMPLATES
 from litgpt_mm.model import load_model
-from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, generate, generate_batch
+from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, generate, generate_batch, separator_token_id
 from litgpt_mm.qlora import LoRASettings, add_lora, quantize_nf4
 from litgpt_mm.vision import CLIPPatchEncoder
 
@@ -160,11 +160,13 @@ def load_multimodal(
         raise ValueError(f"--quantize {quantize!r}: only 'nf4' is supported")
     elif device.startswith("cuda"):
         lm = lm.to(torch.bfloat16)
-    model = MultimodalGPT(lm, config).to(device).eval()
+    tokenizer = load_tokenizer(tokenizer_dir(checkpoint_dir, config))
+    sep_id = None if config.separator == "learned" else separator_token_id(tokenizer, config.separator)
+    model = MultimodalGPT(lm, config, separator_id=sep_id).to(device).eval()
     model.load_adapter(checkpoint_dir)
     model.projector.to(lm.transformer.wte.weight.dtype)
     encoder = CLIPPatchEncoder(config.clip_model, config.clip_pretrained, layer=config.clip_layer).to(device)
-    return model, encoder, load_tokenizer(tokenizer_dir(checkpoint_dir, config))
+    return model, encoder, tokenizer
 
 
 def tokenizer_dir(checkpoint_dir: Path, config: MultimodalConfig) -> Path:

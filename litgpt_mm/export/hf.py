@@ -37,7 +37,12 @@ REMOTE_CODE = Path(__file__).parent / "remote_code"
 UNREACHABLE_LOGIT = -1e4
 
 
-def export_hf(checkpoint_dir: Path, out_dir: Path, template: str = "phi2", layout: str = "auto") -> str:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_hf(
+    checkpoint_dir: Path, out_dir: Path, template: str = "phi2", layout: str = "auto", dtype: str = "float32"
+) -> str:
     """Write `checkpoint_dir`'s model as a Hugging Face directory into `out_dir` (created; expected empty).
 
     Args:
@@ -46,6 +51,8 @@ def export_hf(checkpoint_dir: Path, out_dir: Path, template: str = "phi2", layou
         template: the prompt template the model was tuned with (`generate/mm.py --template`); the chat template
             renders it.
         layout: `llava`, `remote`, or `auto` (`llava` wherever stock classes express the model).
+        dtype: the weights' dtype in the files (`float32`: what our model computes; `bfloat16` or `float16`: half the
+            size, rounded).
 
     Returns:
         The layout written (`llava` or `remote`).
@@ -54,6 +61,8 @@ def export_hf(checkpoint_dir: Path, out_dir: Path, template: str = "phi2", layou
         raise ValueError(f"--template {template!r}: choose from {sorted(TEMPLATES)}")
     if layout not in LAYOUTS:
         raise ValueError(f"--layout {layout!r}: choose from {LAYOUTS}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose from {sorted(DTYPES)}")
     ck = load_checkpoint(checkpoint_dir)
     spec = vision_spec(ck.encoder)
     check_language_model(ck)
@@ -86,11 +95,11 @@ def export_hf(checkpoint_dir: Path, out_dir: Path, template: str = "phi2", layou
         state.update({k: v for k, v in lm_state.items() if k.startswith("lm_head.")})
         for name in ("configuration_litgpt_mm.py", "modeling_litgpt_mm.py"):
             shutil.copy2(REMOTE_CODE / name, out_dir / name)
-    config.update(bos_token_id=bos, eos_token_id=eos, torch_dtype="float32", transformers_version=_tf_version())
+    config.update(bos_token_id=bos, eos_token_id=eos, torch_dtype=dtype, transformers_version=_tf_version())
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos, "do_sample": False}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    save_safetensors(state, out_dir / "model.safetensors")
+    save_safetensors({k: v.to(DTYPES[dtype]) for k, v in state.items()}, out_dir / "model.safetensors")
     build_processor(ck, spec, tokenizer, template).save_pretrained(out_dir)
     return chosen
 
@@ -149,6 +158,9 @@ def build_tokenizer(ck: LoadedCheckpoint):
     eos = ck.tokenizer.processor.id_to_token(ck.tokenizer.eos_id) if ck.tokenizer.eos_id is not None else None
     if eos is not None and tok.eos_token is None:
         tok.eos_token = eos
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token  # batches of prompts pad (masked out of attention)
+    tok.padding_side = tok.init_kwargs["padding_side"] = "left"  # a batch generates from aligned ends
     tok.model_input_names = ["input_ids", "attention_mask"]  # no token_type_ids (generate() refuses them)
     tok.init_kwargs["model_input_names"] = tok.model_input_names
     existing = set(tok.get_vocab())
@@ -280,6 +292,7 @@ def phi_text_config(ck: LoadedCheckpoint, vocab: int) -> dict:
     """`PhiConfig` fields of a dense LM."""
     c = ck.lm_config
     return {
+        "architectures": ["PhiForCausalLM"],  # engines that build the text model by name (vLLM) pick Phi's biased head
         "model_type": "phi",
         "vocab_size": vocab,
         "hidden_size": c.n_embd,

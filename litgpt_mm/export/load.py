@@ -85,7 +85,7 @@ def load_checkpoint(checkpoint_dir: Path) -> LoadedCheckpoint:
         kind = "aligned"
     config = loaded.config
     lm_config = loaded.lm.config
-    lm_state = {k: v.detach().float().cpu().clone() for k, v in merged_state_dict(loaded.lm).items()}
+    lm_state = {k: v.detach().float().cpu() for k, v in merged_state_dict(loaded.lm).items()}
     adapter = {k: v.detach().float().cpu() for k, v in loaded.adapter_state_dict().items()}
     projector_state = {k.removeprefix("projector."): v for k, v in adapter.items() if k.startswith("projector.")}
     with torch.no_grad():

@@ -13,10 +13,11 @@ class LitgptMMConfig(PretrainedConfig):
 
     Args:
         vision_tower_config: `CLIPVisionConfig` fields (a dict).
-        language_config: the LM's fields (a dict): `vocab_size`, `hidden_size`, `intermediate_size`, `num_hidden_layers`,
-            `num_attention_heads`, `num_key_value_heads`, `head_dim`, `rotary_dim`, `rope_theta`, `layer_norm_eps`,
-            `gelu_approximate` (`tanh` or `none`), `max_position_embeddings`, `bias`, `lm_head_bias`, and for the MoE
-            `n_expert`, `n_expert_per_token`, `moe_intermediate_size`, `moe_layers` (block indices).
+        language_config: the LM's fields (a dict): `vocab_size`, `hidden_size`, `intermediate_size`,
+            `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`, `head_dim`, `rotary_dim`, `rope_theta`,
+            `layer_norm_eps`, `gelu_approximate` (`tanh` or `none`), `max_position_embeddings`, `bias`,
+            `lm_head_bias`, and for the MoE `n_expert`, `n_expert_per_token`, `moe_intermediate_size`, `moe_layers`
+            (block indices).
         projector: `linear`, `mlp2x_gelu` or `resblock`.
         vision_feature_layer: which CLIP hidden state feeds the projector (`hidden_states[i]`, -1: the last block).
         vision_feature_normalize: apply CLIP's `post_layernorm` to the features first.
