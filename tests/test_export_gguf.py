@@ -65,6 +65,7 @@ def build_checkpoint(
     clip_model: str = TOWER,
     clip_layer: int = -2,
     feature_norm: str = "standardize",
+    separator: str = "learned",
 ) -> Path:
     """A merged checkpoint (LM, tokenizer, projector, learned separator, feature statistics) with random weights."""
     from litgpt_mm.config import Config
@@ -82,10 +83,17 @@ def build_checkpoint(
             shutil.copy(f, root / f.name)
     config = MultimodalConfig(
         clip_model=clip_model, clip_pretrained=None, clip_layer=clip_layer, vision_width=64, num_patches=16,
-        projector=projector, feature_norm=feature_norm, lm_checkpoint_dir=str(root),
+        projector=projector, feature_norm=feature_norm, separator=separator, lm_checkpoint_dir=str(root),
     )  # fmt: skip
-    mm = MultimodalGPT(lm, config)
-    torch.nn.init.normal_(mm.separator, std=1.0)
+    if separator == "learned":
+        mm = MultimodalGPT(lm, config)
+        torch.nn.init.normal_(mm.separator, std=1.0)
+    else:
+        from litgpt.tokenizer import Tokenizer
+
+        from litgpt_mm.multimodal import separator_token_id
+
+        mm = MultimodalGPT(lm, config, separator_id=separator_token_id(Tokenizer(tokenizer_dir), separator))
     for p in mm.projector.parameters():
         torch.nn.init.normal_(p, std=0.3)
     if feature_norm == "standardize":
@@ -556,3 +564,20 @@ def test_llama_cpp_chat_template_renders_our_prompt():
     assert len(conversation.images) == 2
     assert text == images + history + t.user.format(question) + t.assistant_prefix
     assert text.endswith("A square.\nInstruct: And here? \nLeft side.\nOutput: ")
+
+
+def test_token_separator_becomes_a_control_token_with_that_tokens_embedding(towers, tokenizer_dir, tmp_path):
+    """A separator named by a token (`separator: "\\n"`) is exported like the learned one: `<|image_sep|>` whose
+    embedding row is that token's, so the prompt layout is the same for both kinds."""
+    from litgpt.tokenizer import Tokenizer
+
+    from litgpt_mm.export.gguf import export_gguf
+
+    checkpoint = build_checkpoint(tmp_path / "ckpt", tokenizer_dir, separator="\n")
+    export_gguf(checkpoint, tmp_path / "out")
+    reader = gguf.GGUFReader(tmp_path / "out" / "model.gguf")
+    got, meta = tensors(reader), metadata(reader)
+    newline = Tokenizer(tokenizer_dir).encode("\n", bos=False, eos=False).tolist()
+    assert len(newline) == 1 and meta["tokenizer.ggml.tokens"][448] == "<|image_sep|>"
+    assert torch.equal(got["token_embd.weight"][448], got["token_embd.weight"][newline[0]])
+    assert got["output.bias"][448] == -math.inf
