@@ -75,8 +75,11 @@ def build_checkpoint(
     torch.manual_seed(0)
     # 400 tokens padded to 448 rows: the export must keep the padding rows (our model can pick them) as unused tokens
     lm = GPT(Config.from_name(lm_name, vocab_size=400, padded_vocab_size=448, n_layer=2))
-    for p in lm.parameters():  # weights large enough for greedy answers to depend on the image
-        torch.nn.init.normal_(p, std=0.2 if p.dim() > 1 else 0.05)
+    for name, p in lm.named_parameters():  # weights large enough for clear greedy choices that depend on the image
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.2)
+        elif name.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.05)
     save_checkpoint(lm, root)
     if tokenizer_dir is not None:
         for f in tokenizer_dir.iterdir():
@@ -453,9 +456,11 @@ def test_llama_cpp_text_logits_and_greedy_answer_match_ours(exported, llama):
         messages=[{"role": "user", "content": "Where is the white rabbit going?"}],
         temperature=0.0, repeat_penalty=1.0, max_tokens=16,
     )  # fmt: skip
-    # random weights answer in stray bytes: llama-cpp-python drops incomplete UTF-8 where ours shows U+FFFD
-    assert reply["choices"][0]["message"]["content"] == llama.llm.detokenize(want).decode("utf-8", errors="ignore")
-    assert reply["usage"]["completion_tokens"] == len(want)
+    # random weights answer in stray bytes: llama-cpp-python drops incomplete UTF-8 where ours shows U+FFFD, and it
+    # decodes one token more when max_tokens ends inside a character
+    expected = llama.llm.detokenize(want).decode("utf-8", errors="ignore")
+    assert len(expected) >= 8 and reply["choices"][0]["message"]["content"].startswith(expected)
+    assert reply["usage"]["completion_tokens"] in (len(want), len(want) + 1)
 
 
 def test_llama_cpp_image_embeddings_and_greedy_answer_match_ours(exported, llama):
