@@ -181,7 +181,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         clip_model_path=str(args.gguf_dir / MMPROJ_FILE), n_ctx=args.n_ctx, n_batch=min(512, args.n_ctx),
         verbose=False, **({"n_threads": args.n_threads} if args.n_threads else {}),
     )  # fmt: skip
-    app = create_app(server_settings=ServerSettings(host=args.host, port=args.port), model_settings=[model])
+    # interrupt_requests (its default) ends a streaming answer as soon as another request waits: concurrent clients
+    # would get cut-off answers; queue them instead (the server decodes one request at a time)
+    server = ServerSettings(host=args.host, port=args.port, interrupt_requests=False)
+    app = create_app(server_settings=server, model_settings=[model])
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
