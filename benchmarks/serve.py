@@ -188,6 +188,8 @@ def main() -> None:
         try:
             row = {"setting": name, "max_batch_size": batch}
             rows.append({**row, **load(url, args.clients, args.requests, args.max_tokens, args.time_limit)})
+            # the machine's 1-minute load average at the end of the row: other work on the machine shows here
+            rows[-1]["loadavg_1m"] = os.getloadavg()[0]
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -214,6 +216,7 @@ def main() -> None:
             if len(rows) > 2
             else []
         ),
+        f"the machine has {os.cpu_count()} cores: a loadavg_1m above that means other work shared them during the row",
         "static batches: a batch's requests are decoded together and it ends with its longest answer; the p95 "
         "latency of the one-at-a-time row includes the queueing behind the other clients",
     ]
