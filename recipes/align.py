@@ -178,8 +178,8 @@ def main(
         clip_pretrained = str(Path(clip_pretrained).resolve())
     mm_config = MultimodalConfig(
         clip_model=clip_model, clip_pretrained=clip_pretrained, clip_layer=encoder.layer,
-        clip_quick_gelu=encoder.quick_gelu, vision_width=encoder.width, num_patches=encoder.num_patches, projector=projector, separator=separator,
-        lm_checkpoint_dir=str(lm_dir.resolve()), feature_norm=feature_norm,
+        clip_quick_gelu=encoder.quick_gelu, vision_width=encoder.width, num_patches=encoder.num_patches,
+        projector=projector, separator=separator, lm_checkpoint_dir=str(lm_dir.resolve()), feature_norm=feature_norm,
     )  # fmt: skip
     sep_id = None if separator == "learned" else separator_token_id(tokenizer, separator)
     with fabric.init_module():

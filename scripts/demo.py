@@ -5,17 +5,21 @@
 
 1. Prepare the 13 bundled Gutenberg books (cleaning, split by book, a 4,096-token BPE, token shards), then
    pretrain the tiny Phi-2 + MoE-after-MLP model on them.
-2. Generate the shapes world (`scripts/prepare_shapes.py`: images of coloured shapes with known content), prepare its
-   COCO-format captions with a CLIP ViT-B/32 patch-feature cache, then align CLIP to the pretrained LM by training
-   the projector. Offline, the CLIP weights are a seeded random initialisation (pass `--clip_pretrained openai` to
-   the commands where the weights can be downloaded).
+2. Generate the shapes world (`scripts/prepare_shapes.py`: images of coloured shapes with known content) and
+   pretrain a small CLIP on its training images (`scripts/pretrain_clip.py`, stage 0: offline there are no OpenAI
+   CLIP weights, so this tower stands in for them; it reports its own zero-shot answers on the held-out images).
+   Prepare the world's COCO-format captions with a patch-feature cache of that frozen tower, then align it to the
+   pretrained LM by training the projector (pass `--clip_model ViT-B-32 --clip_pretrained openai` to those commands
+   where the weights can be downloaded).
 3. Prepare the shapes world's LLaVA-format conversations and instruction-tune the aligned model with QLoRA (LoRA on
-   nf4 linear layers + the projector), answering held-out questions at every validation; write the merged model.
+   nf4 linear layers + the projector, the tower frozen), answering held-out questions at every validation; write
+   the merged model.
 4. Answer a question about a held-out shapes image and the JFK speech clip with the merged model: WhisperX
    transcribes the first 10 s of speech into the prompt. Offline, Whisper is a random tiny model built locally (its
-   transcript is gibberish; pass `--whisper_model large-v3` to generate/mm.py for the real one).
-5. Evaluate on the held-out shapes questions: accuracy per question type with the image, blind and with another
-   image, beside chance (`recipes/evaluate.py vqa`).
+   transcript is gibberish; pass `--whisper_model large-v3` to generate/mm.py for the real one). Then every question
+   the world asks about that image, each answer beside the right one.
+5. Evaluate on the held-out shapes questions: accuracy per question type, and POPE-style yes/no questions, with the
+   image, blind and with another image, beside chance (`recipes/evaluate.py vqa` and `pope`).
 
 Everything goes under `out/demo/` (or `out/demo-long/`), replaced on each run.
 """
@@ -40,12 +44,24 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 CLIP_MODEL = "shapes-ViT-T-16"
 SIZES = {  # shapes images, and the optimizer steps of each training stage
     False: dict(
-        n_train=400, n_val=40, n_test=100, pretrain_steps=150, clip_steps=60, align_steps=40, instruct_steps=450,
+        n_train=400,
+        n_val=40,
+        n_test=100,
+        pretrain_steps=150,
+        clip_steps=100,
+        align_steps=40,
+        instruct_steps=450,
         eval_limit=100,
     ),
     True: dict(
-        n_train=1200, n_val=100, n_test=200, pretrain_steps=150, clip_steps=300, align_steps=200,
-        instruct_steps=1200, eval_limit=200,
+        n_train=1200,
+        n_val=100,
+        n_test=200,
+        pretrain_steps=150,
+        clip_steps=300,
+        align_steps=200,
+        instruct_steps=1200,
+        eval_limit=200,
     ),
 }
 
@@ -183,33 +199,44 @@ def show_answers(checkpoint: Path, image: Path, example: shapes.Example, questio
     answers = assistant.answer_batch([q.text for q in questions], [[image]] * len(questions),
                                      GenerationSettings(max_new_tokens=8))  # fmt: skip
     background = example.scene.background.name
-    print(f"\nHeld-out image {image.name}: {shapes.describe(example.scene.shapes)} "
-          f"(on {shapes.article(background)} {background} background)")
+    print(
+        f"\nHeld-out image {image.name}: {shapes.describe(example.scene.shapes)} "
+        f"(on {shapes.article(background)} {background} background)"
+    )
     width = max(len(q.text) for q in questions)
-    print(f"  {'question':<{width}}  {'expected':<12}{'answer':<12}")
+    print(f"  {'question':<{width}}  {'expected':<15}{'answer':<15}")
     for q, a in zip(questions, answers, strict=True):
         mark = "right" if a.strip().lower().rstrip(".") == q.answer else "wrong"
-        print(f"  {q.text:<{width}}  {q.answer:<12}{a:<12}{mark}")
+        print(f"  {q.text:<{width}}  {q.answer:<15}{a:<15}{mark}")
 
 
 def summary(out: Path, evaluation: Path, seconds: float) -> None:
-    """Where everything went, and the colour-question result against its baselines."""
+    """Held-out accuracy per question type against its baselines and the tower's own zero-shot answers, POPE's F1,
+    and where everything went."""
     results = json.loads((evaluation / "results.json").read_text())
-    colour = next((s for s in results["scores"] if s["metric"] == "accuracy/colour"), None)
-    if colour:
-        c = colour["conditions"]
-        print(
-            f"\nHeld-out colour questions: {c['image']['value']:.2f} with the image, {c['blind']['value']:.2f} blind, "
-            f"{c['shuffled']['value']:.2f} with another image (chance {colour['chance']:.2f}): "
-            + ("grounded in the image" if colour["grounded"] else "not grounded yet")
-        )
+    tower = json.loads((out / "clip" / "final" / "zero_shot.json").read_text())
+    print("\nHeld-out shapes questions (accuracy; the tower's zero-shot ranking of captions is its own ceiling):")
+    print(f"  {'type':<10}{'image':>8}{'blind':>8}{'shuffled':>10}{'chance':>8}{'tower':>8}  grounded")
+    for score in results["scores"]:
+        kind = score["metric"].removeprefix("accuracy/")
+        if kind not in tower:
+            continue
+        c, grounded = score["conditions"], "yes" if score["grounded"] else "no"
+        print(f"  {kind:<10}{c['image']['value']:>8.2f}{c['blind']['value']:>8.2f}{c['shuffled']['value']:>10.2f}"
+              f"{score['chance']:>8.2f}{tower[kind]['accuracy']:>8.2f}  {grounded}")  # fmt: skip
+    pope = json.loads((evaluation / "pope" / "results.json").read_text())["scores"][0]
+    print(
+        f"  POPE-style yes/no: F1 {pope['image']['f1']:.2f} with the image ({pope['blind']['f1']:.2f} blind), "
+        f"'yes' ratio {pope['image']['yes_ratio']:.2f}"
+    )
     print(f"\nAll stages done in {seconds / 60:.1f} min. Artefacts under {out}:")
     print("  pretrain-moe/final      pretrained MoE LM (litgpt layout); logs/: CSV, TensorBoard and plots")
+    print("  clip/final              the shapes world's CLIP (open_clip layout), zero_shot.json on the test images")
     print("  data/shapes             the shapes world (images, captions, conversations, eval questions)")
     print("  align/final             aligned projector; logs/samples.md: captions of fixed validation images;")
     print("                          logs/accuracy.png: caption scores vs step, with the image, blind, another image")
     print("  qlora_instruct/merged   merged multimodal model; qlora_instruct/logs/accuracy.png: accuracy vs step")
-    print("  eval/                   results.json and predictions.jsonl of the held-out evaluation")
+    print("  eval/, eval/pope/       results.json and predictions.jsonl of the held-out evaluations")
 
 
 if __name__ == "__main__":

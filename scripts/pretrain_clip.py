@@ -9,7 +9,8 @@ Real runs use OpenAI's pretrained CLIP (`--clip_pretrained openai`); offline the
 it: an open_clip model (default `shapes-ViT-T-16`: a 3-block ViT of width 128 with 16-pixel patches at 112 px, the
 7 x 7 patch grid of ViT-B/32; config in `litgpt_mm/clip_configs/`, or any `--model_config` JSON) built with
 `open_clip.create_model(..., pretrained=None)` and trained with open_clip's `ClipLoss` on the images of the training
-split only, each step pairing every image with one of its captions at random. Images go through the model's own
+split only, each step pairing every image with one of its captions at random (drawn from the seed and the
+micro-batch's position, so a resumed run draws the same). Images go through the model's own
 evaluation transform (resize, centre crop, normalise) without augmentation: a crop or a flip would make a caption's
 colours and places untrue. The vision tower pools its patch tokens by their average, so the last block's patch
 tokens, which `CLIPPatchEncoder` hands to the LM, are what the loss trains.
@@ -69,8 +70,14 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     train: TrainArgs = TrainArgs(
-        save_interval=100, log_interval=10, global_batch_size=128, micro_batch_size=128, max_steps=300,
-        lr_warmup_steps=20, max_norm=1.0, min_lr=1e-5,
+        save_interval=100,
+        log_interval=10,
+        global_batch_size=128,
+        micro_batch_size=128,
+        max_steps=300,
+        lr_warmup_steps=20,
+        max_norm=1.0,
+        min_lr=1e-5,
     ),  # fmt: skip
     eval: EvalArgs = EvalArgs(interval=100, max_iters=2, initial_validation=True),
     optimizer: str | dict = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-3, "weight_decay": 0.1}},  # noqa: B006
@@ -96,7 +103,7 @@ def setup(
         eval: validation interval and size.
         optimizer: optimizer spec; its `lr` is the schedule's peak.
         resume: `auto` continues the newest checkpoint in `out_dir`, or a `step-*` directory.
-        seed: seed of the initialisation, the data order and the caption draws.
+        seed: seed of the initialisation, the data order, the caption draws and the hard negatives.
         num_workers: DataLoader workers (images are preprocessed once into memory, so 0 is usually fastest).
         zero_shot_images: validation images whose questions are answered zero-shot at every validation (a shapes
             world only; 0: none).
@@ -140,10 +147,10 @@ class CaptionedImages(Dataset):
         return self.pixels[index], self.captions[index], index
 
 
-def pick_captions(batch: tuple, random: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixels and one caption per image: drawn from torch's RNG (saved in checkpoints) or the first."""
+def pick_captions(batch: tuple, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels and one caption per image: drawn with `generator`, or the first caption without one."""
     pixels, captions, _ = batch
-    rows = [c[int(torch.randint(len(c), ()))] if random else c[0] for c in captions]
+    rows = [c[int(torch.randint(len(c), (), generator=generator))] if generator else c[0] for c in captions]
     return pixels, torch.stack(rows)
 
 
@@ -157,7 +164,7 @@ class HardNegatives:
 
     Contrastive batches of random scenes are told apart by their colours alone, so plain `ClipLoss` learns colour
     first and the rest late; telling each image's caption from its counterfactual takes kinds, places and counts too
-    (NegCLIP's hard negatives, Yuksekgonul et al. 2023). The draws come from torch's RNG (saved in checkpoints).
+    (NegCLIP's hard negatives, Yuksekgonul et al. 2023).
     """
 
     def __init__(self, world: Path, records: list[coco.CaptionRecord], tokenizer) -> None:
@@ -169,10 +176,10 @@ class HardNegatives:
         self.scenes = [shapes.make_example(s["seed"], r.image_id, s["max_shapes"], s["noise"]).scene.shapes
                        for r in records]  # fmt: skip
 
-    def __call__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, indices: list[int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         import random
 
-        rng = random.Random(int(torch.randint(2**62, ())))
+        rng = random.Random(int(torch.randint(2**62, (), generator=generator)))
         scenes = [self.scenes[i] for i in indices]
         positives = [self.shapes.describe(s) for s in scenes]
         negatives = [self.shapes.describe(self.shapes.counterfactual(s, rng, self.max_shapes)) for s in scenes]
@@ -239,13 +246,15 @@ def main(
     negatives = HardNegatives(data_dir, data["train"].records, tokenizer) if hard_negatives else None
 
     def loss_fn(batch):
-        pixels, texts = pick_captions(batch, random=wrapped.training)
+        # the draws of a training micro-batch depend on the seed and its position only, so a resumed run repeats them
+        draws = torch.Generator().manual_seed(seed * 1_000_003 + loaders["train"].batches_served)
+        pixels, texts = pick_captions(batch, draws if wrapped.training else None)
         out = wrapped(pixels.to(fabric.device), texts.to(fabric.device))
         contrastive = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
         metrics = {"logit_scale": out["logit_scale"].detach()}
         loss = contrastive
         if negatives is not None and wrapped.training:
-            pos, neg = negatives(batch[2])
+            pos, neg = negatives(batch[2], draws)
             text = wrapped(text=torch.cat([pos, neg]).to(fabric.device))["text_features"]
             pos_f, neg_f = text.chunk(2)
             image = out["image_features"]
@@ -256,10 +265,10 @@ def main(
             loss = contrastive + hard
         return loss, {"loss": contrastive.detach(), **metrics}
 
-    world = data_dir if (data_dir / "summary.json").is_file() and zero_shot_images > 0 else None
+    world = data_dir if (data_dir / "summary.json").is_file() else None
 
     def on_eval(step: int) -> dict:
-        if world is None or fabric.global_rank != 0:
+        if world is None or zero_shot_images == 0 or fabric.global_rank != 0:
             return {}
         from litgpt_mm.eval.zero_shot import zero_shot
 

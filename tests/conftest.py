@@ -283,8 +283,11 @@ def check_kill_and_resume(args_for, tmp_path: Path, kill_at: str, resumed_at: st
             with open(tmp_path / run / "logs" / name, newline="") as f:
                 runs.append([{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(f)])
         assert runs[1] == runs[0], name
-    a = torch.load(tmp_path / "ref" / "final" / weights)
-    b = torch.load(tmp_path / "run" / "final" / weights)
+    if weights.endswith(".safetensors"):
+        from safetensors.torch import load_file as load
+    else:
+        load = torch.load
+    a, b = load(tmp_path / "ref" / "final" / weights), load(tmp_path / "run" / "final" / weights)
     a, b = a.get("model", a), b.get("model", b)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -1,5 +1,6 @@
-"""The pipeline learns to see: on the shapes world, a short alignment and QLoRA run answers held-out colour
-questions better with the image than blind or with another image (the demo's stages 2, 3 and 5, smaller)."""
+"""The pipeline learns to see: on the shapes world, with the small CLIP pretrained on it (the demo's stage 0), a
+short alignment and QLoRA run answers held-out colour questions better with the image than blind or with another
+image (the demo's stages 2, 3 and 5, smaller)."""
 
 import json
 
@@ -14,18 +15,17 @@ from litgpt_mm.qlora import LoRASettings
 
 
 @pytest.mark.slow
-def test_colour_answers_are_grounded_after_a_short_run(pretrained_tiny, tmp_path):
+def test_colour_answers_are_grounded_after_a_short_run(pretrained_tiny, shapes_clip, tmp_path):
     lm_dir = pretrained_tiny[0] / "final"
-    shapes, coco_dir, features = tmp_path / "shapes", tmp_path / "coco", tmp_path / "features"
-    load_script("scripts/prepare_shapes.py").prepare(out_dir=shapes, n_train=240, n_val=8, n_test=60, seed=5)
+    shapes, clip_dir = shapes_clip
+    clip = {"clip_model": "shapes-ViT-T-16", "clip_pretrained": str(clip_dir / "final" / "open_clip_model.safetensors")}
+    coco_dir, features = tmp_path / "coco", tmp_path / "features"
     load_script("scripts/prepare_coco.py").prepare(
-        source_dir=shapes, out_dir=coco_dir, subset=None, val_subset=None, features=True, clip_pretrained=None,
-        feature_dir=features,
+        source_dir=shapes, out_dir=coco_dir, subset=None, val_subset=None, features=True, feature_dir=features, **clip
     )  # fmt: skip
     load_script("recipes/align.py").setup(
-        lm_checkpoint_dir=lm_dir, data_dir=coco_dir, out_dir=tmp_path / "align", clip_pretrained=None,
-        feature_dir=features, max_caption_tokens=32, precision="32-true", num_workers=0, num_sample_images=0,
-        feature_norm="standardize",
+        lm_checkpoint_dir=lm_dir, data_dir=coco_dir, out_dir=tmp_path / "align", **clip, feature_dir=features,
+        max_caption_tokens=32, precision="32-true", num_workers=0, num_sample_images=0, feature_norm="standardize",
         train=TrainArgs(save_interval=1000, log_interval=10, global_batch_size=16, micro_batch_size=16, max_steps=10,
                         lr_warmup_steps=2, max_norm=1.0, min_lr=1e-4),
         eval=EvalArgs(interval=1000, max_iters=1, initial_validation=False, max_new_tokens=4),
@@ -51,7 +51,9 @@ def test_colour_answers_are_grounded_after_a_short_run(pretrained_tiny, tmp_path
     scores, rows = vqa(answerer, shapes / "eval" / "vqa_test.jsonl", shapes, prompt_suffix="")
     colour = next(s for s in scores if s.metric == "accuracy/colour")
     c = {k: r.value for k, r in colour.conditions.items()}
-    summary = json.dumps({k: round(v, 3) for k, v in c.items()})
+    summary = json.dumps({s.metric: {k: round(r.value, 3) for k, r in s.conditions.items()} for s in scores})
     assert colour.conditions["image"].n >= 100, summary
-    assert c["image"] > c["blind"] + 0.1 and c["image"] > c["shuffled"] + 0.1, summary
-    assert c["image"] > 2 * colour.chance, summary
+    # with the random ViT-B/32 of earlier versions: above both baselines by 0.1 and above twice chance (0.33); with
+    # the pretrained tower this run reaches 0.57 against 0.13 blind and 0.18 shuffled
+    assert c["image"] > c["blind"] + 0.25 and c["image"] > c["shuffled"] + 0.25, summary
+    assert c["image"] >= 0.45, summary

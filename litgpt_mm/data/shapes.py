@@ -249,14 +249,20 @@ def describe(shapes: Sequence[Shape], count: int | None = None) -> str:
     return f"there {'is' if n == 1 else 'are'} {_number(n, 'shape')}: {listed}"
 
 
-def counterfactual(shapes: Sequence[Shape], rng: random.Random, max_shapes: int = 3) -> list[Shape]:
+CHANGES = {"colour": 1.0, "kind": 2.0, "place": 2.0, "fewer": 0.5, "more": 0.5}  # kind and place are the hardest
+
+
+def counterfactual(
+    shapes: Sequence[Shape], rng: random.Random, max_shapes: int = 3, weights: dict[str, float] = CHANGES
+) -> list[Shape]:
     """The shapes with one thing changed (a colour, a kind, a place moved to a free cell, one shape fewer or one
-    more, up to `max_shapes`), so that `describe` of the result is untrue of the image yet reads like a true caption
-    (contrastive hard negatives: telling it from the true one takes the image)."""
+    more, up to `max_shapes`; drawn with `weights`), so that `describe` of the result is untrue of the image yet
+    reads like a true caption (contrastive hard negatives: telling it from the true one takes the image)."""
     free = [c for c in range(len(POSITIONS)) if c not in {s.cell for s in shapes}]
-    changes = ["colour", "kind"] + ["place"] * bool(free) + ["fewer"] * (len(shapes) > 1)
-    changes += ["more"] * (bool(free) and len(shapes) < max_shapes)
-    change, out = rng.choice(changes), list(shapes)
+    allowed = {"colour": True, "kind": True, "place": bool(free), "fewer": len(shapes) > 1,
+               "more": bool(free) and len(shapes) < max_shapes}  # fmt: skip
+    changes = [c for c in weights if allowed[c]]
+    change, out = rng.choices(changes, [weights[c] for c in changes])[0], list(shapes)
     if change == "fewer":
         out.pop(rng.randrange(len(out)))
     elif change == "more":
