@@ -359,6 +359,7 @@ def shard_tokens(shard_dir) -> "torch.Tensor":
 # of them at the end of the run
 LONG_FIRST = (
     "test_learning.py::test_colour_answers_are_grounded_after_a_short_run",
+    "test_clip.py::test_clip_pretraining_loss_falls_and_resumes_exactly_after_sigkill",
     "test_xla.py::test_generate_launcher_on_the_xla_cpu_device_matches_cpu",
     "test_sharded_checkpoint.py::test_sharded_checkpoint_resumes_on_two_and_on_one_rank_and_consolidates",
     "test_xla.py::test_pretrain_launcher_runs_on_the_xla_cpu_device",
