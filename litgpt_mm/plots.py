@@ -28,9 +28,9 @@ def _number(value: str | None) -> float | None:
         return None
 
 
-def plot_run(out_dir: Path) -> list[Path]:
+def plot_run(out_dir: Path, unit: str = "tokens", loss_label: str = "cross-entropy (nats/token)") -> list[Path]:
     """Write `loss.png`, `throughput.png`, `accuracy.png` (when the run evaluated questions) and (for MoE runs)
-    `expert_load.png` next to the logs."""
+    `expert_load.png` next to the logs; `unit` is what the `tokens` column counts (images for CLIP)."""
     logs = Path(out_dir) / "logs"
     train, val = read_csv(logs / "train_log.csv"), read_csv(logs / "val_log.csv")
     written = []
@@ -39,13 +39,13 @@ def plot_run(out_dir: Path) -> list[Path]:
         ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train", alpha=0.8)
         if val:
             ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-        ax.set(xlabel="tokens", ylabel="cross-entropy (nats/token)", title=f"{Path(out_dir).name}: loss")
+        ax.set(xlabel=unit, ylabel=loss_label, title=f"{Path(out_dir).name}: loss")
         ax.grid(alpha=0.3)
         ax.legend()
         written.append(_save(fig, logs / "loss.png"))
         fig, ax = plt.subplots(figsize=(7, 3.5))
         ax.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train])
-        ax.set(xlabel="optimizer step", ylabel="tokens/s", title="throughput")
+        ax.set(xlabel="optimizer step", ylabel=f"{unit}/s", title="throughput")
         ax.grid(alpha=0.3)
         written.append(_save(fig, logs / "throughput.png"))
     if val and any(k.endswith("_image") for k in val[-1]):

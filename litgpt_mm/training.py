@@ -69,6 +69,8 @@ class Stage:
         finish_gradients: optional `(max_norm) -> None` called once per step after the last backward, instead of
             Fabric's gradient clipping: reduces the gradients the strategy does not (expert-parallel experts) and
             clips by the global norm (`max_norm` 0 or None: no clipping).
+        unit: what `tokens_fn` counts, for the plots' axes (`images` for CLIP pretraining).
+        loss_label: the plotted loss's axis label.
     """
 
     loss_fn: Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -77,6 +79,8 @@ class Stage:
     flops_per_token: float | None = None
     on_eval: Callable[[int], dict[str, Any]] | None = None
     finish_gradients: Callable[[float | None], Any] | None = None
+    unit: str = "tokens"
+    loss_label: str = "cross-entropy (nats/token)"
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -483,7 +487,7 @@ def fit(
         shutil.copytree(Path(out_dir) / f"{CHECKPOINT_PREFIX}{state['step']:06d}", final, ignore=_only_artefacts)
         from litgpt_mm.plots import plot_run
 
-        plot_run(out_dir)
+        plot_run(out_dir, stage.unit, stage.loss_label)
         fabric.print(f"Final train loss {loss_value:.4f}, val loss {val_loss:.4f}")
         fabric.print(f"Checkpoint: {final}  logs and plots: {Path(out_dir) / 'logs'}")
     fabric.barrier()

@@ -282,7 +282,8 @@ def main(
             save_clip(model, model_name, preprocess_cfg, ckpt_dir)
 
     max_steps = train.max_steps or max(1, (train.epochs or 1) * len(loaders["train"]))
-    stage = Stage(loss_fn, save_fn, tokens_fn=lambda batch: len(batch[0]), on_eval=on_eval)
+    stage = Stage(loss_fn, save_fn, tokens_fn=lambda batch: len(batch[0]), on_eval=on_eval, unit="images",
+                  loss_label="contrastive loss (nats; chance ln batch)")  # fmt: skip
     result = fit(fabric, stage, state, out_dir=out_dir, train=train, eval=eval, max_steps=max_steps,
                  learning_rate=peak_lr, val_loader=loaders["val"], resumed_from=resume_dir)  # fmt: skip
     if world is not None and fabric.global_rank == 0:

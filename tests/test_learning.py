@@ -48,7 +48,7 @@ def test_colour_answers_are_grounded_after_a_short_run(pretrained_tiny, shapes_c
 
     assistant = Assistant.load(tmp_path / "instruct" / "merged", device="cpu")
     answerer = Answerer(assistant, GenerationSettings(max_new_tokens=4), batch_size=32)
-    scores, rows = vqa(answerer, shapes / "eval" / "vqa_test.jsonl", shapes, prompt_suffix="")
+    scores, _ = vqa(answerer, shapes / "eval" / "vqa_test.jsonl", shapes, prompt_suffix="")
     colour = next(s for s in scores if s.metric == "accuracy/colour")
     c = {k: r.value for k, r in colour.conditions.items()}
     summary = json.dumps({s.metric: {k: round(r.value, 3) for k, r in s.conditions.items()} for s in scores})
@@ -57,3 +57,25 @@ def test_colour_answers_are_grounded_after_a_short_run(pretrained_tiny, shapes_c
     # the pretrained tower this run reaches 0.57 against 0.13 blind and 0.18 shuffled
     assert c["image"] > c["blind"] + 0.25 and c["image"] > c["shuffled"] + 0.25, summary
     assert c["image"] >= 0.45, summary
+
+    # the trained model leaves the project: exported (MoE + resblock: the remote-code package), transformers gives
+    # our fp32 logits over a held-out image and its question
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from litgpt_mm.export.hf import export_hf
+
+    hf_dir = tmp_path / "hf"
+    assert export_hf(tmp_path / "instruct" / "merged", hf_dir) == "remote"
+    model = AutoModelForImageTextToText.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(hf_dir)
+    row = json.loads((shapes / "eval" / "vqa_test.jsonl").read_text().splitlines()[0])
+    image = Image.open(shapes / row["image"]).convert("RGB")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image], text=text, return_tensors="pt")
+    with torch.no_grad():
+        want, _ = assistant.model([assistant.features([image])], [assistant.prompt_ids(row["question"], 1, 4)])
+        got = model(**inputs).logits
+    torch.testing.assert_close(got[..., : want.size(-1)], want, rtol=0, atol=1e-4)
