@@ -199,6 +199,23 @@ def load_split(data_dir: Path, split: str, preprocess, tokenizer) -> CaptionedIm
     return CaptionedImages(records, data_dir, preprocess, tokenizer, f"preprocess {split} images")
 
 
+def build_loaders(
+    fabric: L.Fabric, data: dict[str, CaptionedImages], train: TrainArgs, seed: int, num_workers: int, data_dir: Path
+) -> dict[str, ResumableLoader]:
+    """A resumable shuffled training loader (micro-batches dealt to ranks) and an in-order validation loader."""
+    accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
+    loaders = {}
+    for split, shuffle in (("train", True), ("val", False)):
+        batch = train.micro_batch_size if shuffle else min(train.micro_batch_size, len(data[split]))
+        sampler = ResumableSampler(len(data[split]), seed, batch, shuffle, fabric.global_rank, fabric.world_size,
+                                   accumulation=accumulation if shuffle else 1)  # fmt: skip
+        if sampler.batches_per_epoch == 0:
+            raise ValueError(f"{data_dir}: {len(data[split])} {split} images, fewer than a micro-batch per device")
+        loaders[split] = ResumableLoader(data[split], sampler, track=shuffle, num_workers=num_workers,
+                                         collate_fn=collate)  # fmt: skip
+    return loaders
+
+
 def save_clip(model: torch.nn.Module, model_name: str, preprocess_cfg: dict, directory: Path) -> None:
     """The CLIP weights and configs in open_clip's layouts (atomically, file by file)."""
     model_cfg = open_clip.get_model_config(model_name)
@@ -220,16 +237,7 @@ def main(
         model.load_state_dict(load_file(resume_dir / WEIGHTS))
     tokenizer = open_clip.get_tokenizer(model_name)
     data = {split: load_split(data_dir, split, preprocess, tokenizer) for split in ("train", "val")}
-    accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
-    loaders = {}
-    for split, shuffle in (("train", True), ("val", False)):
-        batch = train.micro_batch_size if shuffle else min(train.micro_batch_size, len(data[split]))
-        sampler = ResumableSampler(len(data[split]), seed, batch, shuffle, fabric.global_rank, fabric.world_size,
-                                   accumulation=accumulation if shuffle else 1)  # fmt: skip
-        if sampler.batches_per_epoch == 0:
-            raise ValueError(f"{data_dir}: {len(data[split])} {split} images, fewer than a micro-batch per device")
-        loaders[split] = ResumableLoader(data[split], sampler, track=shuffle, num_workers=num_workers,
-                                         collate_fn=collate)  # fmt: skip
+    loaders = build_loaders(fabric, data, train, seed, num_workers, data_dir)
 
     clip_loss = open_clip.ClipLoss(rank=fabric.global_rank, world_size=fabric.world_size)
     wrapped = fabric.setup_module(model)
@@ -287,12 +295,15 @@ def main(
     result = fit(fabric, stage, state, out_dir=out_dir, train=train, eval=eval, max_steps=max_steps,
                  learning_rate=peak_lr, val_loader=loaders["val"], resumed_from=resume_dir)  # fmt: skip
     if world is not None and fabric.global_rank == 0:
-        report_zero_shot(model, tokenizer, preprocess, world, Path(out_dir))
+        if json.loads((world / "summary.json").read_text())["splits"]["test"]["images"]:
+            report_zero_shot(model, tokenizer, preprocess, world, Path(out_dir))
+        else:
+            print(f"{world} has no test images: no zero-shot report")
     return result
 
 
 def _param_groups(model: torch.nn.Module) -> list[dict]:
-    """open_clip's training recipe: no weight decay on gains, biases, embeddings and the logit scale."""
+    """No weight decay on gains, biases and the logit scale (open_clip's training recipe), nor on embeddings."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         plain = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
