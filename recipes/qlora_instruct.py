@@ -37,7 +37,7 @@ from torch.utils.data import Dataset  # noqa: E402
 from litgpt_mm.checkpoint import atomic_torch_save, copy_tokenizer_files, load_tokenizer, save_config  # noqa: E402
 from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.data import coco  # noqa: E402
-from litgpt_mm.data.tokens import ResumableLoader, ResumableSampler  # noqa: E402
+from litgpt_mm.data.tokens import split_loaders  # noqa: E402
 from litgpt_mm.flops import warn_if_slow_bf16  # noqa: E402
 from litgpt_mm.model import load_model  # noqa: E402
 from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, target_cross_entropy  # noqa: E402
@@ -193,14 +193,8 @@ def main(fabric: L.Fabric, a: SimpleNamespace) -> dict[str, float]:
     opt = fabric.setup_optimizers(opt)
     train = a.train
     accum = train.gradient_accumulation_iters(fabric.world_size, 1)
-    loaders = {}
-    for split, shuffle in (("train", True), ("val", False)):
-        batch = train.micro_batch_size if shuffle else min(train.micro_batch_size, len(datasets[split]))
-        sampler = ResumableSampler(len(datasets[split]), a.seed, batch, shuffle, fabric.global_rank,
-                                   fabric.world_size, accumulation=accum if shuffle else 1)  # fmt: skip
-        if sampler.batches_per_epoch == 0:
-            raise ValueError(f"{a.data_dir}/{split}.jsonl has fewer samples than a micro batch on every device")
-        loaders[split] = ResumableLoader(datasets[split], sampler, track=shuffle, collate_fn=collate)
+    loaders = split_loaders(datasets, train.micro_batch_size, accum, a.seed, fabric.global_rank, fabric.world_size,
+                            collate, f"{a.data_dir}/{{train,val}}.jsonl")  # fmt: skip
     state = {"model": model, "optimizer": opt, "train_dataloader": loaders["train"], "step": 0, "tokens": 0}
     if resume_dir is not None:
         lm.load_state_dict(torch.load(resume_dir / "lora.pth", weights_only=True), strict=False)

@@ -46,7 +46,7 @@ from tqdm import tqdm  # noqa: E402
 from litgpt_mm.checkpoint import atomic_write  # noqa: E402
 from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.data import coco  # noqa: E402
-from litgpt_mm.data.tokens import ResumableLoader, ResumableSampler  # noqa: E402
+from litgpt_mm.data.tokens import split_loaders  # noqa: E402
 from litgpt_mm.training import (  # noqa: E402
     Stage,
     check_launcher,
@@ -199,23 +199,6 @@ def load_split(data_dir: Path, split: str, preprocess, tokenizer) -> CaptionedIm
     return CaptionedImages(records, data_dir, preprocess, tokenizer, f"preprocess {split} images")
 
 
-def build_loaders(
-    fabric: L.Fabric, data: dict[str, CaptionedImages], train: TrainArgs, seed: int, num_workers: int, data_dir: Path
-) -> dict[str, ResumableLoader]:
-    """A resumable shuffled training loader (micro-batches dealt to ranks) and an in-order validation loader."""
-    accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
-    loaders = {}
-    for split, shuffle in (("train", True), ("val", False)):
-        batch = train.micro_batch_size if shuffle else min(train.micro_batch_size, len(data[split]))
-        sampler = ResumableSampler(len(data[split]), seed, batch, shuffle, fabric.global_rank, fabric.world_size,
-                                   accumulation=accumulation if shuffle else 1)  # fmt: skip
-        if sampler.batches_per_epoch == 0:
-            raise ValueError(f"{data_dir}: {len(data[split])} {split} images, fewer than a micro-batch per device")
-        loaders[split] = ResumableLoader(data[split], sampler, track=shuffle, num_workers=num_workers,
-                                         collate_fn=collate)  # fmt: skip
-    return loaders
-
-
 def save_clip(model: torch.nn.Module, model_name: str, preprocess_cfg: dict, directory: Path) -> None:
     """The CLIP weights and configs in open_clip's layouts (atomically, file by file)."""
     model_cfg = open_clip.get_model_config(model_name)
@@ -237,7 +220,9 @@ def main(
         model.load_state_dict(load_file(resume_dir / WEIGHTS))
     tokenizer = open_clip.get_tokenizer(model_name)
     data = {split: load_split(data_dir, split, preprocess, tokenizer) for split in ("train", "val")}
-    loaders = build_loaders(fabric, data, train, seed, num_workers, data_dir)
+    accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
+    loaders = split_loaders(data, train.micro_batch_size, accumulation, seed, fabric.global_rank, fabric.world_size,
+                            collate, str(data_dir), num_workers)  # fmt: skip
 
     clip_loss = open_clip.ClipLoss(rank=fabric.global_rank, world_size=fabric.world_size)
     wrapped = fabric.setup_module(model)

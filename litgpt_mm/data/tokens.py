@@ -345,6 +345,25 @@ class ResumableLoader(DataLoader):
         self.batches_served = state["batches_served"]
 
 
+def split_loaders(
+    datasets: dict[str, Dataset], micro_batch_size: int, accumulation: int, seed: int, rank: int, world_size: int,
+    collate_fn, where: str, num_workers: int = 0,
+) -> dict[str, ResumableLoader]:  # fmt: skip
+    """A resumable shuffled `train` loader whose micro-batches are dealt to ranks in steps of `accumulation`, and an
+    in-order `val` loader (batches of at most the micro-batch size); `where` names the data in the error raised when
+    a split holds fewer samples than a micro-batch on every rank."""
+    loaders = {}
+    for split, shuffle in (("train", True), ("val", False)):
+        data = datasets[split]
+        batch = micro_batch_size if shuffle else min(micro_batch_size, len(data))
+        sampler = ResumableSampler(len(data), seed, batch, shuffle, rank, world_size,
+                                   accumulation=accumulation if shuffle else 1)  # fmt: skip
+        if sampler.batches_per_epoch == 0:
+            raise ValueError(f"{where}: {len(data)} {split} samples, fewer than a micro-batch on every device")
+        loaders[split] = ResumableLoader(data, sampler, track=shuffle, num_workers=num_workers, collate_fn=collate_fn)
+    return loaders
+
+
 class TokenShards(DataModule):
     """litgpt `DataModule` over prepared token shards; works with `recipes/pretrain_moe.py` and `litgpt.pretrain`.
 
