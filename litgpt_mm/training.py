@@ -35,7 +35,7 @@ from litgpt.pretrain import get_lr
 from tqdm import tqdm
 
 from litgpt_mm.cli import command_started
-from litgpt_mm.flops import compute_dtype, peak_flops, refresh_peak_flops
+from litgpt_mm.flops import compute_dtype, peak_flops, refresh_peak_flops, warn_if_slow_bf16
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -115,6 +115,21 @@ def check_launcher(num_nodes: int) -> None:
             f"--num_nodes {num_nodes} needs a launcher on every node: start the same command with torchrun "
             "(--nnodes/--node_rank/--rdzv_endpoint) or srun (scripts/slurm/); see README 'Scaling out'"
         )
+
+
+def ddp_fabric(devices: int, num_nodes: int, precision: str | None) -> L.Fabric:
+    """Fabric for a stage whose trainable part is small (alignment, QLoRA, CLIP pretraining): one device, or DDP
+    (NCCL on GPUs, gloo on CPU) over several. Precision defaults to `bf16-mixed` on CUDA and `32-true` on CPU, with a
+    warning where a bf16 precision would be emulated."""
+    cuda = torch.cuda.is_available()
+    precision = precision or ("bf16-mixed" if cuda else "32-true")
+    warn_if_slow_bf16("cuda" if cuda else "cpu", precision)
+    from lightning.fabric.strategies import DDPStrategy
+
+    several = devices * num_nodes > 1
+    strategy = DDPStrategy(process_group_backend="nccl" if cuda else "gloo") if several else "auto"
+    return L.Fabric(accelerator="cuda" if cuda else "cpu", devices=devices, num_nodes=num_nodes, strategy=strategy,
+                    precision=precision)  # fmt: skip
 
 
 def optimizer_spec(optimizer: str | dict) -> str | dict:

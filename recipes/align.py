@@ -25,7 +25,6 @@ import litgpt_mm  # noqa: E402, F401  (first: sets USE_TORCH_XLA=0 before Lightn
 # isort: split
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from lightning.fabric.strategies import DDPStrategy  # noqa: E402
 from litgpt.args import EvalArgs, TrainArgs  # noqa: E402
 from litgpt.utils import instantiate_torch_optimizer  # noqa: E402
 
@@ -33,7 +32,6 @@ from litgpt_mm.checkpoint import copy_tokenizer_files, load_tokenizer  # noqa: E
 from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.data import coco  # noqa: E402
 from litgpt_mm.data.tokens import ResumableLoader, ResumableSampler  # noqa: E402
-from litgpt_mm.flops import warn_if_slow_bf16  # noqa: E402
 from litgpt_mm.model import load_model  # noqa: E402
 from litgpt_mm.multimodal import (  # noqa: E402
     MultimodalConfig,
@@ -45,6 +43,7 @@ from litgpt_mm.multimodal import (  # noqa: E402
 from litgpt_mm.training import (  # noqa: E402
     Stage,
     check_launcher,
+    ddp_fabric,
     fit,
     load_training_state,
     optimizer_spec,
@@ -128,15 +127,7 @@ def setup(
     """
     check_launcher(num_nodes)
     optimizer = optimizer_spec(optimizer)
-    cuda = torch.cuda.is_available()
-    precision = precision or ("bf16-mixed" if cuda else "32-true")
-    warn_if_slow_bf16("cuda" if cuda else "cpu", precision)
-    several = devices * num_nodes > 1
-    strategy = DDPStrategy(process_group_backend="nccl" if cuda else "gloo") if several else "auto"
-    fabric = L.Fabric(
-        accelerator="cuda" if cuda else "cpu", devices=devices, num_nodes=num_nodes, strategy=strategy,
-        precision=precision,
-    )  # fmt: skip
+    fabric = ddp_fabric(devices, num_nodes, precision)
     return fabric.launch(
         main, Path(lm_checkpoint_dir), Path(data_dir), Path(out_dir), clip_model, clip_pretrained, clip_layer,
         feature_cache, Path(feature_dir), projector, separator, max_caption_tokens, train, eval, optimizer, resume,

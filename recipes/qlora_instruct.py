@@ -29,7 +29,6 @@ import litgpt_mm  # noqa: E402, F401  (first: sets USE_TORCH_XLA=0 before Lightn
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from lightning.fabric.strategies import DDPStrategy  # noqa: E402
 from litgpt.args import EvalArgs, TrainArgs  # noqa: E402
 from litgpt.utils import instantiate_torch_optimizer  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
@@ -38,7 +37,6 @@ from litgpt_mm.checkpoint import atomic_torch_save, copy_tokenizer_files, load_t
 from litgpt_mm.cli import run_cli  # noqa: E402
 from litgpt_mm.data import coco  # noqa: E402
 from litgpt_mm.data.tokens import split_loaders  # noqa: E402
-from litgpt_mm.flops import warn_if_slow_bf16  # noqa: E402
 from litgpt_mm.model import load_model  # noqa: E402
 from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, target_cross_entropy  # noqa: E402
 from litgpt_mm.qlora import LoRASettings, add_lora, lora_state_dict, merged_state_dict, quantize_nf4  # noqa: E402
@@ -46,6 +44,7 @@ from litgpt_mm.scheduled import autoregressive_loss, teacher_forcing_p  # noqa: 
 from litgpt_mm.training import (  # noqa: E402
     Stage,
     check_launcher,
+    ddp_fabric,
     fit,
     load_training_state,
     optimizer_spec,
@@ -160,15 +159,8 @@ def setup(
     check_launcher(num_nodes)
     optimizer = optimizer_spec(optimizer)
     args = SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("bad",)})
-    cuda = torch.cuda.is_available()
-    args.precision = precision or ("bf16-mixed" if cuda else "32-true")
-    warn_if_slow_bf16("cuda" if cuda else "cpu", args.precision)
-    several = devices * num_nodes > 1
-    strategy = DDPStrategy(process_group_backend="nccl" if cuda else "gloo") if several else "auto"
-    fabric = L.Fabric(
-        accelerator="cuda" if cuda else "cpu", devices=devices, num_nodes=num_nodes, strategy=strategy,
-        precision=args.precision,
-    )  # fmt: skip
+    args.precision = precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
+    fabric = ddp_fabric(devices, num_nodes, args.precision)
     return fabric.launch(main, args)
 
 

@@ -36,7 +36,6 @@ import litgpt_mm  # noqa: E402, F401  (first: sets USE_TORCH_XLA=0 before Lightn
 import lightning as L  # noqa: E402
 import open_clip  # noqa: E402
 import torch  # noqa: E402
-from lightning.fabric.strategies import DDPStrategy  # noqa: E402
 from litgpt.args import EvalArgs, TrainArgs  # noqa: E402
 from litgpt.utils import instantiate_torch_optimizer  # noqa: E402
 from safetensors.torch import load_file, save  # noqa: E402
@@ -50,6 +49,7 @@ from litgpt_mm.data.tokens import split_loaders  # noqa: E402
 from litgpt_mm.training import (  # noqa: E402
     Stage,
     check_launcher,
+    ddp_fabric,
     fit,
     load_training_state,
     optimizer_spec,
@@ -118,12 +118,7 @@ def setup(
     register_model_configs()
     if model_name not in open_clip.list_models():
         raise ValueError(f"--model_name {model_name!r}: not an open_clip model; pass --model_config <name>.json")
-    cuda = torch.cuda.is_available()
-    precision = precision or ("bf16-mixed" if cuda else "32-true")
-    several = devices * num_nodes > 1
-    strategy = DDPStrategy(process_group_backend="nccl" if cuda else "gloo") if several else "auto"
-    fabric = L.Fabric(accelerator="cuda" if cuda else "cpu", devices=devices, num_nodes=num_nodes, strategy=strategy,
-                      precision=precision)  # fmt: skip
+    fabric = ddp_fabric(devices, num_nodes, precision)
     world = (Path(data_dir) / "summary.json").is_file()
     if hard_negatives and not world:
         raise ValueError(f"--hard_negatives needs a shapes world (scripts/prepare_shapes.py); {data_dir} is not one")
