@@ -16,20 +16,18 @@ Target: `ours_cached` >= 3x `ours_recompute`. CLIP is ViT-B/32 (random weights: 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save, timeit_interleaved  # noqa: E402
+from litgpt_mm.analysis.bench import save, timeit_interleaved
+from litgpt_mm.config import Config
+from litgpt_mm.data.coco import load_rgb
+from litgpt_mm.model import GPT
+from litgpt_mm.models.vision import CLIPPatchEncoder
+from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, target_cross_entropy
 
-from litgpt_mm.config import Config  # noqa: E402
-from litgpt_mm.data.coco import load_rgb  # noqa: E402
-from litgpt_mm.model import GPT  # noqa: E402
-from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, target_cross_entropy  # noqa: E402
-from litgpt_mm.vision import CLIPPatchEncoder  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def hf_models(cfg: Config, encoder: CLIPPatchEncoder, device: torch.device):

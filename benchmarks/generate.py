@@ -14,19 +14,15 @@ Targets: ours >= 5x the capstone loop, >= 1x HF generate. EOS is disabled so eve
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
+from train_step import hf_phi
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
-from train_step import hf_phi  # noqa: E402
-
-from litgpt_mm.config import Config  # noqa: E402
-from litgpt_mm.model import GPT, embed_tokens, forward_embeds  # noqa: E402
-from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, generate  # noqa: E402
+from litgpt_mm.analysis.bench import save
+from litgpt_mm.config import Config
+from litgpt_mm.model import GPT, embed_tokens, forward_embeds
+from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, generate
 
 
 def timed(fn, iters: int) -> tuple[float, float]:

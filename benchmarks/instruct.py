@@ -22,19 +22,15 @@ Target: ours <= 2x standard. The model is an LM with LoRA on nf4 linear layers a
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save, timeit_interleaved  # noqa: E402
-
-from litgpt_mm.config import Config  # noqa: E402
-from litgpt_mm.model import GPT, embed_tokens, forward_embeds  # noqa: E402
-from litgpt_mm.multimodal import IGNORE_INDEX, MultimodalConfig, MultimodalGPT, generate, target_cross_entropy  # noqa: E402,E501
-from litgpt_mm.qlora import LoRASettings, add_lora, quantize_nf4  # noqa: E402
-from litgpt_mm.scheduled import autoregressive_loss, scheduled_inputs  # noqa: E402
+from litgpt_mm.analysis.bench import save, timeit_interleaved
+from litgpt_mm.config import Config
+from litgpt_mm.model import GPT, embed_tokens, forward_embeds
+from litgpt_mm.models.qlora import LoRASettings, add_lora, quantize_nf4
+from litgpt_mm.multimodal import IGNORE_INDEX, MultimodalConfig, MultimodalGPT, generate, target_cross_entropy  # noqa: E501
+from litgpt_mm.training.scheduled import autoregressive_loss, scheduled_inputs
 
 
 def capstone_loss(model, feats, ids, labels, p, generator):

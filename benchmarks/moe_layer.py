@@ -18,21 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from litgpt.config import Config as LitConfig
 from litgpt.model import GptNeoxMLP, LLaMAMoE
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save, timeit_interleaved  # noqa: E402
-
-from litgpt_mm import moe_kernels  # noqa: E402
-from litgpt_mm.config import Config  # noqa: E402
-from litgpt_mm.moe import MoE, grouped_matmul  # noqa: E402
+from litgpt_mm.analysis.bench import save, timeit_interleaved
+from litgpt_mm.config import Config
+from litgpt_mm.models import moe_kernels
+from litgpt_mm.models.moe import MoE, grouped_matmul
 
 
 def gemm_steps(

@@ -15,7 +15,6 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,14 +23,12 @@ import numpy as np
 import torch
 from litgpt.tokenizer import Tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
-from common import save  # noqa: E402
+from litgpt_mm.analysis.bench import save
+from litgpt_mm.data import gutenberg as pg
+from litgpt_mm.data.prepare import Scale, write_split
+from litgpt_mm.data.tokens import num_blocks, train_bpe_tokenizer
 
-from litgpt_mm.data import gutenberg as pg  # noqa: E402
-from litgpt_mm.data.prepare import Scale, write_split  # noqa: E402
-from litgpt_mm.data.tokens import num_blocks, train_bpe_tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:

@@ -24,13 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save, timeit_interleaved  # noqa: E402
+from litgpt_mm.analysis.bench import save, timeit_interleaved
+from litgpt_mm.config import Config
+from litgpt_mm.model import GPT
+from litgpt_mm.training.flops import active_params
 
-from litgpt_mm.config import Config  # noqa: E402
-from litgpt_mm.flops import active_params  # noqa: E402
-from litgpt_mm.model import GPT  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def recipe_run(device: torch.device) -> dict:

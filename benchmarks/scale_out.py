@@ -2,7 +2,7 @@
 
 For each micro-batch size, two set-ups of the pretraining recipe's FSDP2 path (`fully_shard_blocks` of
 `recipes/pretrain_moe.py`: one FSDP unit per block over all ranks): `fsdp` (the experts sharded by FSDP like every
-other weight) and `fsdp_ep<N>` (the experts split over N ranks by `litgpt_mm.expert_parallel`, tokens sent to them
+other weight) and `fsdp_ep<N>` (the experts split over N ranks by `models.expert_parallel`, tokens sent to them
 with `all_to_all_single`, left out of FSDP). Each builds a fresh model and times full training steps: forward, the
 LM loss plus the MoE balance and z losses, backward, gradient clipping (`finish_gradients` with the experts split),
 AdamW. bf16 (autocast and FSDP's `param_dtype`) on CUDA, fp32 on CPU (gloo).
@@ -24,26 +24,21 @@ import gc
 import math
 import os
 import statistics
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from litgpt.utils import chunked_cross_entropy
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT / "recipes"))
-import common  # noqa: E402
-from litgpt.utils import chunked_cross_entropy  # noqa: E402
-from pretrain_moe import fully_shard_blocks  # noqa: E402
-
-from litgpt_mm.config import Config  # noqa: E402
-from litgpt_mm.expert_parallel import finish_gradients  # noqa: E402
-from litgpt_mm.model import GPT  # noqa: E402
+from litgpt_mm.analysis import bench as common
+from litgpt_mm.config import Config
+from litgpt_mm.model import GPT
+from litgpt_mm.models.expert_parallel import finish_gradients
+from litgpt_mm.pretrain import fully_shard_blocks
 
 
 class AllToAllTimer:

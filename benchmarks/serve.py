@@ -32,25 +32,22 @@ from pathlib import Path
 
 import torch
 
+from litgpt_mm.analysis.bench import save
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from common import save  # noqa: E402
 
 IMAGE = REPO / "data" / "coco" / "val2017" / "000000397133.jpg"
 
 
 def build_checkpoint(out: Path, n_layer: int, n_embd: int) -> Path:
     """A random merged checkpoint (LM, projector, tokenizer of the bundled books) that `Assistant.load` reads."""
-    import importlib.util
 
     from litgpt_mm.config import Config
+    from litgpt_mm.data.prepare_gutenberg import prepare
     from litgpt_mm.model import GPT, save_checkpoint
     from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT
 
-    spec = importlib.util.spec_from_file_location("prepare_gutenberg", REPO / "scripts" / "prepare_gutenberg.py")
-    prep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prep)
-    prep.prepare(out_dir=out / "prepared", vocab_size=1024)
+    prepare(out_dir=out / "prepared", vocab_size=1024)
     torch.manual_seed(0)
     config = Config.from_name(
         "phi-2", n_layer=n_layer, n_embd=n_embd, n_head=n_embd // 80, intermediate_size=4 * n_embd,

@@ -11,18 +11,14 @@ FLOPs utilisation counted on active parameters only.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save, timeit_interleaved  # noqa: E402
-
-from litgpt_mm.config import Config  # noqa: E402
-from litgpt_mm.flops import active_params, peak_flops, training_flops_per_token  # noqa: E402
-from litgpt_mm.model import GPT  # noqa: E402
+from litgpt_mm.analysis.bench import save, timeit_interleaved
+from litgpt_mm.config import Config
+from litgpt_mm.model import GPT
+from litgpt_mm.training.flops import active_params, peak_flops, training_flops_per_token
 
 
 def hf_phi(cfg: Config, lit_state: dict):

@@ -1,4 +1,4 @@
-"""litgpt's GPT with a mixture-of-experts sub-layer after each block's MLP (see `litgpt_mm.moe` for the equation).
+"""litgpt's GPT with a mixture-of-experts sub-layer after each block's MLP (see `models.moe` for the equation).
 
 With `n_expert=0` the model is litgpt's GPT: same modules, same state-dict keys, same logits. `forward` also
 accepts precomputed input embeddings (used by the multimodal model) and the MoE losses are collected after a
@@ -17,7 +17,7 @@ from litgpt.model import batched_index_select, do_softcapping
 from torch.utils.checkpoint import checkpoint
 
 from litgpt_mm.config import Config
-from litgpt_mm.moe import MoE, MoEStats
+from litgpt_mm.models.moe import MoE, MoEStats
 
 
 class Block(lit_model.Block):
@@ -199,7 +199,7 @@ def xla_sync(device: torch.device) -> None:
 
 def save_checkpoint(model: GPT, checkpoint_dir: Path) -> None:
     """Write `lit_model.pth` and `model_config.yaml` (litgpt's layout), each atomically."""
-    from litgpt_mm.checkpoint import atomic_torch_save, save_config
+    from litgpt_mm.training.checkpoint import atomic_torch_save, save_config
 
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 import yaml
 from litgpt import model as lit_model
 
-from litgpt_mm.checkpoint import atomic_torch_save, atomic_write
 from litgpt_mm.model import embed_tokens, forward_embeds, lm_logits, xla_sync
-from litgpt_mm.projector import build_projector
+from litgpt_mm.models.projector import build_projector
+from litgpt_mm.training.checkpoint import atomic_torch_save, atomic_write
 
 IGNORE_INDEX = -100
 CONFIG_FILE = "multimodal_config.yaml"

@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -40,18 +41,13 @@ def require_tool(name: str, apt_package: str) -> str:
     return path
 
 
-def load_script(relative: str):
-    """Import a script under `recipes/`, `scripts/` or `benchmarks/` as a module."""
-    import importlib.util
-    import sys
+def script_command(script: str) -> tuple[str, ...]:
+    """The `litgpt-mm` subcommand an entry script runs: the names in its `run_command(...)` call."""
+    import ast
 
-    path = REPO / relative
-    name = relative.removesuffix(".py").replace("/", "_").replace("-", "_")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # jsonargparse resolves postponed annotations through the module
-    spec.loader.exec_module(module)
-    return module
+    call = re.search(r"run_command\(([^)]*)\)", (REPO / script).read_text())
+    assert call, f"{script} does not call run_command"
+    return tuple(ast.literal_eval(f"[{call[1]}]"))
 
 
 def run_python(args: list[str], timeout: float = 600, **kwargs):
@@ -67,14 +63,19 @@ def run_python(args: list[str], timeout: float = 600, **kwargs):
 
 
 def cli_here(capfd, fn, args: list[str], **kwargs) -> tuple[int, str, str]:
-    """`python <script> <args>` without a new interpreter: `run_cli(fn, args)` here; (exit status, stdout, stderr)."""
+    """`python <script> <args>` without a new interpreter: `run_cli(fn, args)` here, or the entry script's own
+    `run_command` where `fn` is the script's path; (exit status, stdout, stderr)."""
+    from litgpt_mm.__main__ import run_command
     from litgpt_mm.cli import run_cli
 
     capfd.readouterr()
     cwd = os.getcwd()
     os.chdir(REPO)  # as `run_python`: relative paths (`--config recipes/configs/...`) are from the repo root
     try:
-        run_cli(fn, args=args, **kwargs)
+        if isinstance(fn, str):
+            run_command(*script_command(fn), args=args)
+        else:
+            run_cli(fn, args=args, **kwargs)
         code = 0
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
@@ -84,17 +85,10 @@ def cli_here(capfd, fn, args: list[str], **kwargs) -> tuple[int, str, str]:
     return code, out, err
 
 
-RECIPE_ENTRIES = {
-    "recipes/align.py": {},
-    "recipes/pretrain_moe.py": {},
-    "recipes/qlora_instruct.py": {"fail_untyped": False},
-}
-
-
 def run_recipe_here(capfd, args: list[str]) -> subprocess.CompletedProcess:
     """`run_python(["recipes/<x>.py", ...])` for a single-process run, in this process (no interpreter start-up and
     imports: seconds per run on 2 cores). Only what must be a child process (SIGKILL, several ranks) needs one."""
-    code, out, err = cli_here(capfd, load_script(args[0]).setup, args[1:], **RECIPE_ENTRIES[args[0]])
+    code, out, err = cli_here(capfd, args[0], args[1:])
     return subprocess.CompletedProcess(args, code, out, err)
 
 
@@ -118,7 +112,8 @@ class NoBf16OnCpu(TorchDispatchMode):
 def prepared_gutenberg(tmp_path_factory) -> Path:
     """The 13 bundled books prepared with a small BPE vocabulary (shared by the pretraining tests)."""
     out = tmp_path_factory.mktemp("prepared") / "gutenberg"
-    load_script("scripts/prepare_gutenberg.py").prepare(out_dir=out, vocab_size=1024)
+    import litgpt_mm.data.prepare_gutenberg
+    litgpt_mm.data.prepare_gutenberg.prepare(out_dir=out, vocab_size=1024)
     return out
 
 
@@ -128,7 +123,8 @@ def pretrain_setup(**kwargs):
 
     kwargs["train"] = TrainArgs(**kwargs["train"])
     kwargs["eval"] = EvalArgs(**kwargs["eval"])
-    return load_script("recipes/pretrain_moe.py").setup(**kwargs)
+    import litgpt_mm.pretrain
+    return litgpt_mm.pretrain.setup(**kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -167,8 +163,10 @@ def shapes_clip(tmp_path_factory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("shapes_clip")
     world, clip = root / "shapes", root / "clip"
-    load_script("scripts/prepare_shapes.py").prepare(out_dir=world, n_train=CLIP_IMAGES, n_val=8, n_test=60, seed=5)
-    load_script("scripts/pretrain_clip.py").setup(
+    import litgpt_mm.data.prepare_shapes
+    import litgpt_mm.pretrain_clip
+    litgpt_mm.data.prepare_shapes.prepare(out_dir=world, n_train=CLIP_IMAGES, n_val=8, n_test=60, seed=5)
+    litgpt_mm.pretrain_clip.setup(
         data_dir=world, out_dir=clip, zero_shot_images=0,
         train=TrainArgs(save_interval=1000, log_interval=10, global_batch_size=128, micro_batch_size=128,
                         max_steps=CLIP_STEPS, lr_warmup_steps=10, max_norm=1.0, min_lr=1e-5),
@@ -202,7 +200,7 @@ def kill_while_saving(checkpoint_name: str, torn: bool = True) -> str:
     return textwrap.dedent(
         f"""
         import os, signal, sys, runpy
-        import litgpt_mm.training as training
+        import litgpt_mm.training.loop as training
         real = training.save_checkpoint
         def save_then_die(fabric, stage, state, ckpt_dir):
             if ckpt_dir.name == {checkpoint_name!r}:
@@ -228,8 +226,8 @@ def checkpoints(prepared_gutenberg, tmp_path_factory) -> dict:
 
     from litgpt_mm.config import Config
     from litgpt_mm.model import GPT, save_checkpoint
+    from litgpt_mm.models.qlora import LoRASettings, add_lora, lora_state_dict, quantize_nf4
     from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT
-    from litgpt_mm.qlora import LoRASettings, add_lora, lora_state_dict, quantize_nf4
 
     root = tmp_path_factory.mktemp("ckpts")
     torch.manual_seed(0)
@@ -251,7 +249,8 @@ def checkpoints(prepared_gutenberg, tmp_path_factory) -> dict:
     torch.save(lora_state_dict(lm), root / "lora" / "lora.pth")
     (root / "lora" / "lora_config.yaml").write_text(yaml.safe_dump({**vars(settings), "quantize": "nf4"}))
     mm.save_adapter(root / "lora")
-    load_script("recipes/qlora_instruct.py").export_merged(mm, root / "lm", root / "merged")
+    import litgpt_mm.finetune.qlora
+    litgpt_mm.finetune.qlora.export_merged(mm, root / "lm", root / "merged")
     return {k: root / k for k in ("lm", "align", "lora", "merged")}
 
 

@@ -13,7 +13,6 @@ from conftest import (
     DATA,
     assert_rows_close,
     check_kill_and_resume,
-    load_script,
     read_log,
     run_python,
     run_recipe_here,
@@ -22,17 +21,19 @@ from litgpt.args import EvalArgs, TrainArgs
 from litgpt.tokenizer import Tokenizer
 from PIL import Image
 
+import litgpt_mm.align
+import litgpt_mm.data.prepare_coco
 from litgpt_mm.data import coco
 from litgpt_mm.model import load_model
+from litgpt_mm.models.vision import CLIPPatchEncoder
 from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, shifted_cross_entropy
-from litgpt_mm.vision import CLIPPatchEncoder
 
 
 @pytest.fixture(scope="module")
 def prepared_coco(tmp_path_factory) -> tuple[Path, Path]:
     """The bundled COCO sample prepared with a seeded random ViT-B-32 feature cache: (data dir, feature dir)."""
     root = tmp_path_factory.mktemp("coco")
-    prepare = load_script("scripts/prepare_coco.py").prepare
+    prepare = litgpt_mm.data.prepare_coco.prepare
     prepare(out_dir=root / "data", features=True, feature_dir=root / "features", clip_pretrained=None)
     return root / "data", root / "features"
 
@@ -89,7 +90,7 @@ def test_prepare_coco_reports_bad_input(tmp_path):
     for entry in val["images"]:
         shutil.copy(src / "val2017" / entry["file_name"], tmp_path / "val2017" / entry["file_name"])
 
-    prepare = load_script("scripts/prepare_coco.py").prepare
+    prepare = litgpt_mm.data.prepare_coco.prepare
     summary = prepare(source_dir=tmp_path, out_dir=tmp_path / "out")
     skipped = dict(summary.skipped)
     assert set(skipped) == {
@@ -149,7 +150,7 @@ def test_align_puts_image_information_into_the_caption_loss(pretrained_tiny, pre
     args = align_args(lm_dir, data, features, out) | {
         "eval_captions": captions, "eval_images_root": DATA / "coco" / "val2017", "eval_limit": 4
     }  # fmt: skip
-    result = load_script("recipes/align.py").setup(**args)
+    result = litgpt_mm.align.setup(**args)
     val = list(csv.DictReader(open(out / "logs" / "val_log.csv")))
     assert result["val_loss"] < float(val[0]["val_loss"]) - 0.3
     # caption scores at every validation, with both baselines: the captions move towards the references
@@ -229,7 +230,7 @@ def test_prepare_coco_downloads_a_seeded_subset(tmp_path):
     handler.log_message = lambda *a: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    prepare = load_script("scripts/prepare_coco.py").prepare
+    prepare = litgpt_mm.data.prepare_coco.prepare
     url = f"http://127.0.0.1:{server.server_port}"
     try:
         with pytest.raises(ValueError, match="md5 .* != expected"):

@@ -12,8 +12,8 @@ import urllib.request
 import pytest
 from conftest import DATA, REPO, require_tool
 
-from litgpt_mm.chat import Turn
-from litgpt_mm.inference import Assistant, GenerationSettings
+from litgpt_mm.deploy.chat import Turn
+from litgpt_mm.deploy.inference import Assistant, GenerationSettings
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = [

@@ -6,12 +6,13 @@ import wave
 
 import numpy as np
 import pytest
-from conftest import DATA, load_script, require_tool, run_python
+from conftest import DATA, require_tool, run_python
 
-from litgpt_mm import audio as audio_module
-from litgpt_mm.audio import SAMPLE_RATE, SpeechToText, Transcript, load_audio, prompt_with_speech
+import litgpt_mm.deploy.tiny_whisper
+from litgpt_mm.deploy import audio as audio_module
+from litgpt_mm.deploy.audio import SAMPLE_RATE, SpeechToText, Transcript, load_audio, prompt_with_speech
 
-build_tiny_whisper = load_script("scripts/build_tiny_whisper.py").build_tiny_whisper
+build_tiny_whisper = litgpt_mm.deploy.tiny_whisper.build_tiny_whisper
 
 pytest.importorskip("whisperx")
 
@@ -141,7 +142,7 @@ def test_defaults_and_lazy_loading():
 
 
 def test_import_does_not_load_whisperx():
-    code = "import sys, litgpt_mm.audio; assert not {'whisperx', 'torch', 'faster_whisper'} & set(sys.modules)"
+    code = "import sys, litgpt_mm.deploy.audio; assert not {'whisperx', 'torch', 'faster_whisper'} & set(sys.modules)"
     proc = run_python(["-c", code], timeout=120)
     assert proc.returncode == 0, proc.stderr
 

@@ -9,12 +9,14 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, load_script
+from conftest import REPO
 
-from litgpt_mm import capacity, flops
+import litgpt_mm.analysis.capacity_plan
+from litgpt_mm.analysis import capacity
 from litgpt_mm.cli import run_cli
 from litgpt_mm.config import Config
 from litgpt_mm.model import GPT
+from litgpt_mm.training import flops
 
 H100_RECORD = REPO / "benchmarks" / "results" / "train_step_h100.json"
 
@@ -308,7 +310,7 @@ def test_sharding_divides_the_sharded_terms():
         assert getattr(one, name) == per_param * p.total
         assert getattr(eight, name) == pytest.approx(getattr(one, name) / 8)
     assert eight.activations == one.activations  # data parallel: activations are per GPU anyway
-    # expert parallelism divides the experts only, and takes them out of FSDP (litgpt_mm.expert_parallel)
+    # expert parallelism divides the experts only, and takes them out of FSDP (litgpt_mm.models.expert_parallel)
     ep4 = _plan(fsdp_size=1, expert_parallel=4).memory
     assert ep4.weights == pytest.approx(4 * (p.dense + p.expert / 4))
     assert ep4.optimizer == pytest.approx(8 * (p.dense + p.expert / 4))
@@ -373,7 +375,7 @@ def test_bad_settings_are_refused(kwargs, message):
 
 def test_cli_prints_the_plan_and_writes_json(capsys, tmp_path):
     out = tmp_path / "plan.json"
-    main = load_script("scripts/capacity_plan.py").main
+    main = litgpt_mm.analysis.capacity_plan.main
     args = ["--model_name", "phi-2-moe", "--gpus", "8", "--gpu", "h100", "--tokens", "3e9", "--out", str(out)]
     run_cli(main, args=args)
     printed = capsys.readouterr().out
@@ -388,11 +390,11 @@ def test_cli_prints_the_plan_and_writes_json(capsys, tmp_path):
 
 
 def test_cli_reads_a_checkpoint_directory(capsys, tmp_path):
-    from litgpt_mm.checkpoint import save_config
+    from litgpt_mm.training.checkpoint import save_config
 
     cfg = Config.from_name("phi-2-moe-tiny", n_layer=3)
     save_config(cfg, tmp_path)
-    main = load_script("scripts/capacity_plan.py").main
+    main = litgpt_mm.analysis.capacity_plan.main
     plan = main(model_name=str(tmp_path), gpus=1, gpu="a100", tokens=1e6)
     assert plan.params == capacity.count_params(cfg) and plan.seq_len == cfg.block_size
     assert "1 x a100" in capsys.readouterr().out
@@ -407,7 +409,7 @@ def test_cli_reads_a_checkpoint_directory(capsys, tmp_path):
     ],
 )
 def test_cli_bad_input_is_one_error_line(capsys, args, message):
-    main = load_script("scripts/capacity_plan.py").main
+    main = litgpt_mm.analysis.capacity_plan.main
     with pytest.raises(SystemExit) as exit_:
         run_cli(main, args=args)
     assert exit_.value.code == 2

@@ -8,9 +8,9 @@ import torch
 from conftest import DATA
 from PIL import Image
 
-from litgpt_mm.chat import PromptBuilder, TextStream, Turn, merge_turns
-from litgpt_mm.data.llava import TEMPLATES
-from litgpt_mm.messages import BadRequest, parse_messages
+from litgpt_mm.deploy.chat import PromptBuilder, TextStream, Turn, merge_turns
+from litgpt_mm.deploy.messages import BadRequest, parse_messages
+from litgpt_mm.prompts import TEMPLATES
 
 
 class CharTokenizer:
@@ -94,7 +94,7 @@ def test_remote_images_are_fetched_only_when_allowed(tmp_path):
     import http.server
     import threading
 
-    from litgpt_mm.serve import _fetch
+    from litgpt_mm.deploy.serve import _fetch
 
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(DATA / "images"))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -112,7 +112,7 @@ def test_remote_images_are_fetched_only_when_allowed(tmp_path):
         with pytest.raises(BadRequest, match="larger than"):
             _fetch(url, limit=1000)
         # the server's HTTP process fetches once and hands the worker a data URI
-        from litgpt_mm.serve import ChatRequest, Requests
+        from litgpt_mm.deploy.serve import ChatRequest, Requests
 
         requests = Requests.__new__(Requests)
         requests.fetch_remote = True

@@ -1,8 +1,13 @@
 """Bad input at the command line: one `error:` line naming what is wrong, exit status 2, no traceback."""
 
 import pytest
-from conftest import DATA, REPO, load_script
+from conftest import DATA, REPO
 
+import litgpt_mm.align
+import litgpt_mm.data.prepare_coco
+import litgpt_mm.data.prepare_shapes
+import litgpt_mm.finetune.qlora
+import litgpt_mm.generate
 from litgpt_mm.cli import run_cli
 
 
@@ -17,7 +22,7 @@ def _error_of(capsys, fn, args: list[str]) -> str:
 
 
 def test_generate_names_a_missing_checkpoint_directory(capsys, tmp_path):
-    main = load_script("generate/mm.py").main
+    main = litgpt_mm.generate.main
     line = _error_of(capsys, main, ["--checkpoint_dir", str(tmp_path / "nope"), "--prompt", "hi"])
     assert f"checkpoint directory {tmp_path / 'nope'} does not exist" in line
     line = _error_of(capsys, main, ["--checkpoint_dir", str(tmp_path), "--prompt", "hi"])
@@ -25,7 +30,7 @@ def test_generate_names_a_missing_checkpoint_directory(capsys, tmp_path):
 
 
 def test_generate_names_a_corrupt_or_missing_image(capsys, tmp_path, checkpoints):
-    main = load_script("generate/mm.py").main
+    main = litgpt_mm.generate.main
     corrupt = tmp_path / "photo.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
     base = ["--checkpoint_dir", str(checkpoints["merged"]), "--prompt", "What is it?", "--device", "cpu"]
@@ -39,13 +44,13 @@ def test_prepare_script_reports_a_bad_annotation_file(capsys, tmp_path):
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "captions_train2017.json").write_text("{not json")
     (tmp_path / "annotations" / "captions_val2017.json").write_text("{}")
-    prepare = load_script("scripts/prepare_coco.py").prepare
+    prepare = litgpt_mm.data.prepare_coco.prepare
     line = _error_of(capsys, prepare, ["--source_dir", str(tmp_path), "--out_dir", str(tmp_path / "out")])
     assert "captions_train2017.json: not a COCO captions file" in line
 
 
 def test_debug_variable_lets_the_exception_through(capsys, tmp_path, monkeypatch):
-    main = load_script("generate/mm.py").main
+    main = litgpt_mm.generate.main
     args = ["--checkpoint_dir", str(tmp_path / "nope"), "--prompt", "hi"]
     assert _error_of(capsys, main, args).startswith("error: checkpoint directory")
     monkeypatch.setenv("LITGPT_MM_DEBUG", "1")  # Python then prints the traceback and exits with status 1
@@ -54,14 +59,14 @@ def test_debug_variable_lets_the_exception_through(capsys, tmp_path, monkeypatch
 
 
 def test_a_recipe_refuses_a_missing_data_directory(capsys, tmp_path):
-    setup = load_script("recipes/align.py").setup
+    setup = litgpt_mm.align.setup
     missing = tmp_path / "no-coco"
     line = _error_of(capsys, setup, ["--data_dir", str(missing), "--lm_checkpoint_dir", str(DATA)])
     assert str(missing) in line or str(DATA) in line
 
 
 def test_a_script_exit_message_is_one_error_line(capsys, tmp_path):
-    prepare = load_script("scripts/prepare_shapes.py").prepare
+    prepare = litgpt_mm.data.prepare_shapes.prepare
     line = _error_of(capsys, prepare, ["--out_dir", str(tmp_path / "w"), "--max_shapes", "99"])
     assert line.startswith("error: --max_shapes must be between 1 and")
 
@@ -91,11 +96,11 @@ def test_optimizer_overrides_after_a_config_reach_the_optimizer():
     which litgpt's `instantiate_torch_optimizer` would silently ignore; `optimizer_spec` folds it in."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from litgpt_mm.training import optimizer_spec
+    from litgpt_mm.training.loop import optimizer_spec
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(load_script("recipes/qlora_instruct.py").setup, fail_untyped=False)
+    parser.add_function_arguments(litgpt_mm.finetune.qlora.setup, fail_untyped=False)
     args = ["--config", str(REPO / "recipes/configs/qlora_instruct_tiny.yaml"), "--optimizer.init_args.lr", "3e-3",
             "--optimizer.init_args.betas", "[0.9, 0.99]"]  # fmt: skip
     spec = optimizer_spec(parser.parse_args(args).optimizer)

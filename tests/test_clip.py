@@ -8,12 +8,14 @@ import open_clip
 import pytest
 import torch
 import yaml
-from conftest import check_kill_and_resume, load_script
+from conftest import check_kill_and_resume
 from open_clip.transformer import QuickGELU
 
+import litgpt_mm.data.prepare_shapes
+import litgpt_mm.pretrain_clip
 from litgpt_mm.eval.zero_shot import zero_shot
+from litgpt_mm.models.vision import CLIPPatchEncoder, tag_quick_gelu
 from litgpt_mm.multimodal import MultimodalConfig
-from litgpt_mm.vision import CLIPPatchEncoder, tag_quick_gelu
 
 
 def _activation(encoder: CLIPPatchEncoder) -> type:
@@ -57,7 +59,7 @@ def test_checkpoints_load_with_the_activation_they_were_trained_with(tmp_path):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("clip") / "shapes"
-    load_script("scripts/prepare_shapes.py").prepare(out_dir=out, n_train=256, n_val=16, n_test=60, seed=3)
+    litgpt_mm.data.prepare_shapes.prepare(out_dir=out, n_train=256, n_val=16, n_test=60, seed=3)
     return out
 
 
@@ -95,7 +97,7 @@ def _csv(path):
 def test_a_tower_loads_from_its_local_file_with_its_config_beside_it(tmp_path):
     """A tower trained from a `--model_config` unknown to open_clip loads through `CLIPPatchEncoder` from the file
     alone (its config is registered from beside the weights), as `--clip_pretrained` passes it."""
-    script = load_script("scripts/pretrain_clip.py")
+    script = litgpt_mm.pretrain_clip
     name = "tiny-test-ViT-8"
     cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
            "patch_size": 8, "pool_type": "avg"}, "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16,

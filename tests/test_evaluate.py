@@ -7,13 +7,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import DATA, load_script
+from conftest import DATA
 
+import litgpt_mm.data.prepare_shapes
+import litgpt_mm.eval.evaluate
+from litgpt_mm.deploy.inference import Assistant, GenerationSettings
 from litgpt_mm.eval import runner
 from litgpt_mm.eval import tasks as eval_tasks
-from litgpt_mm.inference import Assistant, GenerationSettings
 
-evaluate = load_script("recipes/evaluate.py")
+evaluate = litgpt_mm.eval.evaluate
 IMAGES = sorted((DATA / "coco" / "val2017").glob("*.jpg"))
 
 
@@ -25,7 +27,7 @@ def assistant(checkpoints) -> Assistant:
 @pytest.fixture(scope="module")
 def shapes_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes") / "world"
-    load_script("scripts/prepare_shapes.py").prepare(out_dir=out, n_train=8, n_val=4, n_test=12, seed=3)
+    litgpt_mm.data.prepare_shapes.prepare(out_dir=out, n_train=8, n_val=4, n_test=12, seed=3)
     return out
 
 
@@ -130,9 +132,9 @@ def test_speech_task_word_error_rate(tmp_path):
 
 
 def test_bits_per_byte_of_a_uniform_model_is_hand_computable(checkpoints, prepared_gutenberg, tmp_path):
-    from litgpt_mm.checkpoint import load_tokenizer
     from litgpt_mm.eval import lm as lm_lib
     from litgpt_mm.model import load_model
+    from litgpt_mm.training.checkpoint import load_tokenizer
 
     model = load_model(checkpoints["lm"]).eval()
     torch.nn.init.zeros_(model.lm_head.weight)
@@ -151,9 +153,9 @@ def test_bits_per_byte_of_a_uniform_model_is_hand_computable(checkpoints, prepar
 
 
 def test_lm_command_on_shards_and_a_local_harness_task(checkpoints, prepared_gutenberg, tmp_path):
-    from litgpt_mm.checkpoint import load_tokenizer
     from litgpt_mm.eval import lm as lm_lib
     from litgpt_mm.model import load_model
+    from litgpt_mm.training.checkpoint import load_tokenizer
 
     docs = [{"q": "The sea is", "choices": [" wet", " made of cheese"], "label": 0},
             {"q": "One plus one is", "choices": [" two", " purple", " a whale"], "label": 0}]  # fmt: skip

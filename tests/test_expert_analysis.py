@@ -1,4 +1,4 @@
-"""`litgpt_mm.expert_analysis`: routing capture, expert × source shares, top tokens, plots, summary and CLI."""
+"""`litgpt_mm.analysis.experts`: routing capture, expert × source shares, top tokens, plots, summary and CLI."""
 
 import csv
 import math
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from litgpt_mm import expert_analysis as ea
-from litgpt_mm.checkpoint import load_tokenizer
+from litgpt_mm.analysis import experts as ea
 from litgpt_mm.model import load_model
+from litgpt_mm.training.checkpoint import load_tokenizer
 
 # three short bundled books, one of them French
 BOOKS = ["pg43_strange_case_of_dr_jekyll_and_mr_hyde.txt", "pg5200_metamorphosis.txt", "pg4650_candide_fr.txt"]

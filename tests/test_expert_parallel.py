@@ -12,20 +12,21 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import assert_rows_close, load_script, pretrain_args, read_log
+from conftest import assert_rows_close, pretrain_args, read_log
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
+import litgpt_mm.pretrain
 from litgpt_mm.config import Config
-from litgpt_mm.expert_parallel import (
+from litgpt_mm.model import GPT
+from litgpt_mm.models.expert_parallel import (
     check_expert_parallel,
     expert_parallel_mesh,
     finish_gradients,
     shard_experts,
     shard_optimizer_state,
 )
-from litgpt_mm.model import GPT
-from litgpt_mm.moe import MoE
+from litgpt_mm.models.moe import MoE
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -180,7 +181,7 @@ def _check_gpt(rank: int, world: int, fsdp: bool = False) -> None:
 
     if fsdp:  # the recipe's `parallelize_fn` for `--strategy fsdp --expert_parallel 2`
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",))
-        load_script("recipes/pretrain_moe.py").fully_shard_blocks(model, mesh, expert_parallel=world)
+        litgpt_mm.pretrain.fully_shard_blocks(model, mesh, expert_parallel=world)
         assert any(isinstance(p, DTensor) for p in model.parameters())
     else:
         shard_experts(model, expert_parallel_mesh("cpu", world, world))
@@ -251,7 +252,7 @@ def test_pretrain_expert_parallel_matches_single_process_and_resumes_without_it(
     continues the same curve and the same expert statistics."""
     from conftest import run_python, run_recipe_here
 
-    from litgpt_mm.checkpoint import save_config
+    from litgpt_mm.training.checkpoint import save_config
 
     save_config(Config.from_name("phi-2-moe-tiny", n_layer=2), tmp_path)
     common = {

@@ -327,7 +327,7 @@ def test_tower_activation_and_square_mlp_naming(towers, tower, use_gelu):
     llama.cpp's legacy (swapped) up/down names, which its loader swaps back."""
     from litgpt_mm.export.gguf import mmproj_metadata, mmproj_tensors
     from litgpt_mm.export.load import vision_spec
-    from litgpt_mm.vision import CLIPPatchEncoder
+    from litgpt_mm.models.vision import CLIPPatchEncoder
 
     encoder = CLIPPatchEncoder(tower, None, layer=-1)
     spec = vision_spec(encoder)
@@ -532,7 +532,7 @@ def test_aligned_projector_exports_with_the_tokenizer_of_the_lm_it_names(exporte
 
 def test_llama_cpp_chat_template_renders_our_prompt():
     """The Jinja template given to llama-cpp-python renders what our server renders for the same OpenAI messages
-    (`litgpt_mm.messages` + `PromptBuilder`), with each image (its URL, which the handler swaps for the media marker)
+    (`deploy.messages` + `PromptBuilder`), with each image (its URL, which the handler swaps for the media marker)
     and the separator before the text."""
     import base64
     import io
@@ -540,10 +540,10 @@ def test_llama_cpp_chat_template_renders_our_prompt():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     from PIL import Image
 
-    from litgpt_mm.chat import PromptBuilder, merge_turns
-    from litgpt_mm.data.llava import TEMPLATES
+    from litgpt_mm.deploy.chat import PromptBuilder, merge_turns
+    from litgpt_mm.deploy.messages import parse_messages
     from litgpt_mm.export.llamacpp import CHAT_TEMPLATE
-    from litgpt_mm.messages import parse_messages
+    from litgpt_mm.prompts import TEMPLATES
 
     urls = []
     for colour in ("red", "blue"):

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import DATA, cli_here, load_script
+from conftest import DATA, cli_here
 from PIL import Image
+
+import litgpt_mm.export.convert
 
 TOWERS = {"litgpt-mm-test-vit-quickgelu": True, "litgpt-mm-test-vit-gelu": False}
 PATCHES, WIDTH = 16, 64  # 32 px images, 8 px patches
@@ -46,8 +48,8 @@ def exports(tmp_path_factory) -> dict:
     from litgpt_mm.data.tokens import train_bpe_tokenizer
     from litgpt_mm.export.hf import export_hf
     from litgpt_mm.model import GPT, save_checkpoint
+    from litgpt_mm.models.qlora import LoRASettings, add_lora, lora_state_dict, quantize_nf4
     from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT
-    from litgpt_mm.qlora import LoRASettings, add_lora, lora_state_dict, quantize_nf4
 
     root = tmp_path_factory.mktemp("export_hf")
     _register_towers(root)
@@ -140,7 +142,7 @@ def _load_hf(directory: Path):
 
 @pytest.mark.parametrize("name", ["dense_mlp", "dense_resblock", "dense_linear", "moe"])
 def test_hf_export_gives_our_logits_and_greedy_tokens(exports, name):
-    from litgpt_mm.inference import Assistant
+    from litgpt_mm.deploy.inference import Assistant
     from litgpt_mm.multimodal import generate
 
     checkpoint, directory, layout = exports[name]
@@ -187,7 +189,7 @@ def test_hf_export_gives_our_logits_and_greedy_tokens(exports, name):
 
 def test_remote_package_batches_left_padded_prompts_like_one_by_one(exports):
     """The package's own attention masking: a left-padded batch greedily decodes what we decode for each prompt."""
-    from litgpt_mm.inference import Assistant
+    from litgpt_mm.deploy.inference import Assistant
     from litgpt_mm.multimodal import generate
 
     checkpoint, directory, _ = exports["moe"]
@@ -235,7 +237,7 @@ def test_processor_pixels_equal_ours(exports, size):
     gives the same pixels one column (or row) apart, which this test pins down."""
     from transformers import AutoProcessor
 
-    from litgpt_mm.vision import CLIPPatchEncoder
+    from litgpt_mm.models.vision import CLIPPatchEncoder
 
     _, directory, _ = exports["dense_resblock"]
     encoder = CLIPPatchEncoder("litgpt-mm-test-vit-gelu", None)
@@ -258,10 +260,10 @@ def test_processor_pixels_equal_ours(exports, size):
 def test_chat_template_renders_conversations_like_our_prompt_builder(exports, tmp_path, template):
     from transformers import AutoProcessor
 
-    from litgpt_mm.chat import PromptBuilder, Turn
-    from litgpt_mm.data.llava import TEMPLATES
+    from litgpt_mm.deploy.chat import PromptBuilder, Turn
     from litgpt_mm.export.hf import build_processor, build_tokenizer
     from litgpt_mm.export.load import load_checkpoint, vision_spec
+    from litgpt_mm.prompts import TEMPLATES
 
     checkpoint, _, _ = exports["dense_linear"]
     ck = load_checkpoint(checkpoint)
@@ -336,7 +338,7 @@ def test_remote_code_imports_only_torch_and_transformers():
 
 
 def test_export_cli_refuses_bad_input_in_one_line_and_writes_nothing(exports, capfd, tmp_path):
-    export = load_script("scripts/export.py").export
+    export = litgpt_mm.export.convert.export
     checkpoint, _, _ = exports["dense_resblock"]
 
     def run(src: Path, out: Path, *extra: str) -> tuple[int, str]:
@@ -371,7 +373,7 @@ def test_export_cli_refuses_bad_input_in_one_line_and_writes_nothing(exports, ca
 
 
 def test_export_cli_writes_the_directory(exports, capfd, tmp_path):
-    export = load_script("scripts/export.py").export
+    export = litgpt_mm.export.convert.export
     checkpoint, reference, _ = exports["dense_linear"]
     out = tmp_path / "hf"
     code, stdout, err = cli_here(capfd, export, ["--checkpoint_dir", str(checkpoint), "--out_dir", str(out)])

@@ -1,13 +1,15 @@
-"""`litgpt_mm.inference` and `generate/mm.py`: the three checkpoint kinds, batch == single, multi-image prompts,
+"""`litgpt_mm.deploy.inference` and `generate/mm.py`: the three checkpoint kinds, batch == single, multi-image prompts,
 context limits, and the CLI's batch mode."""
 
 import json
 
 import pytest
 import torch
-from conftest import DATA, cli_here, load_script
+from conftest import DATA, cli_here
 
-from litgpt_mm.inference import Assistant, GenerationSettings
+import litgpt_mm.deploy.tiny_whisper
+import litgpt_mm.generate
+from litgpt_mm.deploy.inference import Assistant, GenerationSettings
 
 IMAGES = [
     DATA / "images" / "coffee.png",
@@ -59,7 +61,7 @@ def test_context_limits(checkpoints, capsys):
 
 
 def test_cli_single_and_batch_mode(checkpoints, tmp_path, capfd):
-    main = load_script("generate/mm.py").main
+    main = litgpt_mm.generate.main
     common = ["--checkpoint_dir", str(checkpoints["merged"]), "--max_new_tokens", "8", "--device", "cpu"]
     code, single, err = cli_here(capfd, main, [*common, "--image", str(IMAGES[0]), "--prompt", "What is in the cup?",
                                                "--stream", "false"])  # fmt: skip
@@ -82,7 +84,7 @@ def test_cli_single_and_batch_mode(checkpoints, tmp_path, capfd):
 
 
 def test_cli_reports_an_empty_answer(checkpoints, monkeypatch, capsys):
-    mm = load_script("generate/mm.py")
+    mm = litgpt_mm.generate
     for pieces, told in (([" \n"], "[empty answer"), (["Yes", " it is"], "tokens, first after")):
         monkeypatch.setattr(Assistant, "stream", lambda self, *a, p=pieces, **k: iter(p))
         text = mm.main(checkpoint_dir=checkpoints["merged"], prompt="Anything?", device="cpu")
@@ -90,12 +92,12 @@ def test_cli_reports_an_empty_answer(checkpoints, monkeypatch, capsys):
 
 
 def test_cli_feeds_the_speech_transcript_into_the_prompt(checkpoints, tmp_path, capfd):
-    from litgpt_mm.audio import SpeechToText, prompt_with_speech
+    from litgpt_mm.deploy.audio import SpeechToText, prompt_with_speech
 
-    whisper = load_script("scripts/build_tiny_whisper.py").build_tiny_whisper(tmp_path / "whisper")
+    whisper = litgpt_mm.deploy.tiny_whisper.build_tiny_whisper(tmp_path / "whisper")
     jfk = DATA / "audio" / "jfk.flac"
     code, out, err = cli_here(
-        capfd, load_script("generate/mm.py").main,
+        capfd, litgpt_mm.generate.main,
         ["--checkpoint_dir", str(checkpoints["merged"]), "--max_new_tokens", "8", "--stream", "false", "--image",
          str(IMAGES[0]), "--audio", str(jfk), "--prompt", "Answer:", "--whisper_model", str(whisper), "--device",
          "cpu"],

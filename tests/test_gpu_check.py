@@ -7,7 +7,10 @@ import shutil
 import sys
 
 import pytest
-from conftest import REPO, load_script, run_python
+from conftest import REPO, run_python, script_command
+
+import litgpt_mm.gpu_check
+from litgpt_mm.__main__ import COMMANDS, resolve
 
 # the dry run in CI: one path per stage with the preparations they need (the whole `--device cpu` run takes 3-5 min on
 # 2 cores); every path's command is still checked by `test_every_path_command_parses`, and the benchmarks' numbers by
@@ -17,7 +20,7 @@ DRY_RUN = "align_cache,generate_batch"  # the recipes themselves are tested in t
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    return load_script("scripts/gpu_check.py")
+    return litgpt_mm.gpu_check
 
 
 def py(code: str) -> list[str]:
@@ -82,6 +85,7 @@ def test_scale_out_numbers_are_read_from_the_committed_results(gpu_check, tmp_pa
 
 def _scale_out_rank(rank: int, port: int, argv: list[str]) -> None:
     import os
+    import runpy
 
     import torch
 
@@ -89,7 +93,7 @@ def _scale_out_rank(rank: int, port: int, argv: list[str]) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     sys.argv = argv
-    sys.modules["benchmarks_scale_out"].main()
+    runpy.run_path(argv[0], run_name="__main__")  # `python benchmarks/scale_out.py <args>`, in this rank
 
 
 def test_scale_out_runs_on_two_processes_and_is_skipped_on_one_gpu(gpu_check, tmp_path):
@@ -106,7 +110,6 @@ def test_scale_out_runs_on_two_processes_and_is_skipped_on_one_gpu(gpu_check, tm
     (check,) = [c for c in gpu_check.checks("cpu", tmp_path) if c.name == "scale_out_fsdp_ep"]
     script, args = command(check.argv)
     assert check.argv[check.argv.index("--nproc_per_node") + 1] == "2"
-    load_script(script)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -132,13 +135,13 @@ def test_peak_memory_decides_the_decode_dequantized_advice(gpu_check, tmp_path, 
 
 def command(argv: list[str]) -> tuple[str, list[str]] | None:
     """(script, its arguments) of a path's command, or None for a helper of gpu_check itself."""
+    if argv[0] == "env":  # a benchmark with its results redirected: env <VAR>=<dir> python <script> <args>
+        argv = argv[2:]
     if argv[1:3] == ["-m", "torch.distributed.run"]:  # -m torch.distributed.run <launcher flags> <script> <args>
         i = next(i for i, a in enumerate(argv) if a.endswith(".py"))
         return argv[i], argv[i + 1 :]
     if argv[1] != "-c":
         return argv[1], argv[2:]
-    if "runpy" in argv[2]:  # a benchmark with its results redirected: -c <code> <results dir> <script> <args>
-        return argv[4], argv[5:]
     if "kill_and_resume" in argv[2]:  # -c <code> <out_dir> <script> <args>
         return argv[4], [*argv[5:], "--out_dir", argv[3]]
     return None
@@ -149,7 +152,7 @@ def test_every_path_command_parses(gpu_check, tmp_path, monkeypatch):
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     monkeypatch.chdir(REPO)
-    parsed, modules = 0, {}
+    parsed = 0
     for device, n_gpus in (("cuda", 2), ("cpu", 0)):
         for check in gpu_check.checks(device, tmp_path, n_gpus):
             assert not check.skip or re.match(r"(skip|unsupported): \S", check.skip), check.skip
@@ -162,10 +165,11 @@ def test_every_path_command_parses(gpu_check, tmp_path, monkeypatch):
                 flags = set(re.findall(r'add_argument\(\s*"(--\w+)"', source))
                 assert {a for a in args if a.startswith("--")} <= flags, (check.name, device)
                 continue
-            entry = re.search(r"run_cli\((\w+)", source)[1]
-            if script not in modules:
-                modules[script] = load_script(script)
-            function = getattr(modules[script], entry)
+            function = resolve(COMMANDS[script_command(script)[0]])
+            for name in script_command(script)[1:]:
+                function = function[name]
+            if isinstance(function, dict):  # a group: the first argument names the subcommand
+                function, args = function[args[0]], args[1:]
             parser = ArgumentParser(exit_on_error=False)
             parser.add_argument("--config", action=ActionConfigFile)
             parser.add_function_arguments(function, fail_untyped=False)

@@ -13,17 +13,22 @@ from conftest import (
     assert_rows_close,
     check_kill_and_resume,
     cli_here,
-    load_script,
     read_log,
     run_python,
     run_recipe_here,
 )
 from litgpt.tokenizer import Tokenizer
 
+import litgpt_mm.align
+import litgpt_mm.data.prepare_coco
+import litgpt_mm.data.prepare_llava_instruct
+import litgpt_mm.finetune.qlora
+from litgpt_mm import prompts
 from litgpt_mm.config import Config
 from litgpt_mm.data import llava
-from litgpt_mm.inference import Assistant, GenerationSettings
+from litgpt_mm.deploy.inference import Assistant, GenerationSettings
 from litgpt_mm.model import GPT, embed_tokens, forward_embeds
+from litgpt_mm.models.qlora import LoRASettings, add_lora, dequantized, lora_state_dict, merged_state_dict, quantize_nf4
 from litgpt_mm.multimodal import (
     IGNORE_INDEX,
     MultimodalConfig,
@@ -32,8 +37,7 @@ from litgpt_mm.multimodal import (
     shifted_cross_entropy,
     target_cross_entropy,
 )
-from litgpt_mm.qlora import LoRASettings, add_lora, dequantized, lora_state_dict, merged_state_dict, quantize_nf4
-from litgpt_mm.scheduled import autoregressive_loss, scheduled_inputs, teacher_forcing_p
+from litgpt_mm.training.scheduled import autoregressive_loss, scheduled_inputs, teacher_forcing_p
 
 SAMPLE = DATA / "llava_instruct" / "llava_bench_coco_45_llava_format.json"
 
@@ -43,11 +47,11 @@ def tokenizer(prepared_gutenberg) -> Tokenizer:
     return Tokenizer(prepared_gutenberg / "tokenizer")
 
 
-@pytest.mark.parametrize("name", sorted(llava.TEMPLATES))
+@pytest.mark.parametrize("name", sorted(prompts.TEMPLATES))
 def test_label_masking_on_real_conversations(tokenizer, name):
     rows = llava.read_rows(SAMPLE)
     assert len(rows) == 45
-    template = llava.TEMPLATES[name]
+    template = prompts.TEMPLATES[name]
     for row in rows[:10]:
         conv = llava.validate(row)
         ids, labels = llava.encode(conv, template, tokenizer, max_tokens=4096)
@@ -59,7 +63,7 @@ def test_label_masking_on_real_conversations(tokenizer, name):
         assert conv[0]["value"].replace("<image>", "").strip() in prompt and "<image>" not in prompt
         assert prompt.endswith(template.assistant_prefix)
         # template round trip: the pieces decode to the rendered conversation
-        rendered = "".join(text for text, _ in llava.render(conv, template))
+        rendered = "".join(text for text, _ in prompts.render(conv, template))
         assert tokenizer.decode(ids[:-1]) == rendered
 
 
@@ -70,7 +74,7 @@ def test_multi_turn_masks_every_question(tokenizer):
         {"from": "human", "value": "What colour?"},
         {"from": "gpt", "value": "Black."},
     ]
-    ids, labels = llava.encode(conv, llava.TEMPLATES["phi2"], tokenizer, 4096)
+    ids, labels = llava.encode(conv, prompts.TEMPLATES["phi2"], tokenizer, 4096)
     kept = tokenizer.decode(ids[(labels != IGNORE_INDEX) & (ids != tokenizer.eos_id)])
     assert kept == "A cat.\nBlack.\n"
 
@@ -89,7 +93,7 @@ def test_bad_rows_are_reported_not_fatal(prepared_gutenberg, tmp_path):
     good = [dict(r, image="000000397133.jpg") for r in rows]
     path = tmp_path / "rows.json"
     path.write_text(json.dumps(good + bad))
-    prepare = load_script("scripts/prepare_llava_instruct.py").prepare
+    prepare = litgpt_mm.data.prepare_llava_instruct.prepare
     summary = prepare(
         tokenizer_dir=prepared_gutenberg / "tokenizer", data_path=path, images_dir=DATA / "coco" / "val2017",
         max_tokens=256, out_dir=tmp_path / "out", val_fraction=0.0,
@@ -279,17 +283,17 @@ def aligned(pretrained_tiny, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("instruct")
     lm_dir = pretrained_tiny[0] / "final"
-    load_script("scripts/prepare_coco.py").prepare(
+    litgpt_mm.data.prepare_coco.prepare(
         out_dir=root / "coco", features=True, feature_dir=root / "features", clip_pretrained=None
     )
-    load_script("recipes/align.py").setup(
+    litgpt_mm.align.setup(
         lm_checkpoint_dir=lm_dir, data_dir=root / "coco", out_dir=root / "align", clip_pretrained=None,
         feature_dir=root / "features", max_caption_tokens=32, precision="32-true", num_workers=0,
         train=TrainArgs(save_interval=100, log_interval=5, global_batch_size=8, micro_batch_size=8, max_steps=20,
                         lr_warmup_steps=2, max_norm=1.0, min_lr=1e-4),
         eval=EvalArgs(interval=100, max_iters=2, initial_validation=False, max_new_tokens=4),
     )  # fmt: skip
-    load_script("scripts/prepare_llava_instruct.py").prepare(
+    litgpt_mm.data.prepare_llava_instruct.prepare(
         tokenizer_dir=lm_dir, map_missing_to=DATA / "coco" / "val2017", max_tokens=160, val_fraction=0.2,
         out_dir=root / "llava",
     )  # fmt: skip
@@ -346,7 +350,7 @@ def test_both_methods_lower_the_loss(aligned, tmp_path, method, capfd):
 
 
 def test_bad_scheduling_arguments_fail_before_any_work(tmp_path, capfd):
-    setup = load_script("recipes/qlora_instruct.py").setup
+    setup = litgpt_mm.finetune.qlora.setup
     args = ["--align_dir", str(tmp_path / "none"), "--p_end", "1.5", "--lookahead", "-1"]
     code, _, err = cli_here(capfd, setup, args, fail_untyped=False)
     assert code == 2 and "--p_end 1.5, --lookahead -1: p_start and p_end are probabilities in [0, 1]" in err
@@ -387,7 +391,7 @@ def test_merged_dense_phi_exports_to_hugging_face(tmp_path):
             torch.nn.init.normal_(p, std=0.05)
     quantize_nf4(lm)
     model = MultimodalGPT(lm, MultimodalConfig(vision_width=32, num_patches=4)).eval()
-    load_script("recipes/qlora_instruct.py").export_merged(model, tmp_path, tmp_path / "merged")
+    litgpt_mm.finetune.qlora.export_merged(model, tmp_path, tmp_path / "merged")
     hf = transformers.PhiForCausalLM.from_pretrained(tmp_path / "merged" / "hf").eval()
     ids = torch.randint(0, 300, (1, 12))
     with torch.no_grad():

@@ -5,13 +5,16 @@ image (the demo's stages 2, 3 and 5, smaller)."""
 import json
 
 import pytest
-from conftest import load_script
 from litgpt.args import EvalArgs, TrainArgs
 
+import litgpt_mm.align
+import litgpt_mm.data.prepare_coco
+import litgpt_mm.data.prepare_llava_instruct
+import litgpt_mm.finetune.qlora
+from litgpt_mm.deploy.inference import Assistant, GenerationSettings
 from litgpt_mm.eval.runner import Answerer
 from litgpt_mm.eval.tasks import vqa
-from litgpt_mm.inference import Assistant, GenerationSettings
-from litgpt_mm.qlora import LoRASettings
+from litgpt_mm.models.qlora import LoRASettings
 
 
 @pytest.mark.slow
@@ -20,10 +23,10 @@ def test_colour_answers_are_grounded_after_a_short_run(pretrained_tiny, shapes_c
     shapes, clip_dir = shapes_clip
     clip = {"clip_model": "shapes-ViT-T-16", "clip_pretrained": str(clip_dir / "final" / "open_clip_model.safetensors")}
     coco_dir, features = tmp_path / "coco", tmp_path / "features"
-    load_script("scripts/prepare_coco.py").prepare(
+    litgpt_mm.data.prepare_coco.prepare(
         source_dir=shapes, out_dir=coco_dir, subset=None, val_subset=None, features=True, feature_dir=features, **clip
     )  # fmt: skip
-    load_script("recipes/align.py").setup(
+    litgpt_mm.align.setup(
         lm_checkpoint_dir=lm_dir, data_dir=coco_dir, out_dir=tmp_path / "align", **clip, feature_dir=features,
         max_caption_tokens=32, precision="32-true", num_workers=0, num_sample_images=0, feature_norm="standardize",
         train=TrainArgs(save_interval=1000, log_interval=10, global_batch_size=16, micro_batch_size=16, max_steps=10,
@@ -31,12 +34,12 @@ def test_colour_answers_are_grounded_after_a_short_run(pretrained_tiny, shapes_c
         eval=EvalArgs(interval=1000, max_iters=1, initial_validation=False, max_new_tokens=4),
         optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 5e-3, "weight_decay": 0.0}},
     )  # fmt: skip
-    load_script("scripts/prepare_llava_instruct.py").prepare(
+    litgpt_mm.data.prepare_llava_instruct.prepare(
         tokenizer_dir=lm_dir, data_path=shapes / "llava_train.json", images_dir=shapes / "train2017",
         subset_images=None, max_tokens=64, val_fraction=0.05, out_dir=tmp_path / "llava",
     )  # fmt: skip
     steps = 360
-    load_script("recipes/qlora_instruct.py").setup(
+    litgpt_mm.finetune.qlora.setup(
         align_dir=tmp_path / "align" / "final", data_dir=tmp_path / "llava", out_dir=tmp_path / "instruct",
         feature_dir=features, projector_lr_scale=1.0, precision="32-true",
         lora=LoRASettings(r=16, alpha=32, dropout=0.0, query=True, key=True, value=True, projection=True, mlp=True),

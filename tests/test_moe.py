@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from litgpt_mm.config import Config
-from litgpt_mm.moe import MoE, load_balancing_loss, router_z_loss
+from litgpt_mm.models.moe import MoE, load_balancing_loss, router_z_loss
 
 
 def _moe(impl: str, **kw) -> MoE:

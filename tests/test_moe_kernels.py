@@ -1,4 +1,4 @@
-"""The Triton glue of the grouped MoE path (`litgpt_mm.moe_kernels`) against plain torch and the reference loop.
+"""The Triton glue of the grouped MoE path (`litgpt_mm.models.moe_kernels`) against plain torch and the reference loop.
 
 Triton's interpreter must be switched on before `triton` is first imported, so on a CPU-only machine
 `test_kernels_under_triton_interpreter` runs this file again in a child process with `TRITON_INTERPRET=1`; there the
@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import run_python
 
-from litgpt_mm import moe_kernels
 from litgpt_mm.config import Config
-from litgpt_mm.moe import FUSED_GLUE_ENV, MoE
+from litgpt_mm.models import moe_kernels
+from litgpt_mm.models.moe import FUSED_GLUE_ENV, MoE
 
 INTERPRETED = moe_kernels.kernels_available("cpu")
 N_KERNEL_TESTS = 27  # tests per kernel device; the launcher checks that the child ran them all (and 2 more)

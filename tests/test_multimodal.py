@@ -8,6 +8,8 @@ from PIL import Image
 
 from litgpt_mm.config import Config
 from litgpt_mm.model import GPT, embed_tokens
+from litgpt_mm.models.projector import PROJECTORS, build_projector
+from litgpt_mm.models.vision import CLIPPatchEncoder
 from litgpt_mm.multimodal import (
     IGNORE_INDEX,
     MultimodalConfig,
@@ -16,8 +18,6 @@ from litgpt_mm.multimodal import (
     shifted_cross_entropy,
     target_cross_entropy,
 )
-from litgpt_mm.projector import PROJECTORS, build_projector
-from litgpt_mm.vision import CLIPPatchEncoder
 
 COCO = DATA / "coco"
 

@@ -16,14 +16,14 @@ from conftest import (
     THREADS,
     assert_rows_close,
     kill_while_saving,
-    load_script,
     pretrain_args,
     read_log,
     run_recipe_here,
 )
 
-from litgpt_mm.checkpoint import save_config
+import litgpt_mm.pretrain
 from litgpt_mm.config import Config
+from litgpt_mm.training.checkpoint import save_config
 
 
 def free_port() -> int:
@@ -81,7 +81,7 @@ def test_torchrun_two_nodes_follow_one_process_and_resume_after_one_node_is_kill
 
 
 def test_num_nodes_without_a_launcher_is_one_line(prepared_gutenberg, tmp_path):
-    setup = load_script("recipes/pretrain_moe.py").setup
+    setup = litgpt_mm.pretrain.setup
     with pytest.raises(ValueError, match="--num_nodes 2 needs a launcher on every node: start the same command"):
         setup(model_name="phi-2-moe-tiny", data_dir=prepared_gutenberg, out_dir=tmp_path / "x", num_nodes=2)
     assert not (tmp_path / "x").exists()

@@ -7,8 +7,9 @@ import urllib.request
 import pytest
 import torch
 import yaml
-from conftest import SHORT_RUN, check_kill_and_resume, cli_here, load_script, pretrain_args, run_python
+from conftest import SHORT_RUN, check_kill_and_resume, cli_here, pretrain_args, run_python
 
+import litgpt_mm.pretrain
 from litgpt_mm.data import remote, tokens
 
 BUCKET = "shards"
@@ -137,7 +138,7 @@ def test_bad_remote_locations_give_one_line(s3, tmp_path, monkeypatch, capfd):
         f"{s3['url']}/train", monkeypatch, AWS_ENDPOINT_URL="http://127.0.0.1:9"
     )
     # the recipe says it in one line, before any work
-    setup = load_script("recipes/pretrain_moe.py").setup
+    setup = litgpt_mm.pretrain.setup
     code, _, err = cli_here(capfd, setup, pretrain_args("s3://nowhere/gutenberg", tmp_path / "out")[1:])
     assert code == 2 and "does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()

@@ -8,8 +8,10 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO, THREADS, load_script, run_python, shard_tokens
+from conftest import REPO, THREADS, run_python, shard_tokens
 
+import litgpt_mm.data.prepare_gutenberg
+import litgpt_mm.pretrain
 from litgpt_mm.data import remote
 
 COMMON = {"val_fraction": 0.2, "chunk_bytes": "1MB"}  # 10 training and 3 validation books; several chunks each
@@ -45,7 +47,7 @@ def one_worker(prepared_gutenberg, tmp_path_factory):
     """The bundled books prepared by one worker (the reference token stream)."""
     out = tmp_path_factory.mktemp("one") / "gutenberg"
     tok = prepared_gutenberg / "tokenizer"
-    summary = load_script("scripts/prepare_gutenberg.py").prepare(out_dir=str(out), tokenizer_dir=tok, **COMMON)
+    summary = litgpt_mm.data.prepare_gutenberg.prepare(out_dir=str(out), tokenizer_dir=tok, **COMMON)
     return out, summary
 
 
@@ -55,7 +57,7 @@ def test_two_workers_write_the_one_worker_stream_and_a_killed_run_resumes(
     ref, summary = one_worker
     tok = prepared_gutenberg / "tokenizer"
     assert summary.documents == {"train": 10, "val": 3} and summary.tokens["train"] == len(shard_tokens(ref / "train"))
-    prepare = load_script("scripts/prepare_gutenberg.py").prepare
+    prepare = litgpt_mm.data.prepare_gutenberg.prepare
     two = prepare(out_dir=str(tmp_path / "two"), tokenizer_dir=tok, num_workers=2, **COMMON)
     assert two.workers == 2 and two.tokens == summary.tokens
     for split in ("train", "val"):
@@ -107,7 +109,7 @@ def test_two_machines_write_one_dataset_to_s3(s3_server, one_worker, prepared_gu
 
 
 def test_bad_settings_give_one_line_before_any_work(s3_server, one_worker, prepared_gutenberg, tmp_path):
-    prepare = load_script("scripts/prepare_gutenberg.py").prepare
+    prepare = litgpt_mm.data.prepare_gutenberg.prepare
     ref, _ = one_worker
     tok = prepared_gutenberg / "tokenizer"
     with pytest.raises(ValueError, match=r"other settings \(changed: tokenizer, vocab_size\): pass --overwrite true"):
@@ -126,7 +128,7 @@ def test_resuming_on_shards_of_another_tokenizer_is_refused(one_worker, prepared
     """A checkpoint keeps its tokenizer: resuming it on shards written by another tokenizer stops with one line."""
     from litgpt_mm.config import Config
 
-    check = load_script("recipes/pretrain_moe.py").check_resume_config
+    check = litgpt_mm.pretrain.check_resume_config
     ckpt = tmp_path / "step-000010"
     ckpt.mkdir()
     (ckpt / "tokenizer.json").write_bytes((prepared_gutenberg / "tokenizer" / "tokenizer.json").read_bytes())

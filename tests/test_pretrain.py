@@ -14,7 +14,6 @@ from conftest import (
     SHORT_RUN,
     NoBf16OnCpu,
     check_kill_and_resume,
-    load_script,
     pretrain_args,
     pretrain_setup,
     run_python,
@@ -22,6 +21,8 @@ from conftest import (
 )
 from litgpt.tokenizer import Tokenizer
 
+import litgpt_mm.compare
+import litgpt_mm.data.prepare_gutenberg
 from litgpt_mm.config import Config
 from litgpt_mm.data import tokens
 from litgpt_mm.model import load_model
@@ -86,7 +87,7 @@ def test_prepare_reports_bad_books_and_goes_on(tmp_path, capsys):
     (raw / "nomarkers.txt").write_text("Just some text without any Project Gutenberg markers.\n")
     (raw / "empty.txt").write_text("")
     (raw / "badbytes.txt").write_bytes(b"\xff\xfe\x00garbage \x81\x82")
-    prepare = load_script("scripts/prepare_gutenberg.py").prepare
+    prepare = litgpt_mm.data.prepare_gutenberg.prepare
     summary = prepare(input_dir=raw, out_dir=tmp_path / "out", vocab_size=512, languages=["en"])
     skipped = dict(summary.skipped)
     assert set(skipped) == {"nomarkers.txt", "empty.txt", "badbytes.txt", "pg4650_candide_fr.txt"}
@@ -181,7 +182,7 @@ def test_8bit_adam_runs(prepared_gutenberg, tmp_path):
 def test_our_loop_matches_litgpt_pretrain_on_the_same_seed(prepared_gutenberg, tmp_path):
     """The dense twin through our loop and through `litgpt pretrain` (same shards, seed and settings, no gradient
     accumulation, where the two learning-rate schedules coincide): the same initial weights and validation curve."""
-    compare = load_script("recipes/compare.py")
+    compare = litgpt_mm.compare
     common = ["--model_name", "phi-2-tiny-twin", "--data_dir", str(prepared_gutenberg), "--seed", "3",
               "--train.global_batch_size", "8", "--train.micro_batch_size", "8", "--train.max_seq_length", "64",
               "--train.lr_warmup_steps", "2", "--train.save_interval", "6", "--eval.interval", "3",
@@ -222,7 +223,7 @@ def test_our_loop_matches_litgpt_pretrain_on_the_same_seed(prepared_gutenberg, t
 def test_width_sweep_section_reports_moe_minus_twin_per_width(tmp_path):
     """The sweep table pairs each width's MoE and twin runs: Δ = MoE − twin from their held-out scores, the
     throughput ratio, and a plot; a width missing one of the two is left out."""
-    compare = load_script("recipes/compare.py")
+    compare = litgpt_mm.compare
 
     def run(group: str, width: int, loss: float, tokens_per_s: float):
         r = compare.Run(f"{group}-w{width}", group, 1, tmp_path / group, active=width * 10_000)

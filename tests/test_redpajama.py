@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 import zstandard
-from conftest import DATA, load_script
+from conftest import DATA
 from litgpt.tokenizer import Tokenizer
 
+import litgpt_mm.data.prepare_redpajama
 from litgpt_mm.data import redpajama as rp
 from litgpt_mm.data import tokens
 from litgpt_mm.data.gutenberg import load_book
@@ -50,7 +51,7 @@ def test_source_of():
 
 def test_prepare_redpajama(raw_dir, tmp_path):
     root, paras = raw_dir
-    prepare = load_script("scripts/prepare_redpajama.py").prepare
+    prepare = litgpt_mm.data.prepare_redpajama.prepare
     out = tmp_path / "out"
     summary = prepare(input_dir=root, out_dir=out, max_bytes=0, vocab_size=600, val_fraction=0.1)
     assert summary.documents["train"] + summary.documents["val"] == 60 + 59
@@ -73,7 +74,7 @@ def test_prepare_redpajama(raw_dir, tmp_path):
 
 def test_max_bytes_is_split_over_sources(raw_dir, tmp_path):
     root, _ = raw_dir
-    prepare = load_script("scripts/prepare_redpajama.py").prepare
+    prepare = litgpt_mm.data.prepare_redpajama.prepare
     summary = prepare(input_dir=root, out_dir=tmp_path / "out", max_bytes=20_000, vocab_size=400, val_fraction=0.1)
     chars = summary.characters["train"] + summary.characters["val"]
     longest = max(len(p) for p in paragraphs())
@@ -82,7 +83,7 @@ def test_max_bytes_is_split_over_sources(raw_dir, tmp_path):
 
 
 def test_no_files_is_a_clear_error(tmp_path):
-    prepare = load_script("scripts/prepare_redpajama.py").prepare
+    prepare = litgpt_mm.data.prepare_redpajama.prepare
     with pytest.raises(SystemExit, match="No RedPajama .* files"):
         prepare(input_dir=tmp_path, out_dir=tmp_path / "out")
     with pytest.raises(SystemExit, match="unknown"):

@@ -16,11 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import DATA, REPO, load_script
+from conftest import DATA, REPO
 
-from litgpt_mm.chat import Turn
-from litgpt_mm.inference import Assistant, GenerationSettings, open_image
-from litgpt_mm.messages import parse_messages
+import litgpt_mm.deploy.tiny_whisper
+import litgpt_mm.eval.evaluate
+import litgpt_mm.generate
+from litgpt_mm.deploy.chat import Turn
+from litgpt_mm.deploy.inference import Assistant, GenerationSettings, open_image
+from litgpt_mm.deploy.messages import parse_messages
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("litserve")
@@ -42,7 +45,7 @@ def data_uri(path) -> str:
 
 
 def jfk_wav() -> bytes:
-    from litgpt_mm.audio import load_audio
+    from litgpt_mm.deploy.audio import load_audio
 
     samples = (np.clip(load_audio(DATA / "audio" / "jfk.flac"), -1, 1) * 32767).astype("<i2")
     buf = io.BytesIO()
@@ -54,7 +57,7 @@ def jfk_wav() -> bytes:
 @pytest.fixture(scope="module")
 def tiny_whisper_dir(tmp_path_factory):
     pytest.importorskip("whisperx")
-    build = load_script("scripts/build_tiny_whisper.py").build_tiny_whisper
+    build = litgpt_mm.deploy.tiny_whisper.build_tiny_whisper
     return build(tmp_path_factory.mktemp("whisper") / "tiny-ct2")
 
 
@@ -122,7 +125,7 @@ def ask(server, messages, **kwargs):
 
 
 def test_greedy_answer_equals_the_cli_streamed_or_not(server, local, checkpoints):
-    cli = load_script("generate/mm.py").main(
+    cli = litgpt_mm.generate.main(
         checkpoint_dir=checkpoints["merged"], image=IMAGE, prompt="What is in the cup?", max_new_tokens=12,
         stream=False, device="cpu",
     )  # fmt: skip
@@ -152,7 +155,7 @@ def test_multi_turn_and_several_images_in_order(server, local):
 
 
 def test_speech_joins_the_prompt_as_in_the_cli(server, local, tiny_whisper_dir, tmp_path):
-    from litgpt_mm.audio import SpeechToText, prompt_with_speech
+    from litgpt_mm.deploy.audio import SpeechToText, prompt_with_speech
 
     wav = jfk_wav()
     (tmp_path / "q.wav").write_bytes(wav)
@@ -255,7 +258,7 @@ def test_a_client_that_disconnects_frees_its_row(server):
 
 
 def test_chat_app_against_the_server_answers_as_the_local_model(server, local):
-    from litgpt_mm.app import LocalChat, RemoteChat
+    from litgpt_mm.deploy.app import LocalChat, RemoteChat
 
     messages = [user("What is this?", IMAGE), {"role": "assistant", "content": "A cup."}, user("Is it full?")]
     settings = GenerationSettings(12)
@@ -268,7 +271,7 @@ def test_chat_app_against_the_server_answers_as_the_local_model(server, local):
 def test_evaluate_through_the_server_equals_in_process(server, checkpoints, tmp_path):
     import json
 
-    evaluate = load_script("recipes/evaluate.py")
+    evaluate = litgpt_mm.eval.evaluate
     images = sorted((DATA / "coco" / "val2017").glob("*.jpg"))[:4]
     rows = [
         {"id": i, "image": p.name, "question": "What is shown?", "answers": ["a cat"]} for i, p in enumerate(images)
@@ -316,8 +319,8 @@ def test_lm_eval_harness_through_the_server(server, tmp_path, monkeypatch):
 
 def test_chat_app_speech_turn_locally_equals_the_server(server, local, tiny_whisper_dir, tmp_path):
     """A recording added in the app becomes `input_audio`; the local chat transcribes it as the server does."""
-    from litgpt_mm.app import Limits, LocalChat, user_message
-    from litgpt_mm.audio import SpeechToText
+    from litgpt_mm.deploy.app import Limits, LocalChat, user_message
+    from litgpt_mm.deploy.audio import SpeechToText
 
     (tmp_path / "q.wav").write_bytes(jfk_wav())
     message = user_message("Answer the question.", [str(IMAGE), str(tmp_path / "q.wav")], Limits())

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_script
 from PIL import Image
 
+import litgpt_mm.data.prepare_coco
+import litgpt_mm.data.prepare_llava_instruct
+import litgpt_mm.data.prepare_shapes
 from litgpt_mm.data import shapes
 
 N = {"train": 40, "val": 10, "test": 20}
@@ -25,7 +27,7 @@ PLACES_LONGEST_FIRST = sorted(shapes.PLACES, key=len, reverse=True)
 
 @pytest.fixture(scope="module")
 def script():
-    return load_script("scripts/prepare_shapes.py")
+    return litgpt_mm.data.prepare_shapes
 
 
 def make(script, out: Path, seed: int = 7, **kwargs) -> Path:
@@ -293,7 +295,7 @@ def test_pope_is_balanced_and_matches_instances(world):
 
 
 def test_prepare_coco_reads_the_world_unchanged(world, tmp_path):
-    summary = load_script("scripts/prepare_coco.py").prepare(
+    summary = litgpt_mm.data.prepare_coco.prepare(
         source_dir=world, out_dir=tmp_path / "coco", features=False, subset=None, val_subset=None
     )
     assert summary.skipped == [] and summary.images == {"train": N["train"], "val": N["val"]}
@@ -304,7 +306,7 @@ def test_prepare_coco_reads_the_world_unchanged(world, tmp_path):
 
 def test_prepare_llava_reads_the_world_unchanged(world, prepared_gutenberg, tmp_path):
     rows = load(world / "llava_train.json")
-    summary = load_script("scripts/prepare_llava_instruct.py").prepare(
+    summary = litgpt_mm.data.prepare_llava_instruct.prepare(
         tokenizer_dir=prepared_gutenberg / "tokenizer",
         data_path=world / "llava_train.json",
         images_dir=world / "train2017",

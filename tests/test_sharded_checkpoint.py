@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import (
     assert_rows_close,
-    load_script,
     pretrain_args,
     pretrain_setup,
     read_log,
@@ -16,9 +15,10 @@ from conftest import (
     run_recipe_here,
 )
 
-from litgpt_mm.checkpoint import save_config
+import litgpt_mm.training.consolidate
 from litgpt_mm.config import Config
 from litgpt_mm.model import load_model
+from litgpt_mm.training.checkpoint import save_config
 
 
 @pytest.mark.slow
@@ -71,7 +71,7 @@ def test_sharded_checkpoint_resumes_on_two_and_on_one_rank_and_consolidates(prep
     assert_rows_close(logs["one_resumed"], logs["two"][2:], columns, 1e-4)
     assert (tmp_path / "one_resumed" / "final" / "lit_model.pth").is_file()  # a small run: the single-file layout
 
-    consolidate = load_script("scripts/consolidate_checkpoint.py").consolidate
+    consolidate = litgpt_mm.training.consolidate.consolidate
     sharded_runs = ("two", "two_resumed", "ep_resumed")
     for name in sharded_runs:
         consolidate(tmp_path / name / "final", tmp_path / f"{name}_litgpt")
@@ -103,6 +103,6 @@ def test_resume_with_another_model_configuration_is_one_clear_error(prepared_gut
 
 
 def test_consolidate_refuses_a_directory_without_shards(tmp_path):
-    consolidate = load_script("scripts/consolidate_checkpoint.py").consolidate
+    consolidate = litgpt_mm.training.consolidate.consolidate
     with pytest.raises(FileNotFoundError, match="sharded"):
         consolidate(tmp_path)

@@ -8,13 +8,15 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO, load_script
+from conftest import REPO
 from litgpt.args import TrainArgs
 
+import litgpt_mm.align
+import litgpt_mm.data.prepare_coco
 from litgpt_mm.config import Config
 from litgpt_mm.model import GPT, Block
 from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, generate_batch
-from xla import utils
+from litgpt_mm.training import xla as utils
 
 # LLVM without optimisation passes: the graphs compile several times faster, and a test runs each only a few times
 XLA_FLAGS = "--xla_backend_optimization_level=0"
@@ -71,7 +73,7 @@ def test_checkpoint_is_loaded_one_process_per_host_at_a_time(tmp_path, monkeypat
 
 
 def test_recipe_arguments_come_from_the_recipe_config():
-    recipe = load_script("recipes/align.py")
+    recipe = litgpt_mm.align
     args = utils.recipe_arguments(recipe.setup, REPO / "recipes/configs/align_tiny.yaml", {"max_caption_tokens": 32})
     assert isinstance(args["train"], TrainArgs) and args["train"].max_steps == 240
     assert args["max_caption_tokens"] == 32 and args["clip_pretrained"] is None
@@ -131,7 +133,7 @@ def test_training_step_on_the_xla_cpu_device():
 @pytest.mark.skipif(importlib.util.find_spec("torch_xla") is None, reason="torch_xla is not installed")
 def test_pretrain_launcher_runs_on_the_xla_cpu_device(prepared_gutenberg, tmp_path):
     """`xla/pretrain_moe.py` through Lightning Fabric's XLA strategy on XLA's CPU device: a few real steps."""
-    from litgpt_mm.checkpoint import save_config
+    from litgpt_mm.training.checkpoint import save_config
 
     out = tmp_path / "xla"
     save_config(Config.from_name("phi-2-moe-tiny", n_layer=2), tmp_path)  # a smaller graph compiles faster
@@ -165,7 +167,7 @@ def test_align_launcher_runs_on_the_xla_cpu_device(pretrained_tiny, tmp_path):
     """`xla/align.py`: `recipes/align.py`'s stage with static caption buckets, on XLA's CPU device."""
     import yaml
 
-    load_script("scripts/prepare_coco.py").prepare(
+    litgpt_mm.data.prepare_coco.prepare(
         out_dir=tmp_path / "coco", features=True, feature_dir=tmp_path / "features", clip_pretrained=None
     )
     config = {
@@ -190,7 +192,7 @@ def test_generate_launcher_on_the_xla_cpu_device_matches_cpu(checkpoints, tmp_pa
     """`xla/generate_mm.py` (bucketed prompts, fixed batch, static decoding) gives the CPU's greedy answers."""
     import json
 
-    from litgpt_mm.inference import Assistant, GenerationSettings
+    from litgpt_mm.deploy.inference import Assistant, GenerationSettings
 
     image = REPO / "data" / "images" / "coffee.png"
     rows = [{"id": "a", "prompt": "What is in the cup?", "image": str(image)}, {"id": "b", "prompt": "Describe."}]

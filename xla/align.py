@@ -10,15 +10,11 @@ MoE's `static` path, the LM read by one process per host at a time, and every ca
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from litgpt_mm.cli import run_cli  # noqa: E402
-from litgpt_mm.model import load_model  # noqa: E402
-from xla.utils import load_recipe, load_sequentially, recipe_arguments, static_caption_collate, xla_fabric  # noqa: E402
+from litgpt_mm.cli import run_cli
+from litgpt_mm.model import load_model
+from litgpt_mm.training.xla import load_sequentially, recipe_arguments, static_caption_collate, xla_fabric
 
 
 def setup(recipe_config: Path | None = None, devices: int | str = "auto", fsdp: bool = False, caption_bucket: int = 64,
@@ -32,7 +28,7 @@ def setup(recipe_config: Path | None = None, devices: int | str = "auto", fsdp: 
         caption_bucket: captions are padded or cut to this many tokens.
         precision: Fabric precision.
     """
-    recipe = load_recipe("align")
+    from litgpt_mm import align as recipe
     recipe.coco.collate_pairs = static_caption_collate(caption_bucket)
     args = recipe_arguments(recipe.setup, recipe_config, {"max_caption_tokens": caption_bucket})
     fabric = xla_fabric(devices, fsdp, precision)

@@ -10,18 +10,14 @@ batches to a fixed size, decoding attends over the whole masked cache (no per-st
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from litgpt_mm.cli import run_cli  # noqa: E402
-from litgpt_mm.inference import Assistant  # noqa: E402
-from litgpt_mm.multimodal import generate_batch  # noqa: E402
-from xla.utils import bucket  # noqa: E402
+from litgpt_mm.cli import run_cli
+from litgpt_mm.deploy.inference import Assistant
+from litgpt_mm.multimodal import generate_batch
+from litgpt_mm.training.xla import bucket
 
 
 def main(checkpoint_dir: Path = Path("out/qlora_instruct/merged"), input: Path = Path("prompts.jsonl"),

@@ -9,20 +9,16 @@ fixed length and the loaders drop the last partial batch, so every step has the 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.config import find_multiple
 from litgpt.tokenizer import Tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from litgpt_mm.cli import run_cli  # noqa: E402
-from litgpt_mm.config import Config  # noqa: E402
-from litgpt_mm.training import PRETRAIN_EVAL, PRETRAIN_TRAIN, optimizer_spec  # noqa: E402
-from xla.utils import load_recipe, xla_fabric  # noqa: E402
+from litgpt_mm.cli import run_cli
+from litgpt_mm.config import Config
+from litgpt_mm.training.loop import PRETRAIN_EVAL, PRETRAIN_TRAIN, optimizer_spec
+from litgpt_mm.training.xla import xla_fabric
 
 
 def setup(
@@ -50,7 +46,7 @@ def setup(
     vocab = Tokenizer(data_dir / "tokenizer").vocab_size
     config = config.replace(vocab_size=vocab, padded_vocab_size=find_multiple(vocab, 128))
     fabric = xla_fabric(devices, fsdp, precision, num_nodes)
-    recipe = load_recipe("pretrain_moe")
+    from litgpt_mm import pretrain as recipe
     fabric.launch(
         recipe.main, config, data_dir, Path(out_dir or f"out/pretrain/{config.name}-{data}-xla"),
         Tokenizer(data_dir / "tokenizer"), train, eval, optimizer, False, False, resume, seed, num_workers,

@@ -15,8 +15,8 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from litgpt_mm.checkpoint import atomic_torch_save, atomic_write
 from litgpt_mm.data.download import download
+from litgpt_mm.training.checkpoint import atomic_torch_save, atomic_write
 
 COCO_URL = "http://images.cocodataset.org"
 ANNOTATIONS_ZIP = ("annotations/annotations_trainval2017.zip", "f4bbac642086de4f52a3fdda2de5fa2c")

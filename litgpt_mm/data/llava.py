@@ -1,4 +1,4 @@
-"""LLaVA-style visual instruction data: prompt templates, conversation encoding with answer-only labels, and row
+"""LLaVA-style visual instruction data: conversation encoding with answer-only labels (templates in `prompts`), and row
 validation that reports every dropped sample by id.
 
 A conversation `[{"from": "human", "value": "<image>\\nQ1"}, {"from": "gpt", "value": "A1"}, ...]` is rendered turn
@@ -11,57 +11,16 @@ the image prefix goes before the whole sequence, as LLaVA's own preprocessing mo
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from litgpt_mm.multimodal import IGNORE_INDEX
+from litgpt_mm.prompts import IMAGE_TOKEN, Template, render
 
-IMAGE_TOKEN = "<image>"
 LLAVA_INSTRUCT_URL = (
     "https://huggingface.co/datasets/liuhaotian/LLaVA-Instruct-150K/resolve/main/llava_instruct_150k.json"
 )
-
-
-@dataclass(frozen=True)
-class Template:
-    """How turns are rendered: `system`, then per turn `user.format(q)` and `assistant.format(a)` + `answer_end`."""
-
-    system: str
-    user: str
-    assistant_prefix: str
-    answer_end: str
-
-
-TEMPLATES = {
-    # Phi-2's documented QA format
-    "phi2": Template(system="", user="Instruct: {}\n", assistant_prefix="Output: ", answer_end="\n"),
-    # the raw text right after the image prefix, as alignment trains captions (evaluating an aligned projector)
-    "plain": Template(system="", user="{}", assistant_prefix="", answer_end="\n"),
-    # LLaVA v1 conversation format
-    "llava_v1": Template(
-        system=(
-            "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-            "detailed, and polite answers to the human's questions. "
-        ),
-        user="USER: {} ",
-        assistant_prefix="ASSISTANT: ",
-        answer_end=" ",
-    ),
-}
-
-
-def render(conversations: list[dict], template: Template) -> list[tuple[str, bool]]:
-    """(text, is_answer) pieces of a conversation, `<image>` removed."""
-    pieces = [(template.system, False)] if template.system else []
-    for turn in conversations:
-        text = turn["value"].replace(IMAGE_TOKEN, "").strip()
-        if turn["from"] == "human":
-            pieces.append((template.user.format(text) + template.assistant_prefix, False))
-        else:
-            pieces.append((text + template.answer_end, True))
-    return pieces
 
 
 class BadRow(ValueError):

@@ -98,7 +98,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path, le
 
 def copy_tokenizer(src: Path, out_dir: Path) -> Tokenizer:
     """Reuse an existing tokenizer directory (e.g. phi-2's checkpoint dir): copy its tokenizer files."""
-    from litgpt_mm.checkpoint import copy_tokenizer_files
+    from litgpt_mm.training.checkpoint import copy_tokenizer_files
 
     found = copy_tokenizer_files(src, out_dir) if Path(src).is_dir() else []
     if not any(n in found for n in ("tokenizer.json", "tokenizer.model")):

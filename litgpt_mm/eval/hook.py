@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from litgpt_mm.deploy.inference import Assistant, GenerationSettings
 from litgpt_mm.eval.runner import CONDITIONS, Answerer
-from litgpt_mm.inference import Assistant, GenerationSettings
 
 
 def vqa_on_eval(

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from litgpt_mm.checkpoint import atomic_write
+from litgpt_mm.deploy.inference import Assistant, GenerationSettings, open_image
 from litgpt_mm.eval.metrics import Result, bootstrap_ci, format_results, mean_ci
-from litgpt_mm.inference import Assistant, GenerationSettings, open_image
 from litgpt_mm.multimodal import generate_batch
+from litgpt_mm.training.checkpoint import atomic_write
 
 CONDITIONS = ("image", "blind", "shuffled")
 

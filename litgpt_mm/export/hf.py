@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from litgpt_mm.data.llava import TEMPLATES
 from litgpt_mm.export.load import LoadedCheckpoint, VisionSpec, load_checkpoint, vision_spec
+from litgpt_mm.prompts import TEMPLATES
 
 IMAGE_TOKEN = "<image>"
 SEPARATOR_TOKEN = "<image_sep>"
@@ -376,7 +376,7 @@ def remote_config(ck: LoadedCheckpoint, spec: VisionSpec, vocab: int, image_id: 
 
 
 def chat_template(template: str) -> str:
-    """A Jinja chat template that renders `messages` exactly as `litgpt_mm.chat.PromptBuilder` does (consecutive
+    """A Jinja chat template that renders `messages` exactly as `litgpt_mm.deploy.chat.PromptBuilder` does (consecutive
     messages of one role joined by a newline and stripped; a message's text parts joined by newlines), with every
     image of the conversation first (`<image><image_sep>` each; the processor expands `<image>`)."""
     t = TEMPLATES[template]

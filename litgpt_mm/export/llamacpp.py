@@ -18,7 +18,7 @@ import numpy as np
 
 from litgpt_mm.export.gguf import LM_FILE, MEDIA_MARKER, MMPROJ_FILE, SEPARATOR_TOKEN
 
-# Our `phi2` template (litgpt_mm.data.llava.TEMPLATES["phi2"], as litgpt_mm.chat.PromptBuilder renders it), with every
+# Our `phi2` template (litgpt_mm.prompts.TEMPLATES["phi2"], as deploy.chat.PromptBuilder renders it), with every
 # image of the conversation first, each followed by the separator token. The handler replaces each image URL with the
 # media marker.
 CHAT_TEMPLATE = (

@@ -1,7 +1,7 @@
 """What the exporters read from a checkpoint: plain fp32 weights and the facts of the vision tower.
 
 `load_checkpoint` accepts every directory `generate/mm.py` answers from (a merged model, base + LoRA + projector, an
-aligned projector) through the same loader (`litgpt_mm.inference.load_multimodal`), then folds LoRA adapters into
+aligned projector) through the same loader (`litgpt_mm.deploy.inference.load_multimodal`), then folds LoRA adapters into
 plain weights (nf4 bases dequantised: the function the adapters were trained on). `vision_spec` reads the CLIP
 tower's shape, activation and preprocessing from the loaded open_clip module itself, so any tower (ViT-B/32, a small
 custom one, QuickGELU or not) is described by what it computes, not by its name.
@@ -19,8 +19,8 @@ from litgpt.tokenizer import Tokenizer
 
 from litgpt_mm.config import Config
 from litgpt_mm.model import GPT
+from litgpt_mm.models.vision import CLIPPatchEncoder
 from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT
-from litgpt_mm.vision import CLIPPatchEncoder
 
 
 @dataclass
@@ -36,7 +36,7 @@ class LoadedCheckpoint:
         lm_state: the LM's weights in litgpt's key layout (`transformer.wte.weight`, `transformer.h.0.attn.qkv.weight`,
             ..., `lm_head.weight`, `lm_head.bias`; MoE blocks add `transformer.h.i.norm_moe.*` and
             `transformer.h.i.moe.{router.weight,w1,w2,b1,b2}`), LoRA folded in, fp32.
-        projector_state: the projector's weights, keyed as `litgpt_mm.projector.build_projector(config.projector, ...)`
+        projector_state: the projector's weights, keyed as `models.projector.build_projector(config.projector, ...)`
             names them (`weight`/`bias` for `linear`; `0.*`, `2.*` for `mlp2x_gelu`; `proj.*`, `norm.*`, `mlp.0.*`,
             `mlp.2.*` for `resblock`), fp32.
         feature_mean: (vision_width,) mean subtracted from the patch features before the projector when
@@ -72,8 +72,8 @@ def load_checkpoint(checkpoint_dir: Path) -> LoadedCheckpoint:
     Raises `FileNotFoundError` (an `OSError`: one `error:` line in the CLIs) for a directory that is not a multimodal
     checkpoint, whose base LM is missing, or that has no tokenizer; `ValueError` for a config this code cannot build.
     """
-    from litgpt_mm.inference import load_multimodal, tokenizer_dir
-    from litgpt_mm.qlora import merged_state_dict
+    from litgpt_mm.deploy.inference import load_multimodal, tokenizer_dir
+    from litgpt_mm.models.qlora import merged_state_dict
 
     checkpoint_dir = Path(checkpoint_dir)
     loaded, encoder, tokenizer = load_multimodal(checkpoint_dir, device="cpu")

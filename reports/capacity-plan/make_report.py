@@ -1,4 +1,4 @@
-"""Tables of reports/capacity-plan/README.md, computed with `litgpt_mm.capacity` (formulas only: no model is built,
+"""Tables of reports/capacity-plan/README.md, computed with `analysis.capacity` (formulas only: no model is built,
 nothing is trained; the whole script runs in a few seconds).
 
     OMP_NUM_THREADS=1 .venv/bin/python reports/capacity-plan/make_report.py            # print every table
@@ -7,7 +7,7 @@ nothing is trained; the whole script runs in a few seconds).
 `--update` replaces the text between each `<!-- BEGIN name -->` and `<!-- END name -->` pair of the README and
 leaves the prose around them alone.
 
-Every number comes from `litgpt_mm.capacity.plan`, the function behind `scripts/capacity_plan.py`, with the
+Every number comes from `litgpt_mm.analysis.capacity.plan`, the function behind `scripts/capacity_plan.py`, with the
 settings written in each table; the README gives one equivalent command line per kind of row. The only quantities
 computed here rather than by `plan` are marked as such in the README: the FLOP upper bounds of the capstone's
 10 GB-slice runs (`slice_bound`).
@@ -22,12 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+from litgpt_mm.analysis import capacity as C
+from litgpt_mm.config import Config
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO))
-
-from litgpt_mm import capacity as C  # noqa: E402
-from litgpt_mm.config import Config  # noqa: E402
 
 GUTENBERG = 3e9  # issue 19's estimate of all of Project Gutenberg after cleaning, Phi-2 tokenizer (not measured)
 REDPAJAMA = 1e11  # the issue's 100 B-token RedPajama run

@@ -35,7 +35,7 @@ from litgpt.pretrain import get_lr
 from tqdm import tqdm
 
 from litgpt_mm.cli import command_started
-from litgpt_mm.flops import compute_dtype, peak_flops, refresh_peak_flops, warn_if_slow_bf16
+from litgpt_mm.training.flops import compute_dtype, peak_flops, refresh_peak_flops, warn_if_slow_bf16
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -500,7 +500,7 @@ def fit(
         if final.exists():
             shutil.rmtree(final)
         shutil.copytree(Path(out_dir) / f"{CHECKPOINT_PREFIX}{state['step']:06d}", final, ignore=_only_artefacts)
-        from litgpt_mm.plots import plot_run
+        from litgpt_mm.training.plots import plot_run
 
         plot_run(out_dir, stage.unit, stage.loss_label)
         fabric.print(f"Final train loss {loss_value:.4f}, val loss {val_loss:.4f}")

@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from litgpt_mm.moe import MoE, _compute_dtype, _GatherSlots, _Permute
+from litgpt_mm.models.moe import MoE, _compute_dtype, _GatherSlots, _Permute
 
 EXPERT_PARAMS = ("w1", "w2", "b1", "b2")
 

@@ -1,6 +1,6 @@
 """What the experts learn: how a trained MoE model routes named texts (books, languages), and how its router evolved.
 
-    python -m litgpt_mm.expert_analysis --checkpoint_dir out/pretrain/run/final --out_dir reports/experts
+    python -m litgpt_mm.analysis.experts --checkpoint_dir out/pretrain/run/final --out_dir reports/experts
 
 `route_texts` runs the model over each text in windows and records, per MoE layer, the top-k experts of every token
 (captured by forward hooks on the MoE modules, checked against the counts the model's own router recorded).
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 CV_TARGET = 0.15
 BALANCE_TARGET = 1.05
@@ -688,9 +688,9 @@ def analyse(
         `summary` (the Markdown), `figures`, per-layer `balance` on the books and `training` from the logs,
         `targets_met`, and the `sources`, `languages`, `share`, `lift`, `overall` and `top_tokens` numbers.
     """
-    from litgpt_mm.checkpoint import load_tokenizer
     from litgpt_mm.model import load_model
-    from litgpt_mm.plots import read_csv
+    from litgpt_mm.training.checkpoint import load_tokenizer
+    from litgpt_mm.training.plots import read_csv
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(checkpoint_dir, device=device).eval()

@@ -127,17 +127,6 @@ def memory_per_chip_gb(params: float, chips: int, seq: int, micro_batch: int, n_
     return (sharded + activations) / 1e9
 
 
-def load_recipe(name: str):
-    """Import `recipes/<name>.py` (the stage code the XLA launchers reuse)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"recipes_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def recipe_arguments(setup_fn, config: Path | None, overrides: dict) -> dict:
     """A recipe's `setup` arguments: its defaults, updated by its YAML config (as `--config` gives them) and
     `overrides`; `train` and `eval` become litgpt's `TrainArgs` / `EvalArgs`, `*_dir` entries paths."""

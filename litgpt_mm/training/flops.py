@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from litgpt_mm.moe import MoE
+from litgpt_mm.models.moe import MoE
 
 # Dense bf16 tensor-core peaks (no sparsity) for chips Lightning's table does not parse (e.g. "NVIDIA H200").
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -151,7 +151,7 @@ def _cached_measurement(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def _store(device: torch.device, dtype: torch.dtype, value: float) -> None:
-    from litgpt_mm.checkpoint import atomic_write
+    from litgpt_mm.training.checkpoint import atomic_write
 
     path, key = _cache_file(), _machine_key(device, dtype)
     try:

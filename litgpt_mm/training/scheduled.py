@@ -12,7 +12,7 @@ Here the coin flips are drawn up front and a sample is trained in two passes:
    forward over the sequence split into one chunk per model-fed position; with `lookahead = k` a chunk also runs
    past the next `k` model-fed positions, guessing that the model predicts the ground truth there, and is cut back
    only where it does not (speculative decoding), so an accurate model needs fewer chunks. nf4 weights are
-   dequantised once for the whole pass (`litgpt_mm.qlora.dequantized`), not once per chunk.
+   dequantised once for the whole pass (`litgpt_mm.models.qlora.dequantized`), not once per chunk.
 2. One ordinary teacher-forced forward and backward over these mixed inputs against the ground-truth labels.
 
 Pass 2 gives exactly the loss and gradients of the token-by-token unrolled pass: a greedy choice is discrete (no
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 
 from litgpt_mm.model import embed_tokens, forward_embeds, lm_logits
+from litgpt_mm.models.qlora import dequantized
 from litgpt_mm.multimodal import IGNORE_INDEX, MultimodalGPT, target_cross_entropy
-from litgpt_mm.qlora import dequantized
 
 SCHEDULES = ("constant", "linear", "exponential", "cyclic")
 

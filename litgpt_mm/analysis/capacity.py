@@ -2,14 +2,14 @@
 
 Everything is computed from the model config (ours or litgpt's), never from a built model, so a 6 B-parameter plan
 takes milliseconds; the tests check each count against the real model built on the meta device, the FLOPs against
-`litgpt_mm.flops.training_flops_per_token` (the count our MFU uses) and the memory against measured peaks.
+`training.flops.training_flops_per_token` (the count our MFU uses) and the memory against measured peaks.
 
 Conventions (bytes, seconds, FLOPs; GB = 1e9 bytes):
 
 * A *step* is one micro-batch of `micro_batch` sequences of `seq_len` tokens on every GPU (all GPUs are data
   parallel; expert parallelism moves tokens between them but each still owns its batch).
 * FSDP shards the state over `fsdp_size` ranks (`1`: plain data parallel). Expert parallelism, as
-  `litgpt_mm.expert_parallel` implements it, splits each MoE layer's experts over `expert_parallel` ranks, each
+  `litgpt_mm.models.expert_parallel` implements it, splits each MoE layer's experts over `expert_parallel` ranks, each
   holding its share whole (FSDP ignores them); their gradients are all-reduced over the `gpus / expert_parallel`
   ranks holding the same experts. So dense state per GPU is divided by `fsdp_size`, expert state by
   `expert_parallel` (by `fsdp_size` without expert parallelism).
@@ -30,9 +30,10 @@ from unittest import mock
 
 import torch
 
+from litgpt_mm import REPO_ROOT
 from litgpt_mm.config import Config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 RESULTS_DIR = REPO / "benchmarks" / "results"
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -206,7 +207,7 @@ class ParamCounts:
 
     Args:
         total: all parameters.
-        active: parameters one token touches, as `litgpt_mm.flops.active_params` counts them: all but the embedding
+        active: parameters one token touches, as `training.flops.active_params` counts them: all but the embedding
             table and the (E - k) experts a token does not use, in every MoE layer.
         embedding: the token embedding table.
         expert: all experts' stacked weights and biases (routers count as dense).
@@ -257,7 +258,7 @@ def count_params(config: Config, tensors: list[ParamTensor] | None = None) -> Pa
 
 
 def flops_per_token(config: Config, seq_len: int, params: ParamCounts | None = None) -> float:
-    """Training FLOPs per token, 6 N_active + 12 L d T (PaLM, appendix B): `litgpt_mm.flops.training_flops_per_token`
+    """Training FLOPs per token, 6 N_active + 12 L d T (PaLM, appendix B): `training.flops.training_flops_per_token`
     from the config. Activation checkpointing's recomputation is not counted (MFU convention); `plan` adds it to
     the step time."""
     params = count_params(config) if params is None else params
@@ -404,13 +405,13 @@ def gpu_spec(gpu: str) -> GPU:
 def gpu_peak_flops(gpu: str, precision: str) -> tuple[float, str]:
     """Dense peak FLOP/s of one GPU computing under `precision`, and where the number comes from.
 
-    Looks the chip up the way `litgpt_mm.flops.peak_flops` does on a real device: Lightning's datasheet table
+    Looks the chip up the way `litgpt_mm.training.flops.peak_flops` does on a real device: Lightning's datasheet table
     (`get_available_flops`, fed the device name that torch reports for that chip), then our `PEAK_FLOPS` for
     chips Lightning does not parse (the H200). fp32 runs count TF32 tensor cores when the table has them.
     """
     from lightning.fabric.utilities.throughput import get_available_flops
 
-    from litgpt_mm.flops import PEAK_FLOPS, compute_dtype
+    from litgpt_mm.training.flops import PEAK_FLOPS, compute_dtype
 
     spec = gpu_spec(gpu)
     dtype = compute_dtype(precision)
@@ -423,7 +424,7 @@ def gpu_peak_flops(gpu: str, precision: str) -> tuple[float, str]:
     if dtype in (torch.bfloat16, torch.float16):
         for key, value in PEAK_FLOPS.items():
             if key in spec.device_name:
-                return value, f"litgpt_mm.flops.PEAK_FLOPS[{key!r}] (dense bf16 datasheet)"
+                return value, f"litgpt_mm.training.flops.PEAK_FLOPS[{key!r}] (dense bf16 datasheet)"
     raise ValueError(f"no {dtype} peak for {spec.device_name!r}; pass --peak_tflops")
 
 
@@ -607,7 +608,7 @@ def plan(
             the forward runs twice, so compute time is 4/3).
         fsdp_size: ranks that shard the dense state (default: all `gpus`; 1 = DDP).
         expert_parallel: ranks that split each MoE layer's experts, each holding its share whole, outside FSDP
-            (`litgpt_mm.expert_parallel`).
+            (`litgpt_mm.models.expert_parallel`).
         mfu: model FLOPs utilisation (default: the one we measured, see `measured_mfu`).
         peak_tflops: override the GPU's peak (dense, in the run's compute dtype).
         gpu_memory_gb: override the GPU's memory.
@@ -655,7 +656,7 @@ def plan(
     tensors = param_tensors(config)
     params = count_params(config, tensors)
     pb = PRECISION_BYTES[precision]
-    # with expert parallelism (litgpt_mm.expert_parallel) each rank holds its E / ep experts whole: FSDP ignores
+    # with expert parallelism (litgpt_mm.models.expert_parallel) each rank holds its E / ep experts whole: FSDP ignores
     # them and their gradients are all-reduced over the gpus / ep replicas; without it they are ordinary parameters
     sharded = params.total if ep == 1 else params.dense
     experts = 0 if ep == 1 else params.expert / ep

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from litgpt_mm.data.llava import Template
+from litgpt_mm.prompts import Template
 
 ROLES = ("system", "user", "assistant")
 

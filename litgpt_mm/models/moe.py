@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from litgpt_mm import moe_kernels
 from litgpt_mm.config import Config
+from litgpt_mm.models import moe_kernels
 
 FUSED_GLUE_ENV = "LITGPT_MM_MOE_FUSED_GLUE"
 
@@ -79,7 +79,7 @@ class MoE(nn.Module):
     """Top-k routed experts (Phi-2-style GELU MLPs) with a fp32 router and dropless routing.
 
     `fused_glue` picks the grouped path's glue around the expert matmuls: `True` uses the Triton kernels of
-    `litgpt_mm.moe_kernels` (with their plain-torch references where the kernels don't run), `False` never does, and
+    `models.moe_kernels` (with their plain-torch references where the kernels don't run), `False` never does, and
     `None` (default) uses them under Triton's CPU interpreter (`TRITON_INTERPRET=1`, the tests) and on CUDA only when
     `LITGPT_MM_MOE_FUSED_GLUE=1`: the kernels are verified against the loop under the interpreter but have not been
     timed on a GPU yet (`make gpu-check` does), so CUDA keeps the measured torch glue until they have.
@@ -102,7 +102,7 @@ class MoE(nn.Module):
         self.z_loss: torch.Tensor | None = None
         self.stats: MoEStats | None = None
         self.fused_glue: bool | None = None
-        # set by `litgpt_mm.expert_parallel.shard_experts`: this rank then holds only its `n_expert / N` experts and
+        # set by `models.expert_parallel.shard_experts`: this rank then holds only its `n_expert / N` experts and
         # `forward` exchanges tokens with the other ranks of the expert-parallel group
         self.expert_parallel = None
         self.reset_parameters()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from litgpt_mm.chat import Turn
+from litgpt_mm.deploy.chat import Turn
 
 AUDIO_FORMATS = ("wav", "mp3")
 
@@ -129,7 +129,7 @@ def _speech(spec, where: str, turn: int) -> Speech:
 
 def decode_speech(speech: Speech, where: str = "input_audio"):
     """The waveform (16 kHz float32) of a recording, or `BadRequest` when it is not decodable audio."""
-    from litgpt_mm.audio import load_audio
+    from litgpt_mm.deploy.audio import load_audio
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"speech.{speech.format}"

@@ -1,4 +1,4 @@
-"""Loading a trained multimodal model and answering prompts with images (and speech, through `litgpt_mm.audio`).
+"""Loading a trained multimodal model and answering prompts with images (and speech, through `litgpt_mm.deploy.audio`).
 
 `Assistant.load` accepts the three kinds of directory the recipes write:
 
@@ -20,14 +20,14 @@ import yaml
 from litgpt.tokenizer import Tokenizer
 from PIL import Image
 
-from litgpt_mm.chat import PromptBuilder, TextStream, Turn
-from litgpt_mm.checkpoint import load_tokenizer
 from litgpt_mm.data.coco import load_rgb
-from litgpt_mm.data.llava import TEMPLATES
+from litgpt_mm.deploy.chat import PromptBuilder, TextStream, Turn
 from litgpt_mm.model import load_model
+from litgpt_mm.models.qlora import LoRASettings, add_lora, quantize_nf4
+from litgpt_mm.models.vision import CLIPPatchEncoder
 from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, generate, generate_batch, separator_token_id
-from litgpt_mm.qlora import LoRASettings, add_lora, quantize_nf4
-from litgpt_mm.vision import CLIPPatchEncoder
+from litgpt_mm.prompts import TEMPLATES
+from litgpt_mm.training.checkpoint import load_tokenizer
 
 
 def open_image(path: Path) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Triton kernels for the memory-bound glue around the grouped expert matmuls of `litgpt_mm.moe`.
+"""Triton kernels for the memory-bound glue around the grouped expert matmuls of `litgpt_mm.models.moe`.
 
 The grouped MoE path works on the N·k routing slots sorted by expert (`order`: sorted position -> slot `t*k + j`,
 `inv_order` its inverse, `offs`: the cumulative segment ends per expert, as `torch._grouped_mm` takes them). Around

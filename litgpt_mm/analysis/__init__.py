@@ -1,0 +1,1 @@
+"""Analyses: the capacity plan, the preflight memory check, expert-routing analysis."""

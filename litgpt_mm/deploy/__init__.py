@@ -1,0 +1,1 @@
+"""Inference and serving: the assistant, chat prompts, OpenAI messages, speech, the server and the Gradio app."""

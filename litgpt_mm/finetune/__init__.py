@@ -1,0 +1,1 @@
+"""Instruction tuning (stage 3)."""

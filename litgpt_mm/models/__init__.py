@@ -1,0 +1,1 @@
+"""The model pieces: MoE layer and kernels, expert parallelism, the CLIP tower, the projector, QLoRA."""
