@@ -1,1 +1,1 @@
-"""Analyses: the capacity plan, the preflight memory check, expert-routing analysis."""
+"""Analyses: the capacity plan, the preflight memory check, expert-routing analysis, benchmark helpers."""
