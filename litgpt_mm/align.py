@@ -23,6 +23,8 @@ import torch
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.utils import instantiate_torch_optimizer
 
+from litgpt_mm.analysis.preflight import check_fits
+from litgpt_mm.config import Config
 from litgpt_mm.data import coco
 from litgpt_mm.data.tokens import ResumableLoader, ResumableSampler
 from litgpt_mm.model import load_model
@@ -81,6 +83,7 @@ def setup(
     eval_captions: Path | None = None,
     eval_images_root: Path | None = None,
     eval_limit: int = 40,
+    preflight: bool = True,
 ) -> dict[str, float]:
     """Train the projector (and learned separator) between frozen CLIP and a frozen LM on COCO captions.
 
@@ -118,9 +121,16 @@ def setup(
             image: `val_log.csv` and `logs/accuracy.png` show the scores against the step.
         eval_images_root: the folder of the images of `eval_captions` (default: the file's own folder).
         eval_limit: images captioned per validation.
+        preflight: check, before allocating, that the run fits the devices' memory (the capacity plan's estimate);
+            `false` skips the check.
     """
     check_launcher(num_nodes)
     optimizer = optimizer_spec(optimizer)
+    if (Path(lm_checkpoint_dir) / "model_config.yaml").is_file():  # else `main` says what is missing
+        lm_config = Config.from_checkpoint(Path(lm_checkpoint_dir))
+        check_fits(lm_config, stage="align", micro_batch_size=train.micro_batch_size, seq_len=max_caption_tokens,
+                   devices=devices, num_nodes=num_nodes, precision=precision, optimizer=optimizer,
+                   clip_model=clip_model, projector=projector, enabled=preflight)  # fmt: skip
     fabric = ddp_fabric(devices, num_nodes, precision)
     return fabric.launch(
         main, Path(lm_checkpoint_dir), Path(data_dir), Path(out_dir), clip_model, clip_pretrained, clip_layer,

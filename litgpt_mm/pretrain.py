@@ -15,7 +15,7 @@ import shutil
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -26,6 +26,7 @@ from litgpt.pretrain import initialize_weights
 from litgpt.tokenizer import Tokenizer
 from litgpt.utils import chunked_cross_entropy, instantiate_torch_optimizer, num_parameters
 
+from litgpt_mm.analysis.preflight import check_fits
 from litgpt_mm.config import Config
 from litgpt_mm.data.tokens import StreamArgs, TokenShards, shard_tokenizer
 from litgpt_mm.model import GPT, Block
@@ -81,6 +82,7 @@ def setup(
     resume: bool | Literal["auto"] | Path = False,
     seed: int = 42,
     num_workers: int = 2,
+    preflight: bool = True,
 ) -> dict[str, float]:
     """Pretrain a Phi-2 (+ MoE after the MLP) model from scratch.
 
@@ -113,6 +115,8 @@ def setup(
         resume: `auto` continues the newest checkpoint in `out_dir`, or pass a `step-*` directory.
         seed: initialisation and data-order seed.
         num_workers: DataLoader workers.
+        preflight: check, before allocating, that the run fits the devices' memory (the capacity plan's estimate);
+            `false` skips the check.
     """
     check_launcher(num_nodes)
     optimizer = optimizer_spec(optimizer)
@@ -136,6 +140,33 @@ def setup(
     warn_if_slow_bf16("cuda" if cuda else "cpu", precision)
     n_devices = (torch.cuda.device_count() if cuda else 1) if devices == "auto" else int(devices)
     check_expert_parallel(expert_parallel, config.n_expert, n_devices * num_nodes)
+    check_fits(config, micro_batch_size=train.micro_batch_size, seq_len=T, devices=n_devices, num_nodes=num_nodes,
+               accelerator="cuda" if cuda else "cpu", precision=precision, strategy=strategy,
+               expert_parallel=expert_parallel, activation_checkpointing=activation_checkpointing,
+               optimizer=optimizer, enabled=preflight)  # fmt: skip
+    strategy = parallel_strategy(
+        strategy, n_devices, num_nodes, cuda, precision, expert_parallel, activation_checkpointing
+    )
+    fabric = L.Fabric(
+        accelerator="cuda" if cuda else "cpu",
+        devices=n_devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision=precision,
+    )
+    return fabric.launch(
+        main, config, data_dir, out_dir, tokenizer, train, eval, optimizer, activation_checkpointing, compile,
+        resume, seed, num_workers, expert_parallel, stream,
+    )  # fmt: skip
+
+
+def parallel_strategy(
+    strategy: str, n_devices: int, num_nodes: int, cuda: bool, precision: str, expert_parallel: int,
+    activation_checkpointing: bool,
+) -> Any:
+    """Fabric's strategy for `--strategy`, the device count and expert parallelism: FSDP2 (`ModelParallelStrategy`)
+    on CPU processes or with the experts split, DDP for expert parallelism alone, FSDP on several GPUs, DDP over
+    gloo on several CPU processes; `strategy` unchanged on one device."""
     if n_devices * num_nodes > 1 or strategy == "fsdp":
         if strategy == "fsdp" and (not cuda or expert_parallel > 1):  # FSDP2: on CPU processes, or with experts split
             world = n_devices * num_nodes
@@ -153,17 +184,7 @@ def setup(
             )
         else:
             strategy = DDPStrategy(process_group_backend="gloo")
-    fabric = L.Fabric(
-        accelerator="cuda" if cuda else "cpu",
-        devices=n_devices,
-        num_nodes=num_nodes,
-        strategy=strategy,
-        precision=precision,
-    )
-    return fabric.launch(
-        main, config, data_dir, out_dir, tokenizer, train, eval, optimizer, activation_checkpointing, compile,
-        resume, seed, num_workers, expert_parallel, stream,
-    )  # fmt: skip
+    return strategy
 
 
 def fully_shard_blocks(

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from litgpt_mm.analysis.preflight import check_fits
 from litgpt_mm.data import coco
 from litgpt_mm.data.tokens import split_loaders
 from litgpt_mm.models.vision import register_model_configs
@@ -80,6 +81,7 @@ def setup(
     num_workers: int = 0,
     zero_shot_images: int = 40,
     hard_negatives: bool | None = None,
+    preflight: bool = True,
 ) -> dict[str, float]:
     """Train a CLIP model contrastively on the image-caption pairs of a COCO-format caption set.
 
@@ -103,6 +105,8 @@ def setup(
             world only; 0: none).
         hard_negatives: add a loss that tells each image's full caption from a counterfactual one (one colour,
             kind or place changed, a shape fewer or more; a shapes world only). Default: on for a shapes world.
+        preflight: check, before allocating, that the run fits the devices' memory (the capacity plan's estimate);
+            `false` skips the check.
     """
     check_launcher(num_nodes)
     optimizer = optimizer_spec(optimizer)
@@ -112,6 +116,8 @@ def setup(
     register_model_configs()
     if model_name not in open_clip.list_models():
         raise ValueError(f"--model_name {model_name!r}: not an open_clip model; pass --model_config <name>.json")
+    check_fits(None, stage="clip", clip_model=model_name, micro_batch_size=train.micro_batch_size, devices=devices,
+               num_nodes=num_nodes, precision=precision, optimizer=optimizer, enabled=preflight)  # fmt: skip
     fabric = ddp_fabric(devices, num_nodes, precision)
     world = (Path(data_dir) / "summary.json").is_file()
     if hard_negatives and not world:

@@ -28,6 +28,8 @@ from litgpt.args import EvalArgs, TrainArgs
 from litgpt.utils import instantiate_torch_optimizer
 from torch.utils.data import Dataset
 
+from litgpt_mm.analysis.preflight import check_fits
+from litgpt_mm.config import Config
 from litgpt_mm.data import coco
 from litgpt_mm.data.tokens import split_loaders
 from litgpt_mm.model import load_model
@@ -105,6 +107,7 @@ def setup(
     eval_questions: Path | None = None,
     eval_images_root: Path | None = None,
     eval_limit: int = 200,
+    preflight: bool = True,
 ) -> dict[str, float]:
     """Instruction-tune the aligned model with QLoRA.
 
@@ -143,6 +146,8 @@ def setup(
             question type with the image, blind and with another image, in `val_log.csv` and `accuracy.png`).
         eval_images_root: where those questions' images are (default: next to the file).
         eval_limit: questions answered at each validation (the first N).
+        preflight: check, before allocating, that the run fits the devices' memory (the capacity plan's estimate);
+            `false` skips the check.
     """
     bad = [f"--{k} {v}" for k, v in (("p_start", p_start), ("p_end", p_end)) if not 0.0 <= v <= 1.0]
     bad += [f"--cycles {cycles}"] if cycles < 1 else []
@@ -154,6 +159,13 @@ def setup(
     optimizer = optimizer_spec(optimizer)
     args = SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("bad",)})
     args.precision = precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
+    lm_dir = Path(lm_checkpoint_dir or MultimodalConfig.load(Path(align_dir)).lm_checkpoint_dir)
+    if (lm_dir / "model_config.yaml").is_file():  # else `main` says what is missing
+        lm_config = Config.from_checkpoint(lm_dir)
+        check_fits(lm_config, stage="qlora", micro_batch_size=train.micro_batch_size,
+                   seq_len=train.max_seq_length or lm_config.block_size, devices=devices, num_nodes=num_nodes,
+                   precision=args.precision, optimizer=optimizer, quantize=quantize, lora=lora,
+                   activation_checkpointing=activation_checkpointing, enabled=preflight)  # fmt: skip
     fabric = ddp_fabric(devices, num_nodes, args.precision)
     return fabric.launch(main, args)
 
