@@ -134,6 +134,7 @@ class Config(LitConfig):
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> Self:
+        # mirrors litgpt 0.5.13 `litgpt.config.Config.from_file`, returning our `Config` and refusing an empty file
         with open(path, encoding="utf-8") as fp:
             file_kwargs = yaml.safe_load(fp)
         if not file_kwargs:
@@ -143,7 +144,10 @@ class Config(LitConfig):
 
     @classmethod
     def from_checkpoint(cls, path: Path, **kwargs: Any) -> Self:
-        """Load `model_config.yaml` from a checkpoint directory, or a preset named like the directory."""
+        """Load `model_config.yaml` from a checkpoint directory, or a preset named like the directory.
+
+        Mirrors litgpt 0.5.13 `litgpt.config.Config.from_checkpoint`, with our presets as well as litgpt's names.
+        """
         path = Path(path)
         if (config_path := path / "model_config.yaml").is_file():
             return cls.from_file(config_path, **kwargs)

@@ -49,7 +49,8 @@ class GPT(lit_model.GPT):
     """litgpt `GPT` whose blocks carry a MoE after the MLP, with an embeddings input."""
 
     def __init__(self, config: Config) -> None:
-        # litgpt's __init__ hard-codes its own Block; build the same modules with ours instead.
+        # Mirrors litgpt 0.5.13 `litgpt.model.GPT.__init__` (which hard-codes its own Block) with our Block; parity:
+        # tests/test_model.py compares state-dict keys and logits with litgpt's GPT.
         nn.Module.__init__(self)
         assert config.padded_vocab_size is not None
         self.config = config
@@ -127,6 +128,8 @@ def forward_embeds(
 ) -> torch.Tensor | list[torch.Tensor]:
     """litgpt `GPT.forward` from input embeddings `x` (B, T, n_embd) instead of token ids.
 
+    Mirrors litgpt 0.5.13 `litgpt.model.GPT.forward` after its embedding lookup (parity tested against it).
+
     Works on any litgpt `GPT` instance (ours, litgpt's, litgpt's LoRA `GPT`): it uses only the attributes litgpt's
     forward uses (rope and mask caches, blocks, `ln_f`, `lm_head`). `head=False` returns the final hidden states
     (after `ln_f`), for callers that need logits at a few positions only (`lm_logits`).
@@ -170,7 +173,10 @@ def forward_embeds(
 
 
 def lm_logits(model: lit_model.GPT, x: torch.Tensor, lm_head_chunk_size: int = 0) -> torch.Tensor | list[torch.Tensor]:
-    """Logits of final hidden states `x` (after `ln_f`), soft-capped as the config asks."""
+    """Logits of final hidden states `x` (after `ln_f`), soft-capped as the config asks.
+
+    Mirrors the head of litgpt 0.5.13 `litgpt.model.GPT.forward` (parity tested through `forward_embeds`).
+    """
     clamp_head = (
         partial(do_softcapping, thresh=model.config.final_logit_softcapping)
         if model.config.final_logit_softcapping is not None
@@ -182,7 +188,10 @@ def lm_logits(model: lit_model.GPT, x: torch.Tensor, lm_head_chunk_size: int = 0
 
 
 def embed_tokens(model: lit_model.GPT, idx: torch.Tensor) -> torch.Tensor:
-    """Token embeddings of `idx` for any litgpt `GPT`, scaled as its config asks."""
+    """Token embeddings of `idx` for any litgpt `GPT`, scaled as its config asks.
+
+    Mirrors the embedding step of litgpt 0.5.13 `litgpt.model.GPT.forward` (parity tested through `GPT.forward`).
+    """
     x = model.transformer.wte(idx)
     if model.config.scale_embeddings:
         x = x * torch.tensor(model.config.n_embd**0.5, dtype=x.dtype)

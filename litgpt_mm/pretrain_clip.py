@@ -7,7 +7,7 @@
 
 Real runs use OpenAI's pretrained CLIP (`--clip_pretrained openai`); offline there is none, so this stands in for
 it: an open_clip model (default `shapes-ViT-T-16`: a 3-block ViT of width 128 with 16-pixel patches at 112 px, the
-7 x 7 patch grid of ViT-B/32; config in `litgpt_mm/clip_configs/`, or any `--model_config` JSON) built with
+7 x 7 patch grid of ViT-B/32; config in `litgpt_mm/models/clip_configs/`, or any `--model_config` JSON) built with
 `open_clip.create_model(..., pretrained=None)` and trained with open_clip's `ClipLoss` on the images of the training
 split only, each step pairing every image with one of its captions at random (drawn from the seed and the
 micro-batch's position, so a resumed run draws the same). Images go through the model's own
@@ -89,7 +89,7 @@ def setup(
         data_dir: a folder with `annotations/captions_{train2017,val2017}.json` and the images under `train2017/`
             and `val2017/` (`scripts/prepare_shapes.py` writes one; so does COCO itself).
         out_dir: checkpoints and logs.
-        model_name: open_clip model name (registered: open_clip's own, ours in `litgpt_mm/clip_configs/`).
+        model_name: open_clip model name (registered: open_clip's own, ours in `litgpt_mm/models/clip_configs/`).
         model_config: an open_clip model config JSON (`embed_dim`, `vision_cfg`, `text_cfg`); the model is then
             named after the file.
         precision: Fabric precision; default `bf16-mixed` on CUDA, `32-true` on CPU.

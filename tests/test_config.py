@@ -34,3 +34,23 @@ def test_bad_values_raise_value_error(kwargs, match):
 def test_unknown_name_lists_presets():
     with pytest.raises(ValueError, match="phi-2-moe-tiny"):
         Config.from_name("phi-3-moe-huge")
+
+
+def test_from_file_and_from_checkpoint_match_litgpt(tmp_path):
+    """Parity with litgpt 0.5.13 `Config.from_file` / `from_checkpoint` (which ours mirror): a directory's
+    `model_config.yaml` and a directory named after a litgpt config give litgpt's values in every litgpt field."""
+    import litgpt
+    from litgpt.utils import save_config
+
+    lit = litgpt.Config.from_name("phi-2", n_layer=3, block_size=256)
+    save_config(lit, tmp_path)
+    named = tmp_path / "phi-2"
+    named.mkdir()
+    for ours, theirs in (
+        (Config.from_file(tmp_path / "model_config.yaml"), litgpt.Config.from_file(tmp_path / "model_config.yaml")),
+        (Config.from_checkpoint(tmp_path), litgpt.Config.from_checkpoint(tmp_path)),
+        (Config.from_checkpoint(named), litgpt.Config.from_checkpoint(named)),
+    ):
+        fields = litgpt.Config.__dataclass_fields__
+        assert {f: getattr(ours, f) for f in fields} == {f: getattr(theirs, f) for f in fields}
+    assert Config.from_checkpoint(tmp_path).n_layer == 3 and Config.from_checkpoint(named).n_layer == 32

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA
 
 from litgpt_mm.eval.captions import caption_scores, read_coco_references, tokenize
 from litgpt_mm.eval.metrics import (
@@ -37,7 +38,6 @@ from litgpt_mm.eval.vqa import (
     vqa_accuracy,
 )
 
-DATA = Path(__file__).resolve().parents[1] / "data"
 INSTANCES = DATA / "coco" / "annotations" / "instances_val2017_sample.json"
 CAPTIONS = DATA / "coco" / "annotations" / "captions_val2017_sample.json"
 POPE_FILES = sorted((DATA / "pope").glob("coco_pope_*_first30.jsonl"))

@@ -3,11 +3,11 @@
 import csv
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import DATA
 
 from litgpt_mm.analysis import experts as ea
 from litgpt_mm.model import load_model
@@ -15,7 +15,7 @@ from litgpt_mm.training.checkpoint import load_tokenizer
 
 # three short bundled books, one of them French
 BOOKS = ["pg43_strange_case_of_dr_jekyll_and_mr_hyde.txt", "pg5200_metamorphosis.txt", "pg4650_candide_fr.txt"]
-GUTENBERG = Path(__file__).resolve().parents[1] / "data" / "gutenberg"
+GUTENBERG = DATA / "gutenberg"
 SEQ_LEN, MAX_TOKENS = 32, 200  # 200 = 6 full windows + one of 8 tokens per book
 
 

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from litgpt_mm.training.loop import flops
+from litgpt_mm.training import flops
 
 
 @pytest.mark.parametrize(

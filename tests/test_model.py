@@ -114,3 +114,20 @@ def test_activation_checkpointing_gives_same_loss_and_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_forward_embeds_with_kv_cache_matches_litgpt():
+    """`forward_embeds` + `embed_tokens` (mirroring litgpt 0.5.13 `GPT.forward`) give litgpt's logits on litgpt's
+    own `GPT`, with and without the KV cache."""
+    from litgpt_mm.model import embed_tokens, forward_embeds
+
+    cfg = Config.from_name("phi-2-tiny")
+    ref = litgpt.GPT(litgpt.Config(**{f: getattr(cfg, f) for f in litgpt.Config.__dataclass_fields__})).eval()
+    idx = torch.randint(0, cfg.padded_vocab_size, (2, 12))
+    torch.testing.assert_close(forward_embeds(ref, embed_tokens(ref, idx)), ref(idx), rtol=0, atol=0)
+    ref.set_kv_cache(batch_size=2)
+    pos = torch.arange(8)
+    want = ref(idx[:, :8], input_pos=pos)
+    ref.clear_kv_cache()
+    ref.set_kv_cache(batch_size=2)
+    torch.testing.assert_close(forward_embeds(ref, embed_tokens(ref, idx[:, :8]), input_pos=pos), want, rtol=0, atol=0)

@@ -8,7 +8,7 @@ The tower runs the activation its weights were trained with: open_clip builds `V
 OpenAI's weights (and every tag whose pretrained config says `quick_gelu`) were trained with QuickGELU, so the
 activation is read from the tag's own config. A local weights file may come with its open_clip model config beside
 it (`<model_name>.json`, as `scripts/pretrain_clip.py` writes), which is registered with open_clip before the model
-is built; the configs in `litgpt_mm/clip_configs/` (the shapes world's small CLIP) are registered on import.
+is built; the configs in `clip_configs/` beside this module (the shapes world's small CLIP) are registered on import.
 """
 
 from __future__ import annotations
