@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -130,48 +130,86 @@ def main(
     unknown = set(groups) - set(GROUPS)
     if unknown:
         raise ValueError(f"--groups: unknown {sorted(unknown)}; choose from {list(GROUPS)}")
+    study = StudySetup(out_dir, runs_dir, moe_model, dense_model, moe_config, litgpt_config)
     if preset is not None:
-        name = {"tiny": "cpu-tiny", "cpu-5m": "cpu-5m", "gpu": "gpu"}[preset]
-        out_dir, runs_dir = Path(f"reports/pretrain-{name}"), Path(f"out/compare-{name}")
-        moe_model, dense_model = PRESETS[preset]["models"]
-        moe_config, litgpt_config = (Path(f"recipes/configs/{c}") for c in PRESETS[preset]["configs"])
+        study = study.with_preset(preset)
     if width is not None:
-        if preset not in ("tiny", "cpu-5m"):
-            raise ValueError("--width picks a width of the tiny family: use it with --preset tiny or cpu-5m")
-        moe_model, dense_model = f"phi-2-moe-tiny-{width}", f"phi-2-tiny-twin-{width}"
-        Config.from_name(moe_model)  # an unknown width fails here, naming the ones there are
-        out_dir, runs_dir = Path(f"{out_dir}-w{width}"), Path(f"{runs_dir}-w{width}")
+        study = study.at_width(width, preset)
     litgpt_data_dir = Path(litgpt_data_dir or f"data/prepared/{litgpt_data}")
     for directory, script in ((gutenberg_dir, "prepare_gutenberg"), (litgpt_data_dir, f"prepare_{litgpt_data}")):
         if not report_only and not (directory / "train" / "index.json").is_file():
             raise SystemExit(f"{directory} has no prepared shards: run `python scripts/{script}.py` first")
-    ours = ["recipes/pretrain_moe.py", "--config", moe_config, "--data_dir", gutenberg_dir, "--resume", "auto"]
-    plans = [
-        ("moe-gutenberg", "moe-gutenberg", [*ours, "--model_name", moe_model]),
-        ("dense-twin-gutenberg", "dense-twin-gutenberg", [*ours, "--model_name", dense_model]),
-        (f"litgpt-dense-{litgpt_data}", "litgpt-dense",
-         ["recipes/pretrain_dense_litgpt.py", "--config", litgpt_config, "--model_name", dense_model, "--data",
-          litgpt_data, "--data_dir", litgpt_data_dir]),
-    ]  # fmt: skip
+    commands = study.commands(gutenberg_dir, litgpt_data, litgpt_data_dir)
     runs = [
-        _run(f"{name}-seed{seed}", group, seed, runs_dir, report_only, [*args, "--seed", str(seed)])
+        _run(f"{name}-seed{seed}", group, seed, study.runs_dir, report_only, [*args, "--seed", str(seed)])
         for seed in seeds
-        for name, group, args in plans
+        for name, group, args in commands
         if group in groups
     ]
     runs = [r for r in runs if r.train]
     if not runs:
-        raise SystemExit(f"No finished runs under {runs_dir}")
+        raise SystemExit(f"No finished runs under {study.runs_dir}")
     for run in runs:
         run.held_out = held_out(run, gutenberg_dir, eval_blocks)
     sweep = {}
     if width is None and preset in ("tiny", "cpu-5m"):
-        sweep = {128: runs}
-        for directory in sorted(Path(runs_dir).parent.glob(f"{Path(runs_dir).name}-w*")):
-            found = _finished_runs(directory, seeds, gutenberg_dir, eval_blocks)
-            if found:
-                sweep[int(directory.name.rsplit("-w", 1)[1])] = found
-    return write_report(runs, Path(out_dir), litgpt_data, books_dir, sweep if len(sweep) > 1 else None)
+        sweep = _width_sweep(runs, study.runs_dir, seeds, gutenberg_dir, eval_blocks)
+    return write_report(runs, Path(study.out_dir), litgpt_data, books_dir, sweep if len(sweep) > 1 else None)
+
+
+@dataclass(frozen=True)
+class StudySetup:
+    """Where a study's runs and report go and what its runs train, after `--preset` and `--width` (see `main`)."""
+
+    out_dir: Path
+    runs_dir: Path
+    moe_model: str
+    dense_model: str
+    moe_config: Path
+    litgpt_config: Path
+
+    def with_preset(self, preset: str) -> StudySetup:
+        """The models, configs and directories of a `PRESETS` study."""
+        name = {"tiny": "cpu-tiny", "cpu-5m": "cpu-5m", "gpu": "gpu"}[preset]
+        moe_config, litgpt_config = (Path(f"recipes/configs/{c}") for c in PRESETS[preset]["configs"])
+        return StudySetup(
+            Path(f"reports/pretrain-{name}"), Path(f"out/compare-{name}"), *PRESETS[preset]["models"], moe_config,
+            litgpt_config,
+        )  # fmt: skip
+
+    def at_width(self, width: int, preset: str | None) -> StudySetup:
+        """The tiny family at another width, reported under `...-w<width>`; an unknown width fails here."""
+        if preset not in ("tiny", "cpu-5m"):
+            raise ValueError("--width picks a width of the tiny family: use it with --preset tiny or cpu-5m")
+        moe_model, dense_model = f"phi-2-moe-tiny-{width}", f"phi-2-tiny-twin-{width}"
+        Config.from_name(moe_model)  # an unknown width fails here, naming the ones there are
+        return replace(
+            self, out_dir=Path(f"{self.out_dir}-w{width}"), runs_dir=Path(f"{self.runs_dir}-w{width}"),
+            moe_model=moe_model, dense_model=dense_model,
+        )  # fmt: skip
+
+    def commands(self, gutenberg_dir: Path, litgpt_data: str, litgpt_data_dir: Path) -> list[tuple[str, str, list]]:
+        """`(run name, group, training script and its arguments)` of each group, without the seed."""
+        ours = ["recipes/pretrain_moe.py", "--config", self.moe_config, "--data_dir", gutenberg_dir, "--resume", "auto"]
+        return [
+            ("moe-gutenberg", "moe-gutenberg", [*ours, "--model_name", self.moe_model]),
+            ("dense-twin-gutenberg", "dense-twin-gutenberg", [*ours, "--model_name", self.dense_model]),
+            (f"litgpt-dense-{litgpt_data}", "litgpt-dense",
+             ["recipes/pretrain_dense_litgpt.py", "--config", self.litgpt_config, "--model_name", self.dense_model,
+              "--data", litgpt_data, "--data_dir", litgpt_data_dir]),
+        ]  # fmt: skip
+
+
+def _width_sweep(
+    runs: list[Run], runs_dir: Path, seeds: list[int], gutenberg_dir: Path, eval_blocks: int
+) -> dict[int, list[Run]]:
+    """This study's runs as width 128, plus the finished runs of every `<runs_dir>-w<width>` directory beside it."""
+    sweep = {128: runs}
+    for directory in sorted(Path(runs_dir).parent.glob(f"{Path(runs_dir).name}-w*")):
+        found = _finished_runs(directory, seeds, gutenberg_dir, eval_blocks)
+        if found:
+            sweep[int(directory.name.rsplit("-w", 1)[1])] = found
+    return sweep
 
 
 def _finished_runs(runs_dir: Path, seeds: list[int], gutenberg_dir: Path, eval_blocks: int) -> list[Run]:
@@ -307,14 +345,55 @@ def write_report(
 ) -> Path:
     """Plots and `README.md` of the study; `sweep` (width -> its MoE and twin runs) adds the width-sweep section."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    moe = _plot_runs(runs, out_dir)
+    by_group = {g: [r for r in runs if r.group == g] for g in GROUPS if any(r.group == g for r in runs)}
+    lines = _summary_section(by_group, litgpt_data)
+    if "moe-gutenberg" in by_group and "dense-twin-gutenberg" in by_group:
+        lines += _fair_test_section(by_group["moe-gutenberg"], by_group["dense-twin-gutenberg"])
+    if litgpt_data == "gutenberg" and "litgpt-dense" in by_group and "dense-twin-gutenberg" in by_group:
+        lines += _loop_check(by_group["dense-twin-gutenberg"], by_group["litgpt-dense"])
+    if sweep:
+        lines += _sweep_section(sweep, out_dir / "width_sweep.png")
+    lines += [
+        "## Plots",
+        "",
+        "![validation loss vs tokens](loss_vs_tokens.png)",
+        "",
+        "![validation loss vs wall-clock](loss_vs_time.png)",
+        "",
+        "![throughput and memory](throughput_memory.png)",
+        "",
+    ]
+    if (out_dir / "expert_load.png").is_file():
+        lines += ["![expert load](expert_load.png)", ""]
+    if moe is not None and (moe.out / "final" / "lit_model.pth").is_file() and books_dir is not None:
+        lines += _experts_section(moe, books_dir, out_dir)
+    lines += ["## Runs", "", "| run | final val loss | held-out loss | bits/byte | tokens/s | directory |"]
+    lines += ["|---|---|---|---|---|---|"]
+    lines += [
+        f"| {r.name} | {r.final_val:.3f} | {r.held_out.get('loss', float('nan')):.4f} "
+        f"| {r.held_out.get('bits_per_byte', float('nan')):.4f} | {r.tokens_per_s:,.0f} | `{r.out}` |"
+        for r in runs
+    ]
+    report = out_dir / "README.md"
+    report.write_text("\n".join(lines) + "\n")
+    print(f"Report: {report}")
+    return report
+
+
+def _plot_runs(runs: list[Run], out_dir: Path) -> Run | None:
+    """The loss, throughput and memory plots, and the first MoE run's expert load; returns that run (or None)."""
     _loss_plot(runs, "tokens", "tokens", out_dir / "loss_vs_tokens.png")
     _loss_plot(runs, "elapsed_s", "wall-clock seconds", out_dir / "loss_vs_time.png")
     _throughput_plot(runs, out_dir / "throughput_memory.png")
     moe = next((r for r in runs if r.group == "moe-gutenberg"), None)
     if moe is not None and (moe.out / "logs" / "expert_load.csv").is_file():
         plot_expert_load(read_csv(moe.out / "logs" / "expert_load.csv"), out_dir / "expert_load.png", moe.name)
+    return moe
 
-    by_group = {g: [r for r in runs if r.group == g] for g in GROUPS if any(r.group == g for r in runs)}
+
+def _summary_section(by_group: dict[str, list[Run]], litgpt_data: str) -> list[str]:
+    """The report's title, what the runs read, and one row per group, with the notes on how each column is got."""
     lines = [
         "# Pretraining comparison",
         "",
@@ -345,7 +424,7 @@ def write_report(
             f"| {min(r.wall_clock_s for r in members):.0f} s "
             f"| {statistics.mean(r.peak_memory_gb for r in members):.2f} GB |"
         )
-    lines += [
+    return lines + [
         "",
         "± is half the spread over seeds. Final val loss: each loop's own last validation (its first batches of the "
         "held-out book). Held-out loss and bits per byte: one evaluator for every final checkpoint, "
@@ -355,49 +434,21 @@ def write_report(
         f"CUDA allocator peak on GPU, peak RSS on CPU. Hardware: {_hardware()}.",
         "",
     ]
-    if "moe-gutenberg" in by_group and "dense-twin-gutenberg" in by_group:
-        m = statistics.mean(r.final_val for r in by_group["moe-gutenberg"])
-        d = statistics.mean(r.final_val for r in by_group["dense-twin-gutenberg"])
-        speed = max(r.tokens_per_s for r in by_group["moe-gutenberg"]) / max(
-            r.tokens_per_s for r in by_group["dense-twin-gutenberg"]
-        )
-        lines += [
-            "## The fair test: MoE vs dense at equal active FLOPs",
-            "",
-            f"On the same tokens, the MoE ends at validation loss {m:.3f} and its dense twin at {d:.3f} "
-            f"({'MoE better' if m < d else 'dense better'} by {abs(m - d):.3f} nats/token); "
-            f"the MoE trains at {speed:.2f}× the twin's tokens/s.",
-            "",
-        ]
-    if litgpt_data == "gutenberg" and "litgpt-dense" in by_group and "dense-twin-gutenberg" in by_group:
-        lines += _loop_check(by_group["dense-twin-gutenberg"], by_group["litgpt-dense"])
-    if sweep:
-        lines += _sweep_section(sweep, out_dir / "width_sweep.png")
-    lines += [
-        "## Plots",
+
+
+def _fair_test_section(moe: list[Run], twin: list[Run]) -> list[str]:
+    """MoE vs its dense twin on the same tokens: final validation losses and the throughput ratio."""
+    m = statistics.mean(r.final_val for r in moe)
+    d = statistics.mean(r.final_val for r in twin)
+    speed = max(r.tokens_per_s for r in moe) / max(r.tokens_per_s for r in twin)
+    return [
+        "## The fair test: MoE vs dense at equal active FLOPs",
         "",
-        "![validation loss vs tokens](loss_vs_tokens.png)",
-        "",
-        "![validation loss vs wall-clock](loss_vs_time.png)",
-        "",
-        "![throughput and memory](throughput_memory.png)",
+        f"On the same tokens, the MoE ends at validation loss {m:.3f} and its dense twin at {d:.3f} "
+        f"({'MoE better' if m < d else 'dense better'} by {abs(m - d):.3f} nats/token); "
+        f"the MoE trains at {speed:.2f}× the twin's tokens/s.",
         "",
     ]
-    if (out_dir / "expert_load.png").is_file():
-        lines += ["![expert load](expert_load.png)", ""]
-    if moe is not None and (moe.out / "final" / "lit_model.pth").is_file() and books_dir is not None:
-        lines += _experts_section(moe, books_dir, out_dir)
-    lines += ["## Runs", "", "| run | final val loss | held-out loss | bits/byte | tokens/s | directory |"]
-    lines += ["|---|---|---|---|---|---|"]
-    lines += [
-        f"| {r.name} | {r.final_val:.3f} | {r.held_out.get('loss', float('nan')):.4f} "
-        f"| {r.held_out.get('bits_per_byte', float('nan')):.4f} | {r.tokens_per_s:,.0f} | `{r.out}` |"
-        for r in runs
-    ]
-    report = out_dir / "README.md"
-    report.write_text("\n".join(lines) + "\n")
-    print(f"Report: {report}")
-    return report
 
 
 def _loop_check(ours: list[Run], litgpt: list[Run]) -> list[str]:

@@ -570,6 +570,49 @@ def _ring_bytes(size: float, ranks: int) -> float:
     return size * (ranks - 1) / ranks if ranks > 1 else 0.0
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """The run a plan is for, with `plan`'s defaults resolved (see `plan` for each field): what its steps share."""
+
+    tokens: float
+    gpus: int
+    gpu: str
+    precision: str
+    optimizer: str
+    micro_batch: int
+    seq_len: int
+    activation_checkpointing: bool
+    fsdp_size: int
+    expert_parallel: int
+    overhead_gb: float
+    fused_adamw: bool
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What a plan assumes of the GPUs, resolved from the `GPUS` table, the measured MFU and `plan`'s overrides.
+
+    Args:
+        intra_bytes_s: link rate within a node, bytes/s per GPU and direction.
+        inter_bytes_s: link rate across nodes, likewise.
+        expert_hidden_copies: expert hidden tensors kept per routing slot (see `block_activation_bytes`).
+    """
+
+    peak_flops: float
+    peak_source: str
+    mfu: float
+    mfu_source: str
+    memory_gb: float
+    intra_bytes_s: float
+    inter_bytes_s: float
+    gpus_per_node: int
+    expert_hidden_copies: int
+
+    def rate(self, group: int) -> float:
+        """Bytes/s per GPU of a collective over `group` GPUs: the intra-node link within a node, else the slower."""
+        return self.intra_bytes_s if group <= self.gpus_per_node else min(self.intra_bytes_s, self.inter_bytes_s)
+
+
 def plan(
     config: Config,
     tokens: float,
@@ -622,14 +665,32 @@ def plan(
             loop it runs on a CPU, with two temporary copies of a parameter.
         results_dir: where `measured_mfu` looks.
     """
-    if precision not in PRECISION_BYTES:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    seq_len = config.block_size if seq_len is None else seq_len
-    fsdp_size = gpus if fsdp_size is None else fsdp_size
-    ep = expert_parallel
-    if min(gpus, micro_batch, seq_len, fsdp_size, ep, gpus_per_node) < 1 or tokens <= 0:
+    run = RunSettings(
+        tokens=tokens, gpus=gpus, gpu=gpu, precision=precision, optimizer=optimizer, micro_batch=micro_batch,
+        seq_len=config.block_size if seq_len is None else seq_len, activation_checkpointing=activation_checkpointing,
+        fsdp_size=gpus if fsdp_size is None else fsdp_size, expert_parallel=expert_parallel,
+        overhead_gb=overhead_gb, fused_adamw=fused_adamw,
+    )  # fmt: skip
+    _check_run(config, run, gpus_per_node, mfu)
+    hardware = _resolve_hardware(
+        config, run, mfu, peak_tflops, gpu_memory_gb, link_gbps, internode_gbps, gpus_per_node, expert_hidden_copies,
+        results_dir,
+    )  # fmt: skip
+    tensors = param_tensors(config)
+    params = count_params(config, tensors)
+    memory = _memory_per_gpu(config, run, hardware, tensors, params)
+    communication = _communication_per_step(config, run, hardware, params)
+    return _timed_plan(config, run, hardware, params, memory, communication)
+
+
+def _check_run(config: Config, run: RunSettings, gpus_per_node: int, mfu: float | None) -> None:
+    """Refuse settings that no run can have, naming the setting."""
+    if run.precision not in PRECISION_BYTES:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {run.precision!r}")
+    if run.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {run.optimizer!r}")
+    gpus, fsdp_size, ep = run.gpus, run.fsdp_size, run.expert_parallel
+    if min(gpus, run.micro_batch, run.seq_len, fsdp_size, ep, gpus_per_node) < 1 or run.tokens <= 0:
         raise ValueError("gpus, micro_batch, seq_len, fsdp_size, expert_parallel, gpus_per_node and tokens must be > 0")
     if gpus % fsdp_size:
         raise ValueError(f"fsdp_size {fsdp_size} must divide gpus {gpus}")
@@ -638,31 +699,70 @@ def plan(
     if mfu is not None and not 0 < mfu <= 1:
         raise ValueError(f"mfu must be in (0, 1], got {mfu}")
 
-    notes: list[str] = []
+
+def _resolve_hardware(
+    config: Config,
+    run: RunSettings,
+    mfu: float | None,
+    peak_tflops: float | None,
+    gpu_memory_gb: float | None,
+    link_gbps: float | None,
+    internode_gbps: float,
+    gpus_per_node: int,
+    expert_hidden_copies: int | None,
+    results_dir: Path,
+) -> Hardware:
+    """The GPU's peak FLOP/s, MFU, memory and link rates: `plan`'s overrides, else the `GPUS` table and the MFU we
+    measured. A GPU missing from the table needs all of `peak_tflops`, `gpu_memory_gb` and `link_gbps`."""
+    gpu = run.gpu
     overridden = peak_tflops is not None and gpu_memory_gb is not None and link_gbps is not None
     spec = None if overridden and gpu.lower() not in GPUS else gpu_spec(gpu)
     if expert_hidden_copies is None:
         expert_hidden_copies = 2 if spec is None or spec.grouped_mm else 1
     if peak_tflops is None:
-        peak, peak_source = gpu_peak_flops(gpu, precision)
+        peak, peak_source = gpu_peak_flops(gpu, run.precision)
     else:
         peak, peak_source = peak_tflops * 1e12, "--peak_tflops"
     if mfu is None:
         mfu, mfu_source = measured_mfu(config, gpu, results_dir)
     else:
         mfu_source = f"MFU {mfu} given"
-    memory_gb = spec.memory_gb if gpu_memory_gb is None else gpu_memory_gb
+    return Hardware(
+        peak_flops=peak,
+        peak_source=peak_source,
+        mfu=mfu,
+        mfu_source=mfu_source,
+        memory_gb=spec.memory_gb if gpu_memory_gb is None else gpu_memory_gb,
+        intra_bytes_s=(link_gbps if link_gbps is not None else spec.link_gbps) * 1e9 / 8,
+        inter_bytes_s=internode_gbps * 1e9 / 8,
+        gpus_per_node=gpus_per_node,
+        expert_hidden_copies=expert_hidden_copies,
+    )
 
-    tensors = param_tensors(config)
-    params = count_params(config, tensors)
-    pb = PRECISION_BYTES[precision]
-    # with expert parallelism (litgpt_mm.models.expert_parallel) each rank holds its E / ep experts whole: FSDP ignores
-    # them and their gradients are all-reduced over the gpus / ep replicas; without it they are ordinary parameters
+
+def _held_params(params: ParamCounts, ep: int) -> tuple[float, float]:
+    """Parameters FSDP shards, and the expert parameters one GPU holds whole outside FSDP.
+
+    With expert parallelism (`litgpt_mm.models.expert_parallel`) each rank holds its E / ep experts whole: FSDP
+    ignores them and their gradients are all-reduced over the gpus / ep replicas; without it they are ordinary
+    parameters.
+    """
     sharded = params.total if ep == 1 else params.dense
     experts = 0 if ep == 1 else params.expert / ep
+    return sharded, experts
+
+
+def _memory_per_gpu(
+    config: Config, run: RunSettings, hardware: Hardware, tensors: list[ParamTensor], params: ParamCounts
+) -> Memory:
+    """This GPU's share of weights, gradients and optimizer states, its activations, working weight copies and the
+    optimizer step's temporaries (see `Memory`)."""
+    pb = PRECISION_BYTES[run.precision]
+    ep, fsdp_size = run.expert_parallel, run.fsdp_size
+    sharded, experts = _held_params(params, ep)
     held = sharded / fsdp_size + experts
     weights, grads = pb.weight * held, pb.grad * held
-    if optimizer == "adamw":
+    if run.optimizer == "adamw":
         opt = 2 * pb.weight * held
     else:
         opt = sum(
@@ -672,7 +772,9 @@ def plan(
             for t in tensors
         )
 
-    acts = activation_bytes(config, precision, micro_batch, seq_len, activation_checkpointing, expert_hidden_copies)
+    acts = activation_bytes(
+        config, run.precision, run.micro_batch, run.seq_len, run.activation_checkpointing, hardware.expert_hidden_copies
+    )
     a = pb.compute
     if fsdp_size > 1:
         # root unit (wte, lm_head, ln_f) stays gathered through the forward; two blocks gathered (current +
@@ -687,72 +789,82 @@ def plan(
     else:
         working = 0.0
     largest = params.largest_tensor / (fsdp_size if fsdp_size > 1 else 1)
-    opt_step = 0.0 if fused_adamw or optimizer != "adamw" else 2 * pb.weight * largest
-    memory = Memory(weights, grads, opt, acts.start, acts.recompute, opt_step, working, overhead_gb * 1e9)
+    opt_step = 0.0 if run.fused_adamw or run.optimizer != "adamw" else 2 * pb.weight * largest
+    return Memory(weights, grads, opt, acts.start, acts.recompute, opt_step, working, run.overhead_gb * 1e9)
 
-    # communication per step and GPU
-    intra = (link_gbps if link_gbps is not None else spec.link_gbps) * 1e9 / 8
-    inter = internode_gbps * 1e9 / 8
 
-    def rate(group: int) -> float:
-        return intra if group <= gpus_per_node else min(intra, inter)
-
+def _communication_per_step(config: Config, run: RunSettings, hardware: Hardware, params: ParamCounts) -> Communication:
+    """Bytes each GPU sends per step and the seconds they take: FSDP's collectives, the gradient all-reduces over
+    replicas and the expert all-to-all."""
+    pb = PRECISION_BYTES[run.precision]
+    a, gpus, fsdp_size, ep = pb.compute, run.gpus, run.fsdp_size, run.expert_parallel
+    sharded, experts = _held_params(params, ep)
     comm_s, comm_bytes = 0.0, 0.0
     if fsdp_size > 1:  # FSDP: all-gathers (forward, backward) and a reduce-scatter, all in the compute dtype
         b = 3 * _ring_bytes(sharded * a, fsdp_size)
-        comm_bytes, comm_s = comm_bytes + b, comm_s + b / rate(fsdp_size)
+        comm_bytes, comm_s = comm_bytes + b, comm_s + b / hardware.rate(fsdp_size)
     # all-reduces (reduce-scatter + all-gather) of gradients over replicas: the dense ones over the FSDP replicas
     # (in the reduce dtype; DDP: in the gradients' dtype), this rank's experts over the gpus / ep ranks holding them
     for n, size, replicas in ((sharded / fsdp_size, a if fsdp_size > 1 else pb.grad, gpus // fsdp_size),
                               (experts, pb.grad, gpus // ep)):  # fmt: skip
         if n and replicas > 1:
             b = 2 * _ring_bytes(n * size, replicas)
-            comm_bytes, comm_s = comm_bytes + b, comm_s + b / rate(gpus)
+            comm_bytes, comm_s = comm_bytes + b, comm_s + b / hardware.rate(gpus)
     a2a_bytes = 0.0
     if ep > 1:
         k, L_moe = config.n_expert_per_token, len(config.moe_layer_indices)
-        passes = 3 if activation_checkpointing else 2  # forward, backward (+ recomputed forward)
-        a2a_bytes = micro_batch * seq_len * k * config.n_embd * a * (ep - 1) / ep * 2 * passes * L_moe
-    communication = Communication(comm_bytes, a2a_bytes, comm_s, a2a_bytes / rate(ep))
+        passes = 3 if run.activation_checkpointing else 2  # forward, backward (+ recomputed forward)
+        a2a_bytes = run.micro_batch * run.seq_len * k * config.n_embd * a * (ep - 1) / ep * 2 * passes * L_moe
+    return Communication(comm_bytes, a2a_bytes, comm_s, a2a_bytes / hardware.rate(ep))
 
-    fpt = flops_per_token(config, seq_len, params)
-    tokens_per_gpu = micro_batch * seq_len
-    compute_s = tokens_per_gpu * fpt * (4 / 3 if activation_checkpointing else 1) / (peak * mfu)
+
+def _timed_plan(
+    config: Config,
+    run: RunSettings,
+    hardware: Hardware,
+    params: ParamCounts,
+    memory: Memory,
+    communication: Communication,
+) -> Plan:
+    """Compute and step time at the MFU, the steps for the run's tokens, and the notes saying what was assumed."""
+    fpt = flops_per_token(config, run.seq_len, params)
+    tokens_per_gpu = run.micro_batch * run.seq_len
+    peak, mfu = hardware.peak_flops, hardware.mfu
+    compute_s = tokens_per_gpu * fpt * (4 / 3 if run.activation_checkpointing else 1) / (peak * mfu)
     step_s = max(compute_s, communication.fsdp_s) + communication.all_to_all_s
-    tokens_per_step = tokens_per_gpu * gpus
-    notes.append(mfu_source)
-    notes.append(f"peak {peak / 1e12:.1f} TFLOP/s per GPU from {peak_source}")
+    tokens_per_step = tokens_per_gpu * run.gpus
+    notes = [hardware.mfu_source, f"peak {peak / 1e12:.1f} TFLOP/s per GPU from {hardware.peak_source}"]
     notes.append(
         "step time = max(compute at that MFU, FSDP/DDP traffic: overlapped by prefetching) + expert all-to-all"
         " (on the critical path); link rates are datasheet peaks (NCCL reaches ~70-85 %)"
     )
-    if activation_checkpointing:
+    if run.activation_checkpointing:
         notes.append("activation checkpointing recomputes the forward: compute time x 4/3 (not counted in MFU)")
     return Plan(
         model=config.name,
-        gpu=gpu,
-        gpus=gpus,
-        tokens=float(tokens),
-        precision=precision,
-        optimizer=optimizer,
-        micro_batch=micro_batch,
-        seq_len=seq_len,
-        activation_checkpointing=activation_checkpointing,
-        fsdp_size=fsdp_size,
-        expert_parallel=ep,
+        gpu=run.gpu,
+        gpus=run.gpus,
+        tokens=float(run.tokens),
+        precision=run.precision,
+        optimizer=run.optimizer,
+        micro_batch=run.micro_batch,
+        seq_len=run.seq_len,
+        activation_checkpointing=run.activation_checkpointing,
+        fsdp_size=run.fsdp_size,
+        expert_parallel=run.expert_parallel,
         params=params,
         flops_per_token=fpt,
         peak_flops=peak,
-        peak_source=peak_source,
+        peak_source=hardware.peak_source,
         mfu=mfu,
-        mfu_source=mfu_source,
+        mfu_source=hardware.mfu_source,
         memory=memory,
-        gpu_memory_gb=memory_gb,
+        gpu_memory_gb=hardware.memory_gb,
         communication=communication,
         compute_s=compute_s,
         step_s=step_s,
         tokens_per_step=tokens_per_step,
-        steps=math.ceil(tokens / tokens_per_step),
+        steps=math.ceil(run.tokens / tokens_per_step),
         notes=notes,
     )
 

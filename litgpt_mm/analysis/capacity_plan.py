@@ -75,27 +75,10 @@ def main(
         overhead_gb: memory per GPU outside tensors (CUDA context, workspaces, fragmentation).
         out: also write the plan as JSON here.
     """
-    config = load_config(model_name)
-    plan = capacity.plan(
-        config,
-        tokens=tokens,
-        gpus=gpus,
-        gpu=gpu,
-        precision=precision,
-        optimizer=optimizer,
-        micro_batch=micro_batch,
-        seq_len=seq_len,
-        activation_checkpointing=activation_checkpointing,
-        fsdp_size=fsdp_size,
-        expert_parallel=expert_parallel,
-        mfu=mfu,
-        peak_tflops=peak_tflops,
-        gpu_memory_gb=gpu_memory_gb,
-        link_gbps=link_gbps,
-        internode_gbps=internode_gbps,
-        gpus_per_node=gpus_per_node,
-        overhead_gb=overhead_gb,
-    )
+    flags = dict(locals())  # first statement: the flags, all but two of them `capacity.plan`'s keyword arguments
+    config = load_config(flags.pop("model_name"))
+    out = flags.pop("out")
+    plan = capacity.plan(config, **flags)
     print(capacity.format_plan(plan))
     if out is not None:
         out = Path(out)

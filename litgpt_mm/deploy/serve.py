@@ -21,8 +21,9 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import litserve as ls
 import torch
@@ -374,38 +375,56 @@ class ChatRequest(ChatCompletionRequest):
     top_k: int | None = None
 
 
-def build_server(
-    checkpoint_dir: Path,
-    quantize: str | None = None,
-    template: str = "phi2",
-    whisper_model: str = "large-v3",
-    accelerator: str = "auto",
-    devices: int | str = "auto",
-    workers_per_device: int = 1,
-    max_batch_size: int = 1,
-    batch_timeout: float = 0.05,
-    max_tokens: int = 256,
-    max_payload_mb: float = 20.0,
-    allow_remote_images: bool = False,
-    api_key: str | None = None,
-    timeout: float = 120.0,
-    cancel_dir: Path | None = None,
-) -> ls.LitServer:
-    """A `LitServer` for a checkpoint (see `main` for the arguments)."""
-    checkpoint_dir = Path(checkpoint_dir)
+@dataclass(frozen=True)
+class ServerSettings:
+    """What `build_server` serves and how: `main`'s flags but `host` and `port` (see `main` for each field)."""
+
+    checkpoint_dir: Path
+    quantize: str | None = None
+    template: str = "phi2"
+    whisper_model: str = "large-v3"
+    device: str = "auto"
+    devices: int | str = "auto"
+    workers_per_device: int = 1
+    max_batch_size: int = 1
+    batch_timeout: float = 0.05
+    max_tokens: int = 256
+    max_payload_mb: float = 20.0
+    allow_remote_images: bool = False
+    api_key: str | None = None
+    timeout: float = 120.0
+
+    @classmethod
+    def from_flags(cls, flags: dict[str, Any]) -> ServerSettings:
+        """The settings out of `main`'s `locals()`."""
+        return cls(**{f.name: flags[f.name] for f in fields(cls)})
+
+
+def build_server(settings: ServerSettings, cancel_dir: Path | None = None) -> ls.LitServer:
+    """A `LitServer` for a checkpoint; `cancel_dir` receives a file per disconnected stream (default: a new
+    temporary directory)."""
+    checkpoint_dir, template = Path(settings.checkpoint_dir), settings.template
+    max_tokens, allow_remote_images = settings.max_tokens, settings.allow_remote_images
     if template not in TEMPLATES:
         raise ValueError(f"--template {template!r}: choose from {sorted(TEMPLATES)}")
     Requests(checkpoint_dir, template, max_tokens, allow_remote_images)  # a wrong directory fails here, in one line
     cancel_dir = Path(cancel_dir or tempfile.mkdtemp(prefix="litgpt-mm-serve-"))
     spec = MultimodalSpec(_RequestsFactory(checkpoint_dir, template, max_tokens, allow_remote_images), cancel_dir)
     api = MultimodalAPI(
-        checkpoint_dir, quantize, template, whisper_model, max_tokens, allow_remote_images, api_key, cancel_dir,
-        spec=spec, max_batch_size=max_batch_size, batch_timeout=batch_timeout if max_batch_size > 1 else 0.0,
+        checkpoint_dir, settings.quantize, template, settings.whisper_model, max_tokens, allow_remote_images,
+        settings.api_key, cancel_dir, spec=spec, max_batch_size=settings.max_batch_size,
+        batch_timeout=settings.batch_timeout if settings.max_batch_size > 1 else 0.0,
     )  # fmt: skip
     server = ls.LitServer(
-        api, accelerator=accelerator, devices=devices, workers_per_device=workers_per_device, timeout=timeout,
-        middlewares=[(PayloadLimit, {"max_bytes": int(max_payload_mb * 1e6)})],
+        api, accelerator=settings.device, devices=settings.devices, workers_per_device=settings.workers_per_device,
+        timeout=settings.timeout, middlewares=[(PayloadLimit, {"max_bytes": int(settings.max_payload_mb * 1e6)})],
     )  # fmt: skip
+    _add_openai_routes(server, api, checkpoint_dir)
+    return server
+
+
+def _add_openai_routes(server: ls.LitServer, api: MultimodalAPI, checkpoint_dir: Path) -> None:
+    """OpenAI-style error bodies for HTTP and validation errors, and `GET /v1/models` (behind the key, if any)."""
     server.app.add_exception_handler(StarletteHTTPException, _http_error)
     server.app.add_exception_handler(RequestValidationError, _validation_error)
     model_id = checkpoint_dir.name if checkpoint_dir.name not in ("final", "merged") else str(checkpoint_dir)
@@ -418,7 +437,6 @@ def build_server(
         }
 
     server.app.add_api_route("/v1/models", models, methods=["GET"], dependencies=[Depends(server.setup_auth(api))])
-    return server
 
 
 @dataclass
@@ -472,10 +490,7 @@ def main(
         api_key: require `Authorization: Bearer <api_key>` (every route but `/health`).
         timeout: seconds a request may wait in the queue.
     """
-    server = build_server(
-        checkpoint_dir, quantize, template, whisper_model, device, devices, workers_per_device, max_batch_size,
-        batch_timeout, max_tokens, max_payload_mb, allow_remote_images, api_key, timeout,
-    )  # fmt: skip
+    server = build_server(ServerSettings.from_flags(locals()))
     print(f"Serving {checkpoint_dir} on http://{host}:{port}/v1 (OpenAI chat completions)", file=sys.stderr)
     signal.signal(signal.SIGTERM, _interrupt)  # LitServe stops its workers on KeyboardInterrupt only
     server.run(host=host, port=port, generate_client_file=False, num_api_servers=1)

@@ -98,6 +98,36 @@ def caption_scores(
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
+    keys, refs_by_key = _check_captions(predictions, references)
+    if use_java and not _java_available():
+        raise ValueError("caption_scores(use_java=True): no `java` on PATH; install a JRE or pass use_java=False")
+    java = _java_available() if use_java is None else use_java
+    gts, res = _tokenize_captions(keys, predictions, refs_by_key, java)
+
+    scores: dict = {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores.update({f"Bleu_{n}": float(b) for n, b in enumerate(bleu, 1)})
+    rouge, rouge_per_image = Rouge().compute_score(gts, res)
+    scores["ROUGE_L"] = float(rouge)
+    cider, cider_per_image = Cider().compute_score(gts, res)
+    scores["CIDEr"] = float(cider)
+    if java:
+        scores["METEOR"] = _meteor(gts, res)
+    scores["n_images"] = len(keys)
+    scores["tokenizer"] = "ptb" if java else "python"
+    scores["per_image"] = {
+        "CIDEr": {k: float(s) for k, s in zip(keys, cider_per_image, strict=True)},
+        "ROUGE_L": {k: float(s) for k, s in zip(keys, rouge_per_image, strict=True)},
+    }
+    scores["note"] = NOTE.format(n=len(keys))
+    return scores
+
+
+def _check_captions(
+    predictions: dict[str | int, str], references: dict[str | int, list[str]]
+) -> tuple[list[str | int], dict[str, list[str]]]:
+    """The images to score (the keys of `predictions`) and the references keyed by string, after checking that
+    there are at least 2 images, each with a string prediction and a non-empty list of string references."""
     keys = list(predictions)
     if len(keys) < 2:
         raise ValueError(
@@ -114,11 +144,14 @@ def caption_scores(
             raise ValueError(f"caption_scores: the prediction for image {k!r} is {predictions[k]!r}, not a string")
         if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
             raise ValueError(f"caption_scores: references for image {k!r} must be a non-empty list of strings")
+    return keys, refs_by_key
 
-    if use_java and not _java_available():
-        raise ValueError("caption_scores(use_java=True): no `java` on PATH; install a JRE or pass use_java=False")
-    java = _java_available() if use_java is None else use_java
-    # pycocoevalcap keys: positions, so that mixed key types never meet.
+
+def _tokenize_captions(
+    keys: list[str | int], predictions: dict[str | int, str], refs_by_key: dict[str, list[str]], java: bool
+) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """References and predictions as pycocoevalcap's scorers take them, keyed by position (so that mixed key types
+    never meet): through its Java `PTBTokenizer` when `java`, else through `tokenize`."""
     if java:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -128,37 +161,25 @@ def caption_scores(
     else:
         gts = {i: [tokenize(r) for r in refs_by_key[str(k)]] for i, k in enumerate(keys)}
         res = {i: [tokenize(predictions[k])] for i, k in enumerate(keys)}
+    return gts, res
 
-    scores: dict = {}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    scores.update({f"Bleu_{n}": float(b) for n, b in enumerate(bleu, 1)})
-    rouge, rouge_per_image = Rouge().compute_score(gts, res)
-    scores["ROUGE_L"] = float(rouge)
-    cider, cider_per_image = Cider().compute_score(gts, res)
-    scores["CIDEr"] = float(cider)
-    if java:
-        from pycocoevalcap.meteor.meteor import Meteor
 
-        meteor = Meteor()
-        try:
-            scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
-        except Exception as err:
-            raise RuntimeError(
-                f"METEOR failed ({type(err).__name__}: {err}); it runs pycocoevalcap's meteor-1.5.jar with `java`. "
-                "Pass use_java=False to score without Java and without METEOR"
-            ) from err
-        finally:
-            if meteor.lock.locked():  # compute_score failed holding its lock; Meteor.__del__ would wait forever
-                meteor.lock.release()
-            del meteor  # Meteor.__del__ stops the Java process
-    scores["n_images"] = len(keys)
-    scores["tokenizer"] = "ptb" if java else "python"
-    scores["per_image"] = {
-        "CIDEr": {k: float(s) for k, s in zip(keys, cider_per_image, strict=True)},
-        "ROUGE_L": {k: float(s) for k, s in zip(keys, rouge_per_image, strict=True)},
-    }
-    scores["note"] = NOTE.format(n=len(keys))
-    return scores
+def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
+    """METEOR with pycocoevalcap's meteor-1.5.jar, stopping its Java process whether or not scoring succeeds."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()
+    try:
+        return float(meteor.compute_score(gts, res)[0])
+    except Exception as err:
+        raise RuntimeError(
+            f"METEOR failed ({type(err).__name__}: {err}); it runs pycocoevalcap's meteor-1.5.jar with `java`. "
+            "Pass use_java=False to score without Java and without METEOR"
+        ) from err
+    finally:
+        if meteor.lock.locked():  # compute_score failed holding its lock; Meteor.__del__ would wait forever
+            meteor.lock.release()
+        del meteor  # Meteor.__del__ stops the Java process
 
 
 def read_coco_references(captions_json: str | Path) -> tuple[dict[int, list[str]], dict[int, str]]:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,21 +28,45 @@ from litgpt_mm.eval.metrics import format_results
 from litgpt_mm.eval.runner import Answerer, ApiAnswerer, checkpoint_hash, write_results
 
 
-def _answerer(checkpoint_dir: Path, template: str, device: str | None, quantize: str | None, batch_size: int,
-              max_new_tokens: int, seed: int, api_base: str | None = None,
-              api_key: str | None = None) -> tuple[Answerer | ApiAnswerer, str]:  # fmt: skip
-    """Load a checkpoint of any kind (`template="auto"` is `plain` for an aligned projector, else `phi2`), or talk to
-    the server at `api_base`, which renders its own template."""
-    if api_base:
-        return ApiAnswerer(
-            api_base, api_key, GenerationSettings(max_new_tokens=max_new_tokens), batch_size, seed
-        ), "server"
-    checkpoint_dir = Path(checkpoint_dir)
-    if template == "auto":
-        tuned = any((checkpoint_dir / f).is_file() for f in ("lit_model.pth", "lora.pth"))
-        template = "phi2" if tuned else "plain"
-    assistant = Assistant.load(checkpoint_dir, device=device, quantize=quantize, template=template)
-    return Answerer(assistant, GenerationSettings(max_new_tokens=max_new_tokens), batch_size, seed), template
+@dataclass(frozen=True)
+class AnswerSettings:
+    """The flags `pope`, `vqa` and `caption` share: how answers are produced (a checkpoint or a server) and where
+    the results go. `from_flags` picks them out of a sub-command's arguments; see `pope` for each one."""
+
+    checkpoint_dir: Path
+    template: str
+    device: str | None
+    quantize: str | None
+    batch_size: int
+    max_new_tokens: int
+    seed: int
+    api_base: str | None
+    api_key: str | None
+    out_dir: Path | None
+
+    @classmethod
+    def from_flags(cls, flags: dict[str, Any]) -> AnswerSettings:
+        """The shared settings out of a sub-command's `locals()`."""
+        return cls(**{f.name: flags[f.name] for f in fields(cls)})
+
+    def answerer(self) -> tuple[Answerer | ApiAnswerer, str]:
+        """Load a checkpoint of any kind (`template="auto"` is `plain` for an aligned projector, else `phi2`), or
+        talk to the server at `api_base`, which renders its own template; returns the answerer and the template."""
+        generation = GenerationSettings(max_new_tokens=self.max_new_tokens)
+        if self.api_base:
+            return ApiAnswerer(self.api_base, self.api_key, generation, self.batch_size, self.seed), "server"
+        checkpoint_dir, template = Path(self.checkpoint_dir), self.template
+        if template == "auto":
+            tuned = any((checkpoint_dir / f).is_file() for f in ("lit_model.pth", "lora.pth"))
+            template = "phi2" if tuned else "plain"
+        assistant = Assistant.load(checkpoint_dir, device=self.device, quantize=self.quantize, template=template)
+        return Answerer(assistant, generation, self.batch_size, self.seed), template
+
+    def write(self, task: str, scores: list, predictions: list[dict], started: float, template: str, **meta) -> dict:
+        """Write `results.json` and `predictions.jsonl` under the task's output directory, with the run's settings
+        (`meta`: the task's own) beside the scores."""
+        meta = _meta(self.checkpoint_dir, template, self.seed, **meta, api_base=self.api_base)
+        return write_results(_out(self.out_dir, task, self.checkpoint_dir), task, scores, predictions, meta, started)
 
 
 def _out(out_dir: Path | None, task: str, checkpoint_dir: Path) -> Path:
@@ -94,16 +120,16 @@ def pope(
             `python -m litgpt_mm.serve`) instead of loading `checkpoint_dir`, which then only names the results.
         api_key: the server's key, if it wants one.
     """
+    settings = AnswerSettings.from_flags(locals())
     started = time.perf_counter()
-    answerer, template = _answerer(
-        checkpoint_dir, template, device, quantize, batch_size, max_new_tokens, seed, api_base, api_key
-    )
+    answerer, template = settings.answerer()
     scores, predictions = eval_tasks.pope(
         answerer, questions or [], instances, strategies, n_per_image, images_root, prompt_suffix, limit, seed
     )
-    meta = _meta(checkpoint_dir, template, seed, prompt_suffix=prompt_suffix, questions=[str(q) for q in questions
-                 or []], instances=str(instances) if instances else None, api_base=api_base)  # fmt: skip
-    return write_results(_out(out_dir, "pope", checkpoint_dir), "pope", scores, predictions, meta, started)
+    return settings.write(
+        "pope", scores, predictions, started, template, prompt_suffix=prompt_suffix,
+        questions=[str(q) for q in questions or []], instances=str(instances) if instances else None,
+    )  # fmt: skip
 
 
 def vqa(
@@ -144,17 +170,15 @@ def vqa(
             `python -m litgpt_mm.serve`) instead of loading `checkpoint_dir`, which then only names the results.
         api_key: the server's key, if it wants one.
     """
+    settings = AnswerSettings.from_flags(locals())
     if questions is None:
         raise ValueError("vqa: pass --questions (a jsonl of {id, image, question, answers}, or a LLaVA eval file)")
     started = time.perf_counter()
-    answerer, template = _answerer(
-        checkpoint_dir, template, device, quantize, batch_size, max_new_tokens, seed, api_base, api_key
-    )
+    answerer, template = settings.answerer()
     scores, predictions = eval_tasks.vqa(answerer, questions, images_root, answers, prompt_suffix, limit, seed)
-    meta = _meta(
-        checkpoint_dir, template, seed, prompt_suffix=prompt_suffix, questions=str(questions), api_base=api_base
+    return settings.write(
+        "vqa", scores, predictions, started, template, prompt_suffix=prompt_suffix, questions=str(questions)
     )
-    return write_results(_out(out_dir, "vqa", checkpoint_dir), "vqa", scores, predictions, meta, started)
 
 
 def caption(
@@ -195,15 +219,13 @@ def caption(
             `python -m litgpt_mm.serve`) instead of loading `checkpoint_dir`, which then only names the results.
         api_key: the server's key, if it wants one.
     """
+    settings = AnswerSettings.from_flags(locals())
     started = time.perf_counter()
-    answerer, template = _answerer(
-        checkpoint_dir, template, device, quantize, batch_size, max_new_tokens, seed, api_base, api_key
-    )
+    answerer, template = settings.answerer()
     if prompt is None:
         prompt = "" if template == "plain" else "Provide a one-sentence caption for the provided image."
     scores, predictions = eval_tasks.caption(answerer, captions, images_root, prompt, limit, seed)
-    meta = _meta(checkpoint_dir, template, seed, prompt=prompt, captions=str(captions), api_base=api_base)
-    return write_results(_out(out_dir, "caption", checkpoint_dir), "caption", scores, predictions, meta, started)
+    return settings.write("caption", scores, predictions, started, template, prompt=prompt, captions=str(captions))
 
 
 def lm(
@@ -254,29 +276,49 @@ def lm(
     if data_dir is None and not text and not tasks:
         raise ValueError("lm: pass --data_dir (prepared shards), --text (raw files) or --tasks (lm-eval tasks)")
     results: dict = {"task": "lm", **_meta(checkpoint_dir, "none", seed, seq_len=seq_len)}
-    rows = []
     if data_dir is not None or text:
-        if data_dir is not None:
-            windows = lm_lib.shard_windows(Path(data_dir) / split, seq_len, max_blocks)
-        else:
-            ids = torch.cat([tokenizer.encode(t, bos=False, eos=True) for _, t in lm_lib.iter_text_files(text)])
-            windows = lm_lib.text_windows(ids.long(), seq_len)[:max_blocks]
-        if not windows:
-            raise ValueError(f"no window of {seq_len + 1} tokens in the data: lower --seq_len")
+        windows = _lm_windows(tokenizer, data_dir, split, text, seq_len, max_blocks)
         rows = lm_lib.bits_per_byte(model, tokenizer, windows, batch_size, seed)
         results["held_out"] = {r.metric: r.to_dict() for r in rows}
         print(format_results(rows, markdown=False))
     if tasks:
-        harness = lm_lib.harness(model, tokenizer, tasks, limit, num_fewshot, include_path, batch_size, seed)
-        results["lm_eval"] = {k: {m: v for m, v in r.items() if isinstance(v, (int, float, str))}
-                              for k, r in harness["results"].items()}  # fmt: skip
-        from lm_eval.utils import make_table
-
-        print(make_table(harness))
+        results["lm_eval"] = _lm_eval_tasks(model, tokenizer, tasks, limit, num_fewshot, include_path, batch_size, seed)
     results["seconds"] = round(time.perf_counter() - started, 1)
     out = _out(out_dir, "lm", checkpoint_dir)
     atomic_write(out / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
     print(f"Wrote {out / 'results.json'}")
+    return results
+
+
+def _lm_windows(
+    tokenizer, data_dir: Path | None, split: str, text: list[Path] | None, seq_len: int, max_blocks: int | None
+) -> list[torch.Tensor]:
+    """The held-out windows of `lm`: from the prepared shards of `data_dir/split`, else from the raw `text` files."""
+    from litgpt_mm.eval import lm as lm_lib
+
+    if data_dir is not None:
+        windows = lm_lib.shard_windows(Path(data_dir) / split, seq_len, max_blocks)
+    else:
+        ids = torch.cat([tokenizer.encode(t, bos=False, eos=True) for _, t in lm_lib.iter_text_files(text)])
+        windows = lm_lib.text_windows(ids.long(), seq_len)[:max_blocks]
+    if not windows:
+        raise ValueError(f"no window of {seq_len + 1} tokens in the data: lower --seq_len")
+    return windows
+
+
+def _lm_eval_tasks(
+    model, tokenizer, tasks: list[str], limit: float | None, num_fewshot: int | None, include_path: Path | None,
+    batch_size: int, seed: int,
+) -> dict:  # fmt: skip
+    """Run lm-evaluation-harness tasks, print lm-eval's table, and return each task's numeric and text results."""
+    from lm_eval.utils import make_table
+
+    from litgpt_mm.eval import lm as lm_lib
+
+    harness = lm_lib.harness(model, tokenizer, tasks, limit, num_fewshot, include_path, batch_size, seed)
+    results = {k: {m: v for m, v in r.items() if isinstance(v, (int, float, str))}
+               for k, r in harness["results"].items()}  # fmt: skip
+    print(make_table(harness))
     return results
 
 

@@ -164,27 +164,8 @@ def build_pope(
         raise ValueError(f"n_per_image must be >= 1, got {n_per_image}")
     path = Path(instances_path)
     files, names, objects = _read_instances(path)
-    if image_ids is None:
-        image_ids = list(files)
-    else:
-        missing = [i for i in image_ids if i not in files]
-        if missing:
-            raise ValueError(f"{path}: image ids {missing[:10]} are not in the file ({len(missing)} missing)")
-    selected = [i for i in image_ids if len(objects[i]) >= max(1, min_objects)]
-    skipped = len(image_ids) - len(selected)
-    if skipped:
-        why = "no object" if min_objects <= 1 else f"fewer than {min_objects} object categories"
-        log.warning(f"build_pope: skipped {skipped} of {len(image_ids)} images with {why}")
-
-    frequency: Counter[int] = Counter()
-    co_occurrence: dict[int, Counter[int]] = defaultdict(Counter)
-    for image_id in selected:
-        present = objects[image_id]
-        frequency.update(present)
-        for c in present:
-            co_occurrence[c].update(present - {c})
-    by_frequency = sorted(frequency, key=lambda c: (-frequency[c], c))
-    all_categories = sorted(names)
+    selected = _select_images(path, files, objects, image_ids, min_objects)
+    negatives = _NegativeSampler.count(strategy, selected, objects, sorted(names))
 
     rng = random.Random(seed)
     questions: list[PopeQuestion] = []
@@ -208,22 +189,77 @@ def build_pope(
         asked = set(present)
         for positive in positives:
             add(image_id, positive, "yes")
-            if strategy == "popular":
-                ranked = by_frequency
-            elif strategy == "adversarial":
-                counts = co_occurrence[positive]
-                ranked = sorted(counts, key=lambda c: (-counts[c], c))
-            else:
-                ranked = []
-            negative = next((c for c in ranked if c not in asked), None)
-            if negative is None:
-                pool = [c for c in all_categories if c not in asked]
-                if not pool:
-                    raise ValueError(f"{path}: image {image_id} leaves no absent category to ask about")
-                negative = rng.choice(pool)
+            negative = negatives.pick(positive, asked, rng, f"{path}: image {image_id}")
             asked.add(negative)
             add(image_id, negative, "no")
     return questions
+
+
+def _select_images(
+    path: Path, files: dict[int, str], objects: dict[int, set[int]], image_ids: list[int] | None, min_objects: int
+) -> list[int]:
+    """The images to ask about: `image_ids` (default all, in file order) with at least `min_objects` categories; the
+    skipped ones are counted in a logged warning."""
+    if image_ids is None:
+        image_ids = list(files)
+    else:
+        missing = [i for i in image_ids if i not in files]
+        if missing:
+            raise ValueError(f"{path}: image ids {missing[:10]} are not in the file ({len(missing)} missing)")
+    selected = [i for i in image_ids if len(objects[i]) >= max(1, min_objects)]
+    skipped = len(image_ids) - len(selected)
+    if skipped:
+        why = "no object" if min_objects <= 1 else f"fewer than {min_objects} object categories"
+        log.warning(f"build_pope: skipped {skipped} of {len(image_ids)} images with {why}")
+    return selected
+
+
+@dataclass(frozen=True)
+class _NegativeSampler:
+    """Picks the absent category asked about after each positive, by a POPE strategy (see `build_pope`).
+
+    Args:
+        by_frequency: categories by how many selected images they appear in, most first, ties by id.
+        co_occurrence: per category, how many selected images every other category shares with it.
+        all_categories: every category id of the file, sorted.
+    """
+
+    strategy: str
+    by_frequency: list[int]
+    co_occurrence: dict[int, Counter[int]]
+    all_categories: list[int]
+
+    @classmethod
+    def count(
+        cls, strategy: str, selected: list[int], objects: dict[int, set[int]], all_categories: list[int]
+    ) -> _NegativeSampler:
+        """Frequencies and co-occurrences over the selected images (POPE's `compute_co_occurrence`)."""
+        frequency: Counter[int] = Counter()
+        co_occurrence: dict[int, Counter[int]] = defaultdict(Counter)
+        for image_id in selected:
+            present = objects[image_id]
+            frequency.update(present)
+            for c in present:
+                co_occurrence[c].update(present - {c})
+        by_frequency = sorted(frequency, key=lambda c: (-frequency[c], c))
+        return cls(strategy, by_frequency, co_occurrence, all_categories)
+
+    def pick(self, positive: int, asked: set[int], rng: random.Random, where: str) -> int:
+        """The negative for `positive`: the strategy's first candidate not `asked` yet, else a random one."""
+        if self.strategy == "popular":
+            ranked = self.by_frequency
+        elif self.strategy == "adversarial":
+            counts = self.co_occurrence[positive]
+            ranked = sorted(counts, key=lambda c: (-counts[c], c))
+        else:
+            ranked = []
+        negative = next((c for c in ranked if c not in asked), None)
+        if negative is None:
+            pool = [c for c in self.all_categories if c not in asked]
+            if not pool:
+                raise ValueError(f"{where} leaves no absent category to ask about")
+            negative = rng.choice(pool)
+        return negative
 
 
 def normalize_answer(text: str) -> str:
