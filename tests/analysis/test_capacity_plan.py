@@ -177,7 +177,8 @@ def measured_peaks() -> dict[str, int]:
     if not sys.platform.startswith("linux") or not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("reads and resets the peak resident set size through /proc")
     code = "import json, test_capacity_plan as t; print(json.dumps(t._measure_peaks()))"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join([str(Path(__file__).parent), str(REPO / "tests"), str(REPO)])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     if "needs glibc" in proc.stdout + proc.stderr:
         pytest.skip("needs glibc's mallopt")
