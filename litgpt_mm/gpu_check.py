@@ -165,8 +165,8 @@ def _pretrain_checks(device: str, out: Path, n_gpus: int) -> list[Check]:
         multi, no_fsdp, devices = "DDP over gloo, 2 processes (the recipe's CPU strategy for several devices)", "", 2
         fsdp_flag = []
     no_compile = "" if cuda else (
-        "skip: CPU dry run: inductor takes ~45 s even for the tiny dense model on 2 cores (tests/models/test_moe.py traces "
-        "the MoE's CPU expert path with dynamo instead)"
+        "skip: CPU dry run: inductor takes ~45 s even for the tiny dense model on 2 cores "
+        "(tests/models/test_moe.py traces the MoE's CPU expert path with dynamo instead)"
     )  # fmt: skip
     resume = _pretrain_args(device, out, SIZES[device]["resume_steps"], SIZES[device]["resume_every"])
     return [
