@@ -2,8 +2,8 @@
 
 The estimate is the capacity plan's (`litgpt_mm.analysis.capacity`, checked against measured peaks in
 tests/analysis/test_capacity_plan.py): `capacity.plan(...).memory.peak` for pretraining; for the stages that train a
-small part of a frozen model (alignment, QLoRA) the same plan's pieces - `param_tensors`, `activation_bytes`, `PRECISION_BYTES`
-and `Memory.peak` - with the frozen weights held without gradients or optimizer state (nf4 where quantised); for CLIP
+small part of a frozen model (alignment, QLoRA) the same plan's pieces - `param_tensors`, `activation_bytes`,
+`PRECISION_BYTES` and `Memory.peak` - with the frozen weights held without gradients or optimizer state (nf4 where quantised); for CLIP
 pretraining, each tower as the plan's pre-LayerNorm GPT block stack. Nothing is built: a 6 B-parameter estimate takes
 milliseconds and needs no device.
 
