@@ -3,9 +3,9 @@
 The estimate is the capacity plan's (`litgpt_mm.analysis.capacity`, checked against measured peaks in
 tests/analysis/test_capacity_plan.py): `capacity.plan(...).memory.peak` for pretraining; for the stages that train a
 small part of a frozen model (alignment, QLoRA) the same plan's pieces - `param_tensors`, `activation_bytes`,
-`PRECISION_BYTES` and `Memory.peak` - with the frozen weights held without gradients or optimizer state (nf4 where quantised); for CLIP
-pretraining, each tower as the plan's pre-LayerNorm GPT block stack. Nothing is built: a 6 B-parameter estimate takes
-milliseconds and needs no device.
+`PRECISION_BYTES` and `Memory.peak` - with the frozen weights held without gradients or optimizer state (nf4 where
+quantised); for CLIP pretraining, each tower as the plan's pre-LayerNorm GPT block stack. Nothing is built: a 6
+B-parameter estimate takes milliseconds and needs no device.
 
 When the estimate exceeds what the device has, `check_fits` raises `SystemExit` with one line (which
 `litgpt_mm.cli.run_cli` prints as `error: ...`): the estimated peak per device, what the device has, what would fit
