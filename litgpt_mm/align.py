@@ -15,6 +15,8 @@ logs the validation loss and greedy captions of fixed validation images (`logs/s
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -105,7 +107,7 @@ def setup(
         devices: devices per node. Several run DDP (NCCL on GPUs, gloo on CPU): only the projector trains, and the
             frozen LM fits one GPU in bf16 (Phi-2: 5.6 GB), so FSDP would add two all-gathers of it per step for
             no memory a GPU needs. Any split of the same global batch trains the same curve.
-        num_nodes: nodes (started by torchrun or srun on each; see README "Scaling out").
+        num_nodes: nodes (started by torchrun or srun on each; see docs/scale_out.md).
         train: batch sizes, epochs or max_steps, schedule (litgpt's `TrainArgs`).
         eval: validation interval and size; `max_new_tokens` bounds the sample captions.
         optimizer: optimizer spec (e.g. `bitsandbytes.optim.AdamW8bit`); its `lr` is the schedule's peak.
@@ -146,29 +148,15 @@ def main(
     feature_norm: str = "none", eval_captions: Path | None = None, eval_images_root: Path | None = None,
     eval_limit: int = 40,
 ) -> dict[str, float]:  # fmt: skip
+    """Build the frozen LM and CLIP, the caption data and the projector, then train with the shared `fit`."""
     resume_dir = resolve_resume(resume, out_dir)
     fabric.seed_everything(seed)
     tokenizer = load_tokenizer(lm_dir, "`litgpt download` or recipes/pretrain_moe.py")
     if not (data_dir / "meta.json").is_file():
         raise FileNotFoundError(f"{data_dir} holds no COCO index (meta.json): run scripts/prepare_coco.py first")
-    lm = load_model(lm_dir, device=fabric.device)
-    if "bf16" in str(fabric.strategy.precision.precision) and fabric.device.type == "cuda":
-        lm = lm.to(torch.bfloat16)
-    lm.requires_grad_(False).eval()
-
+    lm = load_frozen_lm(fabric, lm_dir)
     encoder = CLIPPatchEncoder(clip_model, clip_pretrained, layer=clip_layer).to(fabric.device)
-    images_root = Path(json.loads((data_dir / "meta.json").read_text())["images_root"])
-    records = {split: coco.read_index(data_dir / f"{split}.jsonl") for split in ("train", "val")}
-    cache = None
-    if feature_cache:
-        cache = coco.FeatureCache(feature_dir, encoder.key())
-        if fabric.global_rank == 0:
-            cache.build(encoder, records["train"] + records["val"], images_root, coco.CocoSummary())
-        fabric.barrier()
-        cache = coco.FeatureCache(feature_dir, encoder.key())  # the index as rank 0 left it
-        for split in records:
-            records[split] = [r for r in records[split] if r.image_id in cache]
-
+    data = load_caption_data(fabric, data_dir, encoder, feature_dir if feature_cache else None)
     if clip_pretrained and Path(clip_pretrained).is_file():  # a local file: found again from any directory
         clip_pretrained = str(Path(clip_pretrained).resolve())
     mm_config = MultimodalConfig(
@@ -176,65 +164,27 @@ def main(
         clip_quick_gelu=encoder.quick_gelu, vision_width=encoder.width, num_patches=encoder.num_patches,
         projector=projector, separator=separator, lm_checkpoint_dir=str(lm_dir.resolve()), feature_norm=feature_norm,
     )  # fmt: skip
-    sep_id = None if separator == "learned" else separator_token_id(tokenizer, separator)
-    with fabric.init_module():
-        mm = MultimodalGPT(lm, mm_config, separator_id=sep_id)
-    mm.projector.float()
-    if feature_norm == "standardize" and resume_dir is None:
-        sample = records["train"][:1024]
-        if cache is not None:
-            feats = torch.stack([cache.get(r.image_id).float() for r in sample])
-        else:
-            feats = encoder.encode_images([coco.load_rgb(images_root / r.file)[0] for r in sample[:256]])
-        mm.set_feature_statistics(feats.to(fabric.device))
-    if mm.separator is not None:
-        mm.separator.data = mm.separator.data.float()
-    prefix = encoder.num_patches + 1
-    if prefix + max_caption_tokens > lm.config.block_size:
-        raise ValueError(
-            f"{prefix} image positions + --max_caption_tokens {max_caption_tokens} exceed the LM's block_size "
-            f"{lm.config.block_size}: lower --max_caption_tokens"
-        )
-    lm.max_seq_length = min(lm.config.block_size, prefix + max(max_caption_tokens, eval.max_new_tokens))
-
-    loaders = {}
-    for split, shuffle in (("train", True), ("val", False)):
-        ds = coco.CaptionPairs(records[split], tokenizer, max_caption_tokens, images_root, cache, encoder.preprocess)
-        accumulation = train.gradient_accumulation_iters(fabric.world_size, 1) if shuffle else 1
-        sampler = ResumableSampler(len(ds), seed, train.micro_batch_size, shuffle, fabric.global_rank,
-                                   fabric.world_size, accumulation=accumulation)  # fmt: skip
-        if sampler.batches_per_epoch == 0:
-            raise ValueError(f"{data_dir / split}.jsonl has {len(ds)} pairs: fewer than a micro-batch per device")
-        loaders[split] = ResumableLoader(ds, sampler, track=shuffle, num_workers=num_workers,
-                                         collate_fn=coco.collate_pairs)  # fmt: skip
-
-    model = fabric.setup(mm)
-    params = [p for p in mm.parameters() if p.requires_grad]
-    optimizer = fabric.setup_optimizers(instantiate_torch_optimizer(optimizer_spec, params))
-    peak_lr = optimizer.param_groups[0]["lr"]  # read before a resume overwrites it with the scheduled value
-    state = {"model": model, "optimizer": optimizer, "train_dataloader": loaders["train"], "step": 0, "tokens": 0}
-    if resume_dir is not None:
-        mm.load_adapter(resume_dir)
-        load_training_state(fabric, state, resume_dir)
-        fabric.print(f"Resumed from {resume_dir} at step {state['step']}")
+    standardize = feature_norm == "standardize" and resume_dir is None
+    mm = build_multimodal(fabric, lm, encoder, tokenizer, mm_config, data, standardize)
+    set_caption_length(lm, encoder.num_patches + 1, max_caption_tokens, eval.max_new_tokens)
+    loaders = caption_loaders(fabric, data, tokenizer, encoder.preprocess, max_caption_tokens, train, seed, num_workers)
+    state, peak_lr = setup_training(fabric, mm, optimizer_spec, loaders["train"], resume_dir)
+    model = state["model"]
     fabric.print(
         f"LM {lm.config.name} (frozen), CLIP {clip_model} layer {encoder.layer} (frozen, "
-        f"{'cached features' if cache else 'run every step'}), trainable {sum(p.numel() for p in params):,} params, "
+        f"{'cached features' if data.cache else 'run every step'}), trainable "
+        f"{sum(p.numel() for p in mm.parameters() if p.requires_grad):,} params, "
         f"{len(loaders['train'].dataset):,} training pairs"
     )
 
-    def features_of(batch: dict) -> torch.Tensor:
-        if "features" in batch:
-            return batch["features"].to(fabric.device).float()
-        return encoder(batch["pixels"].to(fabric.device)).float()
-
     def loss_fn(batch: dict):
-        feats = features_of(batch)
+        if "features" in batch:
+            feats = batch["features"].to(fabric.device).float()
+        else:
+            feats = encoder(batch["pixels"].to(fabric.device)).float()
         logits, targets = model([f[None] for f in feats], batch["ids"], batch.get("labels"), targets_only=True)
         loss = target_cross_entropy(logits, targets)
         return loss, {"loss": loss}
-
-    sample_ids = [r.image_id for r in records["val"][:num_sample_images]]
 
     scores_on_eval = None
     if eval_captions is not None:
@@ -243,28 +193,8 @@ def main(
         root = Path(eval_images_root) if eval_images_root else None
         scores_on_eval = caption_on_eval(mm, encoder, tokenizer, Path(eval_captions), root, eval_limit,
                                          max_new_tokens=eval.max_new_tokens)  # fmt: skip
-
-    def on_eval(step: int) -> dict:
-        if fabric.global_rank != 0:
-            return {}
-        row = scores_on_eval(step) if scores_on_eval is not None else {}
-        if not sample_ids:
-            return row
-        lines = [f"\n## step {step}\n"]
-        captions = []
-        for rec in records["val"][:num_sample_images]:
-            if cache is not None:
-                feats = cache.get(rec.image_id).float()
-            else:
-                feats = encoder.encode_images([coco.load_rgb(images_root / rec.file)[0]])[0]
-            empty = torch.zeros(0, dtype=torch.long)
-            ids = list(generate(mm, feats[None], empty, eval.max_new_tokens, eos_id=tokenizer.eos_id))
-            text = tokenizer.decode(torch.tensor(ids)).strip().replace("\n", " ")
-            captions.append(text)
-            lines.append(f"- {rec.file}: {text!r} (reference: {rec.captions[0]!r})")
-        with open(Path(out_dir) / "logs" / "samples.md", "a") as f:
-            f.write("\n".join(lines) + "\n")
-        return {**row, "sample_captions": " | ".join(captions)}
+    on_eval = sample_captions_hook(fabric, mm, encoder, tokenizer, data, Path(out_dir), num_sample_images,
+                                   eval.max_new_tokens, scores_on_eval)  # fmt: skip
 
     def save_fn(ckpt_dir: Path) -> None:
         if fabric.global_rank == 0:
@@ -277,15 +207,156 @@ def main(
         max_steps = train.max_steps
     else:
         max_steps = max(1, (train.epochs or 1) * len(loaders["train"].dataset) // accum_batch)
-
-    def tokens_fn(batch: dict) -> int:  # caption tokens, padding (static-shape batches on XLA) excluded
-        if "labels" in batch:
-            return sum(int((lab != -100).sum()) for lab in batch["labels"])
-        return sum(len(i) for i in batch["ids"])
-
-    stage = Stage(loss_fn, save_fn, tokens_fn=tokens_fn, on_eval=on_eval)
-    result = fit(
+    stage = Stage(loss_fn, save_fn, tokens_fn=caption_tokens, on_eval=on_eval)
+    return fit(
         fabric, stage, state, out_dir=out_dir, train=train, eval=eval, max_steps=max_steps,
         learning_rate=peak_lr, val_loader=loaders["val"], resumed_from=resume_dir,
     )  # fmt: skip
-    return result
+
+
+@dataclass
+class CaptionData:
+    """The caption records of each split, where their images are, and the CLIP feature cache (None: CLIP runs every
+    step)."""
+
+    data_dir: Path
+    records: dict[str, list[coco.CaptionRecord]]
+    images_root: Path
+    cache: coco.FeatureCache | None
+
+    def features(self, encoder: CLIPPatchEncoder, records: list[coco.CaptionRecord]) -> torch.Tensor:
+        """CLIP patch features of the records' images, from the cache or computed."""
+        if self.cache is not None:
+            return torch.stack([self.cache.get(r.image_id).float() for r in records])
+        return encoder.encode_images([coco.load_rgb(self.images_root / r.file)[0] for r in records])
+
+
+def load_frozen_lm(fabric: L.Fabric, lm_dir: Path) -> torch.nn.Module:
+    """The LM on the device, frozen in eval mode (stored in bf16 under a bf16 precision on CUDA)."""
+    lm = load_model(lm_dir, device=fabric.device)
+    if "bf16" in str(fabric.strategy.precision.precision) and fabric.device.type == "cuda":
+        lm = lm.to(torch.bfloat16)
+    lm.requires_grad_(False).eval()
+    return lm
+
+
+def load_caption_data(
+    fabric: L.Fabric, data_dir: Path, encoder: CLIPPatchEncoder, feature_dir: Path | None
+) -> CaptionData:
+    """The train/val records of `scripts/prepare_coco.py`'s index. With a `feature_dir`, rank 0 caches the features
+    of images not cached yet and only records whose image has features are kept."""
+    images_root = Path(json.loads((data_dir / "meta.json").read_text())["images_root"])
+    records = {split: coco.read_index(data_dir / f"{split}.jsonl") for split in ("train", "val")}
+    cache = None
+    if feature_dir is not None:
+        cache = coco.FeatureCache(feature_dir, encoder.key())
+        if fabric.global_rank == 0:
+            cache.build(encoder, records["train"] + records["val"], images_root, coco.CocoSummary())
+        fabric.barrier()
+        cache = coco.FeatureCache(feature_dir, encoder.key())  # the index as rank 0 left it
+        for split in records:
+            records[split] = [r for r in records[split] if r.image_id in cache]
+    return CaptionData(data_dir, records, images_root, cache)
+
+
+def build_multimodal(
+    fabric: L.Fabric, lm: torch.nn.Module, encoder: CLIPPatchEncoder, tokenizer, config: MultimodalConfig,
+    data: CaptionData, standardize: bool,
+) -> MultimodalGPT:  # fmt: skip
+    """The frozen LM under a new fp32 projector (and learned separator); `standardize` measures the feature
+    statistics on up to 1,024 training images (256 without the cache)."""
+    sep_id = None if config.separator == "learned" else separator_token_id(tokenizer, config.separator)
+    with fabric.init_module():
+        mm = MultimodalGPT(lm, config, separator_id=sep_id)
+    mm.projector.float()
+    if standardize:
+        sample = data.records["train"][: 1024 if data.cache is not None else 256]
+        mm.set_feature_statistics(data.features(encoder, sample).to(fabric.device))
+    if mm.separator is not None:
+        mm.separator.data = mm.separator.data.float()
+    return mm
+
+
+def set_caption_length(lm: torch.nn.Module, prefix: int, max_caption_tokens: int, max_new_tokens: int) -> None:
+    """Size the LM for `prefix` image positions and the longest caption, trained or generated; one line when the
+    captions do not fit its block size."""
+    if prefix + max_caption_tokens > lm.config.block_size:
+        raise ValueError(
+            f"{prefix} image positions + --max_caption_tokens {max_caption_tokens} exceed the LM's block_size "
+            f"{lm.config.block_size}: lower --max_caption_tokens"
+        )
+    lm.max_seq_length = min(lm.config.block_size, prefix + max(max_caption_tokens, max_new_tokens))
+
+
+def caption_loaders(
+    fabric: L.Fabric, data: CaptionData, tokenizer, preprocess, max_caption_tokens: int, train: TrainArgs, seed: int,
+    num_workers: int,
+) -> dict[str, ResumableLoader]:  # fmt: skip
+    """Resumable loaders of (image, caption) pairs: the training one shuffled and dealt to the ranks by accumulation
+    step, the validation one in order."""
+    loaders = {}
+    for split, shuffle in (("train", True), ("val", False)):
+        ds = coco.CaptionPairs(data.records[split], tokenizer, max_caption_tokens, data.images_root, data.cache,
+                               preprocess)  # fmt: skip
+        accumulation = train.gradient_accumulation_iters(fabric.world_size, 1) if shuffle else 1
+        sampler = ResumableSampler(len(ds), seed, train.micro_batch_size, shuffle, fabric.global_rank,
+                                   fabric.world_size, accumulation=accumulation)  # fmt: skip
+        if sampler.batches_per_epoch == 0:
+            raise ValueError(f"{data.data_dir / split}.jsonl has {len(ds)} pairs: fewer than a micro-batch per device")
+        loaders[split] = ResumableLoader(ds, sampler, track=shuffle, num_workers=num_workers,
+                                         collate_fn=coco.collate_pairs)  # fmt: skip
+    return loaders
+
+
+def setup_training(
+    fabric: L.Fabric, mm: MultimodalGPT, optimizer_spec, train_loader: ResumableLoader, resume_dir: Path | None
+) -> tuple[dict, float]:
+    """The wrapped model and the optimizer of its trainable parameters in `fit`'s state, restored from `resume_dir`
+    when given; with the optimizer's peak learning rate."""
+    model = fabric.setup(mm)
+    params = [p for p in mm.parameters() if p.requires_grad]
+    optimizer = fabric.setup_optimizers(instantiate_torch_optimizer(optimizer_spec, params))
+    peak_lr = optimizer.param_groups[0]["lr"]  # read before a resume overwrites it with the scheduled value
+    state = {"model": model, "optimizer": optimizer, "train_dataloader": train_loader, "step": 0, "tokens": 0}
+    if resume_dir is not None:
+        mm.load_adapter(resume_dir)
+        load_training_state(fabric, state, resume_dir)
+        fabric.print(f"Resumed from {resume_dir} at step {state['step']}")
+    return state, peak_lr
+
+
+def sample_captions_hook(
+    fabric: L.Fabric, mm: MultimodalGPT, encoder: CLIPPatchEncoder, tokenizer, data: CaptionData, out_dir: Path,
+    num_images: int, max_new_tokens: int, scores_on_eval: Callable[[int], dict] | None,
+) -> Callable[[int], dict]:  # fmt: skip
+    """Alignment's `on_eval` (rank 0): the caption scores of `scores_on_eval`, and greedy captions of the first
+    `num_images` validation images, appended to `logs/samples.md`."""
+    samples = data.records["val"][:num_images]
+
+    def on_eval(step: int) -> dict:
+        if fabric.global_rank != 0:
+            return {}
+        row = scores_on_eval(step) if scores_on_eval is not None else {}
+        if not samples:
+            return row
+        lines = [f"\n## step {step}\n"]
+        captions = []
+        for rec in samples:
+            feats = data.features(encoder, [rec])[0]
+            empty = torch.zeros(0, dtype=torch.long)
+            ids = list(generate(mm, feats[None], empty, max_new_tokens, eos_id=tokenizer.eos_id))
+            text = tokenizer.decode(torch.tensor(ids)).strip().replace("\n", " ")
+            captions.append(text)
+            lines.append(f"- {rec.file}: {text!r} (reference: {rec.captions[0]!r})")
+        with open(out_dir / "logs" / "samples.md", "a") as f:
+            f.write("\n".join(lines) + "\n")
+        return {**row, "sample_captions": " | ".join(captions)}
+
+    return on_eval
+
+
+def caption_tokens(batch: dict) -> int:
+    """Caption tokens of a micro-batch, padding (static-shape batches on XLA) excluded."""
+    if "labels" in batch:
+        return sum(int((lab != -100).sum()) for lab in batch["labels"])
+    return sum(len(i) for i in batch["ids"])

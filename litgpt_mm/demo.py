@@ -86,6 +86,16 @@ def main(long: bool = False) -> None:
     if out.exists():
         shutil.rmtree(out)
     started = time.perf_counter()
+    pretrain = pretrain_lm(out, size)
+    world, features, align = align_clip(out, size, pretrain)
+    merged = instruction_tune(out, size, pretrain, world, features, align) / "merged"
+    answer_held_out(out, world, merged)
+    evaluation = evaluate_held_out(out, world, merged)
+    summary(out, evaluation, time.perf_counter() - started)
+
+
+def pretrain_lm(out: Path, size: dict) -> Path:
+    """Step 1: prepare the Gutenberg books and pretrain the tiny MoE LM on them; returns its output directory."""
     data, pretrain = out / "data" / "gutenberg", out / "pretrain-moe"
     run("prepare Gutenberg", "prepare gutenberg", "--vocab_size", "4096", "--out_dir", str(data))
     run(
@@ -94,25 +104,30 @@ def main(long: bool = False) -> None:
         "--data_dir", str(data), "--out_dir", str(pretrain), "--train.max_steps", str(size["pretrain_steps"]),
         "--eval.interval", "50",
     )  # fmt: skip
+    return pretrain
 
-    shapes, coco_data, features = (out / "data" / n for n in ("shapes", "coco", "clip_features"))
+
+def align_clip(out: Path, size: dict, pretrain: Path) -> tuple[Path, Path, Path]:
+    """Step 2: generate the shapes world, pretrain a small CLIP on it, cache its features of the world's images and
+    align it to the LM; returns the world's, the feature cache's and the alignment's directories."""
+    world, coco_data, features = (out / "data" / n for n in ("shapes", "coco", "clip_features"))
     align = out / "align"
     run(
         "generate the shapes world",
-        "prepare shapes", "--out_dir", str(shapes), "--n_train", str(size["n_train"]),
+        "prepare shapes", "--out_dir", str(world), "--n_train", str(size["n_train"]),
         "--n_val", str(size["n_val"]), "--n_test", str(size["n_test"]),
     )  # fmt: skip
     clip_dir = out / "clip"
     run(
         "pretrain a small CLIP on the shapes world (offline stand-in for OpenAI's CLIP)",
-        "pretrain_clip", "--data_dir", str(shapes), "--out_dir", str(clip_dir),
+        "pretrain_clip", "--data_dir", str(world), "--out_dir", str(clip_dir),
         "--train.max_steps", str(size["clip_steps"]), "--eval.interval", str(size["clip_steps"]),
         "--eval.initial_validation", "false",
     )  # fmt: skip
     clip = ("--clip_model", CLIP_MODEL, "--clip_pretrained", str(clip_dir / "final" / "open_clip_model.safetensors"))
     run(
         "prepare captions + CLIP features",
-        "prepare coco", "--source_dir", str(shapes), "--out_dir", str(coco_data), "--subset", "null",
+        "prepare coco", "--source_dir", str(world), "--out_dir", str(coco_data), "--subset", "null",
         "--val_subset", "null", "--features", "true", *clip, "--feature_dir", str(features),
     )  # fmt: skip
     run(
@@ -121,15 +136,20 @@ def main(long: bool = False) -> None:
         str(pretrain / "final"), "--data_dir", str(coco_data), "--feature_dir", str(features), "--out_dir", str(align),
         "--train.max_steps", str(size["align_steps"]), "--feature_norm", "standardize",
         "--eval.interval", str(size["align_steps"] // 2), "--eval_captions",
-        str(shapes / "annotations" / "captions_val2017.json"), "--eval_images_root", str(shapes / "val2017"),
+        str(world / "annotations" / "captions_val2017.json"), "--eval_images_root", str(world / "val2017"),
         "--eval_limit", "8",
     )  # fmt: skip
+    return world, features, align
 
+
+def instruction_tune(out: Path, size: dict, pretrain: Path, world: Path, features: Path, align: Path) -> Path:
+    """Step 3: prepare the world's conversations and instruction-tune the aligned model with QLoRA; returns its output
+    directory (the merged model in `merged/`)."""
     llava_data, instruct = out / "data" / "llava_instruct", out / "qlora_instruct"
     run(
         "prepare instructions",
         "prepare llava_instruct", "--tokenizer_dir", str(pretrain / "final"), "--data_path",
-        str(shapes / "llava_train.json"), "--images_dir", str(shapes / "train2017"), "--subset_images", "null",
+        str(world / "llava_train.json"), "--images_dir", str(world / "train2017"), "--subset_images", "null",
         "--max_tokens", "64", "--val_fraction", "0.05", "--out_dir", str(llava_data),
     )  # fmt: skip
     run(
@@ -139,37 +159,46 @@ def main(long: bool = False) -> None:
         "--train.max_steps", str(size["instruct_steps"]), "--eval.interval", str(size["instruct_steps"] // 2),
         "--train.global_batch_size", "16", "--train.micro_batch_size", "16", "--optimizer.init_args.lr", "3e-3",
         "--projector_lr_scale", "1.0", "--lora.r", "16", "--lora.alpha", "32", "--lora.key", "true",
-        "--eval_questions", str(shapes / "eval" / "vqa_val.jsonl"), "--eval_images_root", str(shapes),
+        "--eval_questions", str(world / "eval" / "vqa_val.jsonl"), "--eval_images_root", str(world),
         "--eval_limit", str(size["eval_limit"]), "--eval.initial_validation", "false",
     )  # fmt: skip
+    return instruct
 
+
+def answer_held_out(out: Path, world: Path, merged: Path) -> None:
+    """Step 4: answer a question about a held-out image and a speech clip, then every question about that image."""
     whisper = out / "whisper-tiny-random"
-    image_id, example = held_out_example(shapes)
-    test_image = shapes / "test" / f"{image_id:012d}.png"
+    image_id, example = held_out_example(world)
+    test_image = world / "test" / f"{image_id:012d}.png"
     questions = list(example.questions)
     run("build a random tiny Whisper (offline stand-in)", "tiny_whisper", "--out_dir", str(whisper))
     run(
         "answer about a held-out image and a speech clip",
-        "generate", "--checkpoint_dir", str(instruct / "merged"), "--image", str(test_image),
+        "generate", "--checkpoint_dir", str(merged), "--image", str(test_image),
         "--audio", "data/audio/jfk.flac", "--prompt", questions[0].text, "--whisper_model", str(whisper),
         "--max_new_tokens", "8", "--device", "cpu",
     )  # fmt: skip
     print(f"(expected: {questions[0].answer}; the transcript of the random Whisper above is part of the prompt)")
-    show_answers(instruct / "merged", test_image, example, questions)
+    show_answers(merged, test_image, example, questions)
+
+
+def evaluate_held_out(out: Path, world: Path, merged: Path) -> Path:
+    """Step 5: accuracy per question type and POPE-style yes/no questions on the held-out images, with the image,
+    blind and with another image; returns the evaluation's directory."""
     evaluation = out / "eval"
     run(
         "evaluate on held-out shapes questions (with the image, blind, with another image)",
-        "evaluate", "vqa", "--checkpoint_dir", str(instruct / "merged"), "--questions",
-        str(shapes / "eval" / "vqa_test.jsonl"), "--images_root", str(shapes), "--prompt_suffix", "",
+        "evaluate", "vqa", "--checkpoint_dir", str(merged), "--questions",
+        str(world / "eval" / "vqa_test.jsonl"), "--images_root", str(world), "--prompt_suffix", "",
         "--device", "cpu", "--out_dir", str(evaluation), "--batch_size", "64",
     )  # fmt: skip
     run(
         "POPE-style yes/no questions on the held-out shapes (with the image, blind, with another image)",
-        "evaluate", "pope", "--checkpoint_dir", str(instruct / "merged"), "--questions",
-        f"[{shapes / 'eval' / 'pope_test.jsonl'}]", "--images_root", str(shapes), "--prompt_suffix", "",
+        "evaluate", "pope", "--checkpoint_dir", str(merged), "--questions",
+        f"[{world / 'eval' / 'pope_test.jsonl'}]", "--images_root", str(world), "--prompt_suffix", "",
         "--device", "cpu", "--out_dir", str(evaluation / "pope"), "--batch_size", "64",
     )  # fmt: skip
-    summary(out, evaluation, time.perf_counter() - started)
+    return evaluation
 
 
 def held_out_example(shapes_dir: Path) -> tuple[int, shapes.Example]:

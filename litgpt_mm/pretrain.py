@@ -125,13 +125,8 @@ def setup(
     config = model_config or Config.from_name(model_name)
     data_dir = data_dir or f"data/prepared/{data}"
     out_dir = Path(out_dir or f"out/pretrain/{config.name}-{data}")
-    tokenizer_dir = shard_tokenizer(data_dir, stream)
-    tokenizer = load_tokenizer(tokenizer_dir, f"scripts/prepare_{data}.py")
-    vocab = tokenizer.vocab_size
+    config, tokenizer_dir, tokenizer = config_for_shards(config, data_dir, data, stream, train.max_seq_length)
     T = train.max_seq_length or config.block_size
-    if T > config.block_size:
-        raise ValueError(f"--train.max_seq_length {T} exceeds {config.name}'s block_size {config.block_size}")
-    config = config.replace(vocab_size=vocab, padded_vocab_size=find_multiple(vocab, 64))
     if (resume_dir := resolve_resume(resume, out_dir)) is not None:
         check_resume_config(resume_dir, config, tokenizer_dir)
 
@@ -160,10 +155,24 @@ def setup(
     )  # fmt: skip
 
 
+def config_for_shards(
+    config: Config, data_dir: str | Path, data: str, stream: StreamArgs, max_seq_length: int | None
+) -> tuple[Config, Path, Tokenizer]:
+    """`config` with the vocabulary of the shards' tokenizer (padded to a multiple of 64), the tokenizer's directory
+    and the tokenizer; one line when `max_seq_length` exceeds the block size."""
+    tokenizer_dir = shard_tokenizer(data_dir, stream)
+    tokenizer = load_tokenizer(tokenizer_dir, f"scripts/prepare_{data}.py")
+    vocab = tokenizer.vocab_size
+    T = max_seq_length or config.block_size
+    if T > config.block_size:
+        raise ValueError(f"--train.max_seq_length {T} exceeds {config.name}'s block_size {config.block_size}")
+    return config.replace(vocab_size=vocab, padded_vocab_size=find_multiple(vocab, 64)), tokenizer_dir, tokenizer
+
+
 def parallel_strategy(
     strategy: str, n_devices: int, num_nodes: int, cuda: bool, precision: str, expert_parallel: int,
     activation_checkpointing: bool,
-) -> Any:
+) -> Any:  # fmt: skip
     """Fabric's strategy for `--strategy`, the device count and expert parallelism: FSDP2 (`ModelParallelStrategy`)
     on CPU processes or with the experts split, DDP for expert parallelism alone, FSDP on several GPUs, DDP over
     gloo on several CPU processes; `strategy` unchanged on one device."""
@@ -256,6 +265,7 @@ def main(
     expert_parallel: int = 1,
     stream: StreamArgs | None = None,
 ) -> dict[str, float]:
+    """Build the token data, the model and the optimizer, then train with the shared `fit`."""
     resume_dir = resolve_resume(resume, out_dir)
     fabric.seed_everything(seed)
     T = train.max_seq_length or config.block_size
@@ -266,9 +276,33 @@ def main(
     data.set_rank(fabric.global_rank, fabric.world_size)
     data.prepare_data()
 
-    # as litgpt's pretrain: no default init (initialize_weights sets every parameter), so a seed gives litgpt's weights
-    # FSDP2 on CPU processes: DTensor's random init of a meta-device model repeats one shard's values on every rank,
-    # so every rank initialises the whole model (same seed) and `fully_shard` splits it
+    model = init_model(fabric, config, T, activation_checkpointing)
+    flops_per_token = training_flops_per_token(model, T)
+    fabric.print(
+        f"{config.name}: {num_parameters(model) / 1e6:.1f}M parameters, {active_params(model) / 1e6:.1f}M active "
+        f"(embeddings excluded), {len(model.moe_layers)} MoE layers, vocab {config.vocab_size}"
+    )
+    model, optimizer = setup_model_and_optimizer(fabric, model, optimizer_spec, compile, expert_parallel)
+    learning_rate = optimizer.param_groups[0]["lr"]
+    train_loader, val_loader = data.train_dataloader(), data.val_dataloader()
+    state = {"model": model, "optimizer": optimizer, "train_dataloader": train_loader, "step": 0, "tokens": 0}
+    if resume_dir is not None:
+        load_checkpoint(fabric, state, resume_dir)
+
+    stage = pretrain_stage(fabric, config, model, optimizer, tokenizer_dir, flops_per_token, expert_parallel)
+    tokens_per_step = train.global_batch_size * T
+    max_steps = train.max_steps or max(1, (train.max_tokens or tokens_per_step) // tokens_per_step)
+    return fit(
+        fabric, stage, state, out_dir=out_dir, train=train, eval=eval, max_steps=max_steps,
+        learning_rate=learning_rate, val_loader=val_loader, resumed_from=resume_dir,
+    )  # fmt: skip
+
+
+def init_model(fabric: L.Fabric, config: Config, max_seq_length: int, activation_checkpointing: bool) -> GPT:
+    """The model with litgpt's pretraining initialisation (as `litgpt.pretrain`, so a seed gives litgpt's weights)."""
+    # no default init (initialize_weights sets every parameter); FSDP2 on CPU processes: DTensor's random init of a
+    # meta-device model repeats one shard's values on every rank, so every rank initialises the whole model (same
+    # seed) and `fully_shard` splits it
     cpu_fsdp = isinstance(fabric.strategy, ModelParallelStrategy) and fabric.device.type == "cpu"
     with fabric.init_module(empty_init=not cpu_fsdp):
         model = GPT(config)
@@ -278,13 +312,16 @@ def main(
             out_std = 1 / math.sqrt(config.n_embd) / config.n_layer
             m.reset_parameters = partial(m.reset_parameters, std=std, out_std=out_std)
     initialize_weights(fabric, model, n_layer=config.n_layer, n_embd=config.n_embd)
-    model.max_seq_length = T
+    model.max_seq_length = max_seq_length
     model.activation_checkpointing = activation_checkpointing and not isinstance(fabric.strategy, FSDPStrategy)
-    flops_per_token = training_flops_per_token(model, T)
-    fabric.print(
-        f"{config.name}: {num_parameters(model) / 1e6:.1f}M parameters, {active_params(model) / 1e6:.1f}M active "
-        f"(embeddings excluded), {len(model.moe_layers)} MoE layers, vocab {config.vocab_size}"
-    )
+    return model
+
+
+def setup_model_and_optimizer(
+    fabric: L.Fabric, model: GPT, optimizer_spec: str | dict, compile: bool, expert_parallel: int
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model under Fabric's strategy (experts split over `expert_parallel` ranks, compiled on request) and its
+    optimizer."""
     ddp_experts = expert_parallel > 1 and not isinstance(fabric.strategy, ModelParallelStrategy)  # else FSDP2's
     if ddp_experts:  # every rank initialised all experts alike: keep this rank's share
         shard_experts(model, expert_parallel_mesh(fabric.device.type, fabric.world_size, expert_parallel))
@@ -300,18 +337,25 @@ def main(
             group.update({"fused": False} if group.get("fused") else {})
     if expert_parallel > 1:
         shard_optimizer_state(optimizer, model)
-    optimizer = fabric.setup_optimizers(optimizer)
-    learning_rate = optimizer.param_groups[0]["lr"]
-    train_loader, val_loader = data.train_dataloader(), data.val_dataloader()
-    state = {"model": model, "optimizer": optimizer, "train_dataloader": train_loader, "step": 0, "tokens": 0}
-    if resume_dir is not None and (resume_dir / SHARDED_DIR).is_dir():
-        load_sharded_checkpoint(fabric, state, resume_dir)
-        fabric.print(f"Resumed from {resume_dir} at step {state['step']}")
-    elif resume_dir is not None:
-        fabric.load(resume_dir / "lit_model.pth", {"model": model})
-        load_training_state(fabric, state, resume_dir)
-        fabric.print(f"Resumed from {resume_dir} at step {state['step']}")
+    return model, fabric.setup_optimizers(optimizer)
 
+
+def load_checkpoint(fabric: L.Fabric, state: dict, resume_dir: Path) -> None:
+    """Restore model and training state from a sharded or a single-file checkpoint."""
+    if (resume_dir / SHARDED_DIR).is_dir():
+        load_sharded_checkpoint(fabric, state, resume_dir)
+    else:
+        fabric.load(resume_dir / "lit_model.pth", {"model": state["model"]})
+        load_training_state(fabric, state, resume_dir)
+    fabric.print(f"Resumed from {resume_dir} at step {state['step']}")
+
+
+def pretrain_stage(
+    fabric: L.Fabric, config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokenizer_dir: Path,
+    flops_per_token: float, expert_parallel: int,
+) -> Stage:  # fmt: skip
+    """Next-token loss plus the MoE auxiliary losses; checkpoints in litgpt's layout with the tokenizer; with expert
+    parallelism, the experts' gradients reduced and clipped by `finish_gradients`."""
     inner = model.module if hasattr(model, "module") else model
     inner = getattr(inner, "_orig_mod", inner)
 
@@ -331,19 +375,11 @@ def main(
             for f in tokenizer_dir.iterdir():
                 shutil.copy2(f, ckpt_dir / f.name)
 
-    tokens_per_step = train.global_batch_size * T
-    max_steps = train.max_steps or max(1, (train.max_tokens or tokens_per_step) // tokens_per_step)
-
     def finish_fn(max_norm: float | None) -> None:
         fabric.strategy.precision.unscale_gradients(getattr(optimizer, "optimizer", optimizer))
         finish_gradients(inner, max_norm)
 
-    stage = Stage(
+    return Stage(
         loss_fn, save_fn, tokens_fn=lambda b: b[:, :-1].numel(), flops_per_token=flops_per_token,
         finish_gradients=finish_fn if expert_parallel > 1 else None,
     )  # fmt: skip
-    result = fit(
-        fabric, stage, state, out_dir=out_dir, train=train, eval=eval, max_steps=max_steps,
-        learning_rate=learning_rate, val_loader=val_loader, resumed_from=resume_dir,
-    )  # fmt: skip
-    return result

@@ -17,11 +17,10 @@ from typing import Literal
 
 import torch
 from litgpt.args import EvalArgs, TrainArgs
-from litgpt.config import find_multiple
 
 from litgpt_mm.config import Config
-from litgpt_mm.data.tokens import StreamArgs, shard_tokenizer
-from litgpt_mm.training.checkpoint import load_tokenizer
+from litgpt_mm.data.tokens import StreamArgs
+from litgpt_mm.pretrain import config_for_shards
 from litgpt_mm.training.loop import PRETRAIN_EVAL, PRETRAIN_TRAIN, check_launcher, optimizer_spec
 
 
@@ -69,7 +68,6 @@ def setup(
 
     import litgpt.config
     import yaml
-    from litgpt.__main__ import main as litgpt_main
 
     check_launcher(num_nodes)
     optimizer = optimizer_spec(optimizer)
@@ -77,12 +75,7 @@ def setup(
     if config.n_expert:
         raise ValueError(f"{model_name} is a MoE preset: this recipe trains litgpt's dense model; use pretrain_moe.py")
     data_dir = str(data_dir or f"data/prepared/{data}")
-    tokenizer_dir = shard_tokenizer(data_dir, stream)
-    vocab = load_tokenizer(tokenizer_dir, f"scripts/prepare_{data}.py").vocab_size
-    T = train.max_seq_length or config.block_size
-    if T > config.block_size:
-        raise ValueError(f"--train.max_seq_length {T} exceeds {config.name}'s block_size {config.block_size}")
-    config = config.replace(vocab_size=vocab, padded_vocab_size=find_multiple(vocab, 64))
+    config, tokenizer_dir, _ = config_for_shards(config, data_dir, data, stream, train.max_seq_length)
     litgpt_fields = {f.name for f in fields(litgpt.config.Config)}
     out_dir = Path(out_dir or f"out/pretrain/litgpt-{config.name}-{data}")
     args = {
@@ -110,9 +103,16 @@ def setup(
     print(f"Running `litgpt pretrain --config {config_file}`")
     if not compile:
         torch._dynamo.config.disable = True
-    # through litgpt's own CLI: its checkpoints re-parse the command line to save hyperparameters.yaml
+    run_litgpt_cli("pretrain", "--config", str(config_file))
+
+
+def run_litgpt_cli(*args: str) -> None:
+    """`litgpt <args>` in this process, through litgpt's own CLI: its checkpoints re-parse the command line to save
+    `hyperparameters.yaml`."""
+    from litgpt.__main__ import main as litgpt_main
+
     argv = sys.argv
-    sys.argv = [argv[0], "pretrain", "--config", str(config_file)]
+    sys.argv = [argv[0], *args]
     try:
         litgpt_main()
     finally:

@@ -68,13 +68,7 @@ def prepare(
         data_path = download(llava.LLAVA_INSTRUCT_URL, Path(cache_dir) / "llava_instruct_150k.json")
         images_dir = images_dir or Path(cache_dir) / "train2017"
     images_dir = Path(images_dir or Path(data_path).parent)
-    rows = llava.read_rows(Path(data_path))
-
-    images = sorted({str(r.get("image")) for r in rows if r.get("image")})
-    if subset_images is not None and subset_images < len(images):
-        images = sorted(random.Random(seed).sample(images, subset_images))
-    chosen = set(images)
-    rows = [r for r in rows if str(r.get("image")) in chosen]
+    rows, images = _subset(llava.read_rows(Path(data_path)), subset_images, seed)
     if download_llava:
         summary_coco = coco.CocoSummary()
         records = [coco.CaptionRecord(0, f"train2017/{name}", []) for name in images]
@@ -85,32 +79,13 @@ def prepare(
     image_path, mapped = _resolve_images(images, images_dir, map_missing_to, skipped)
     counts["images_mapped"] = mapped
     val_images = set(random.Random(seed + 1).sample(sorted(image_path), max(1, round(val_fraction * len(image_path)))))
-    out = {"train": [], "val": []}
     t = prompts.TEMPLATES[template]
-    for row in tqdm(rows, desc="encode", unit="row"):
-        rid = str(row.get("id"))
-        try:
-            if str(row.get("image")) not in image_path:
-                raise llava.BadRow(f"image {row.get('image')} missing or unreadable")
-            ids, labels = llava.encode(llava.validate(row), t, tokenizer, max_tokens)
-        except llava.BadRow as err:
-            skipped.append((rid, str(err)))
-            tqdm.write(f"skipped {rid}: {err}")
-            continue
-        split = "val" if row["image"] in val_images else "train"
-        sample = {"id": rid, "image": image_path[row["image"]], "ids": ids.tolist(), "labels": labels.tolist()}
-        out[split].append(sample)
-        counts[f"{split}_samples"] += 1
-        counts[f"{split}_answer_tokens"] += int((labels != llava.IGNORE_INDEX).sum())
+    out = _encode_rows(rows, image_path, val_images, t, tokenizer, max_tokens, skipped, counts)
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for split, samples in out.items():
-        (out_dir / f"{split}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     meta = {"template": template, "tokenizer_dir": str(Path(tokenizer_dir).resolve()), "max_tokens": max_tokens}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     summary = {**counts, "skipped": [{"id": i, "reason": r} for i, r in skipped]}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write(out_dir, out, meta, summary)
     print(f"{'split':<6}{'images':>8}{'samples':>9}{'answer tokens':>15}")
     for split, samples in out.items():
         n_images = len({sample["image"] for sample in samples})
@@ -120,6 +95,49 @@ def prepare(
     print(f"skipped: {len(skipped)}" + "".join(f"\n  - {i}: {r}" for i, r in skipped))
     print(f"Wrote {out_dir}/train.jsonl and {out_dir}/val.jsonl")
     return summary
+
+
+def _subset(rows: list[dict], subset_images: int | None, seed: int) -> tuple[list[dict], list[str]]:
+    """The rows of a seeded subset of `subset_images` images (None: all), and those images' names, sorted."""
+    images = sorted({str(r.get("image")) for r in rows if r.get("image")})
+    if subset_images is not None and subset_images < len(images):
+        images = sorted(random.Random(seed).sample(images, subset_images))
+    chosen = set(images)
+    return [r for r in rows if str(r.get("image")) in chosen], images
+
+
+def _encode_rows(
+    rows: list[dict], image_path: dict[str, str], val_images: set[str], template: prompts.Template, tokenizer,
+    max_tokens: int, skipped: list[tuple[str, str]], counts: Counter,
+) -> dict[str, list[dict]]:  # fmt: skip
+    """Per split (`val` for the rows of `val_images`), the samples with `ids` and answer-only `labels`; rows that
+    cannot be encoded go to `skipped`, samples and answer tokens are counted in `counts`."""
+    out = {"train": [], "val": []}
+    for row in tqdm(rows, desc="encode", unit="row"):
+        rid = str(row.get("id"))
+        try:
+            if str(row.get("image")) not in image_path:
+                raise llava.BadRow(f"image {row.get('image')} missing or unreadable")
+            ids, labels = llava.encode(llava.validate(row), template, tokenizer, max_tokens)
+        except llava.BadRow as err:
+            skipped.append((rid, str(err)))
+            tqdm.write(f"skipped {rid}: {err}")
+            continue
+        split = "val" if row["image"] in val_images else "train"
+        sample = {"id": rid, "image": image_path[row["image"]], "ids": ids.tolist(), "labels": labels.tolist()}
+        out[split].append(sample)
+        counts[f"{split}_samples"] += 1
+        counts[f"{split}_answer_tokens"] += int((labels != llava.IGNORE_INDEX).sum())
+    return out
+
+
+def _write(out_dir: Path, out: dict[str, list[dict]], meta: dict, summary: dict) -> None:
+    """`{train,val}.jsonl`, `meta.json` and `summary.json` in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, samples in out.items():
+        (out_dir / f"{split}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def _resolve_images(images, images_dir, map_missing_to, skipped) -> tuple[dict[str, str], int]:

@@ -16,6 +16,7 @@ dense Phi model also a Hugging Face export (`merged/hf/`).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -135,7 +136,7 @@ def setup(
         precision: Fabric precision (`bf16-mixed` on CUDA, `32-true` on CPU by default).
         devices: devices per node; several run DDP (NCCL on GPUs, gloo on CPU), each holding the nf4 LM (Phi-2:
             about 1.9 GB) and the same adapters; any split of the same global batch trains the same curve.
-        num_nodes: nodes (started by torchrun or srun on each; see README "Scaling out").
+        num_nodes: nodes (started by torchrun or srun on each; see docs/scale_out.md).
         train: batch sizes, epochs or max_steps, schedule.
         eval: validation interval and size.
         optimizer: optimizer spec; the paged 8-bit AdamW of bitsandbytes by default.
@@ -149,15 +150,10 @@ def setup(
         preflight: check, before allocating, that the run fits the devices' memory (the capacity plan's estimate);
             `false` skips the check.
     """
-    bad = [f"--{k} {v}" for k, v in (("p_start", p_start), ("p_end", p_end)) if not 0.0 <= v <= 1.0]
-    bad += [f"--cycles {cycles}"] if cycles < 1 else []
-    bad += [f"--lookahead {lookahead}"] if lookahead < 0 else []
-    if bad:
-        allowed = "p_start and p_end are probabilities in [0, 1], cycles >= 1, lookahead >= 0"
-        raise ValueError(f"{', '.join(bad)}: {allowed}")
+    check_schedule(p_start, p_end, cycles, lookahead)
     check_launcher(num_nodes)
     optimizer = optimizer_spec(optimizer)
-    args = SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("bad",)})
+    args = SimpleNamespace(**locals())
     args.precision = precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
     lm_dir = Path(lm_checkpoint_dir or MultimodalConfig.load(Path(align_dir)).lm_checkpoint_dir)
     if (lm_dir / "model_config.yaml").is_file():  # else `main` says what is missing
@@ -168,6 +164,16 @@ def setup(
                    activation_checkpointing=activation_checkpointing, enabled=preflight)  # fmt: skip
     fabric = ddp_fabric(devices, num_nodes, args.precision)
     return fabric.launch(main, args)
+
+
+def check_schedule(p_start: float, p_end: float, cycles: int, lookahead: int) -> None:
+    """One line naming every teacher-forcing argument out of range (before any work)."""
+    bad = [f"--{k} {v}" for k, v in (("p_start", p_start), ("p_end", p_end)) if not 0.0 <= v <= 1.0]
+    bad += [f"--cycles {cycles}"] if cycles < 1 else []
+    bad += [f"--lookahead {lookahead}"] if lookahead < 0 else []
+    if bad:
+        allowed = "p_start and p_end are probabilities in [0, 1], cycles >= 1, lookahead >= 0"
+        raise ValueError(f"{', '.join(bad)}: {allowed}")
 
 
 def main(fabric: L.Fabric, a: SimpleNamespace) -> dict[str, float]:
@@ -181,14 +187,7 @@ def main(fabric: L.Fabric, a: SimpleNamespace) -> dict[str, float]:
     datasets = load_samples(fabric, Path(a.data_dir), Path(a.feature_dir), encoder)
     encoder = encoder if a.eval_questions is not None else None  # CLIP is needed again only to answer questions
     mm, lm, n_quantized = build_model(fabric, a, mm_config, lm_dir, datasets)
-
-    lora_params = [p for n, p in lm.named_parameters() if p.requires_grad]
-    extra = [p for n, p in mm.named_parameters() if p.requires_grad and not n.startswith("lm.")]
-    groups = [{"params": lora_params}, {"params": extra, "lr_scale": a.projector_lr_scale}]
-    opt = instantiate_torch_optimizer(a.optimizer, groups)
-    peak_lr = opt.param_groups[0]["lr"]
-    model = fabric.setup_module(mm)
-    opt = fabric.setup_optimizers(opt)
+    model, opt, peak_lr = setup_optimizer(fabric, mm, a.optimizer, a.projector_lr_scale)
     train = a.train
     accum = train.gradient_accumulation_iters(fabric.world_size, 1)
     loaders = split_loaders(datasets, train.micro_batch_size, accum, a.seed, fabric.global_rank, fabric.world_size,
@@ -199,7 +198,7 @@ def main(fabric: L.Fabric, a: SimpleNamespace) -> dict[str, float]:
         mm.load_adapter(resume_dir)
         load_training_state(fabric, state, resume_dir)
         fabric.print(f"Resumed from {resume_dir} at step {state['step']}")
-    trainable = sum(p.numel() for p in lora_params + extra)
+    trainable = sum(p.numel() for p in mm.parameters() if p.requires_grad)
     fabric.print(
         f"LM {lm.config.name}: {n_quantized} linear layers in nf4, LoRA r={a.lora.r}; trainable {trainable:,} "
         f"params (LoRA + projector); method {a.method}; {len(datasets['train'])} training samples"
@@ -233,14 +232,7 @@ def main(fabric: L.Fabric, a: SimpleNamespace) -> dict[str, float]:
             (ckpt_dir / "lora_config.yaml").write_text(yaml.safe_dump({**asdict(a.lora), "quantize": a.quantize}))
             copy_tokenizer_files(lm_dir, ckpt_dir)
 
-    on_eval = None
-    if a.eval_questions is not None:
-        from litgpt_mm.eval.hook import vqa_on_eval
-
-        meta = Path(a.data_dir) / "meta.json"
-        template = json.loads(meta.read_text()).get("template", "phi2") if meta.is_file() else "phi2"
-        tokenizer = load_tokenizer(lm_dir)
-        on_eval = vqa_on_eval(mm, encoder, tokenizer, template, a.eval_questions, a.eval_images_root, a.eval_limit)
+    on_eval = vqa_hook(a, mm, encoder, lm_dir) if a.eval_questions is not None else None
     tokens_fn = lambda b: sum(int((lab != -100).sum()) for lab in b["labels"])  # noqa: E731
     stage = Stage(loss_fn, save_fn, tokens_fn=tokens_fn, on_eval=on_eval)
     result = fit(
@@ -251,6 +243,30 @@ def main(fabric: L.Fabric, a: SimpleNamespace) -> dict[str, float]:
         export_merged(mm, lm_dir, out_dir / "merged")
     fabric.barrier()
     return result
+
+
+def setup_optimizer(
+    fabric: L.Fabric, mm: MultimodalGPT, optimizer_spec: str | dict, projector_lr_scale: float
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, float]:
+    """The wrapped model and one optimizer over the LoRA weights and, at `projector_lr_scale` times their learning
+    rate, the projector; with the peak learning rate."""
+    lora_params = [p for n, p in mm.lm.named_parameters() if p.requires_grad]
+    extra = [p for n, p in mm.named_parameters() if p.requires_grad and not n.startswith("lm.")]
+    groups = [{"params": lora_params}, {"params": extra, "lr_scale": projector_lr_scale}]
+    opt = instantiate_torch_optimizer(optimizer_spec, groups)
+    peak_lr = opt.param_groups[0]["lr"]
+    model = fabric.setup_module(mm)
+    return model, fabric.setup_optimizers(opt), peak_lr
+
+
+def vqa_hook(a: SimpleNamespace, mm: MultimodalGPT, encoder: CLIPPatchEncoder, lm_dir: Path) -> Callable[[int], dict]:
+    """The `on_eval` answering `--eval_questions` at every validation, in the data's prompt template."""
+    from litgpt_mm.eval.hook import vqa_on_eval
+
+    meta = Path(a.data_dir) / "meta.json"
+    template = json.loads(meta.read_text()).get("template", "phi2") if meta.is_file() else "phi2"
+    tokenizer = load_tokenizer(lm_dir)
+    return vqa_on_eval(mm, encoder, tokenizer, template, a.eval_questions, a.eval_images_root, a.eval_limit)
 
 
 def load_samples(fabric: L.Fabric, data_dir: Path, feature_dir: Path, encoder: CLIPPatchEncoder) -> dict:

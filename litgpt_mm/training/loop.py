@@ -113,7 +113,7 @@ def check_launcher(num_nodes: int) -> None:
     if num_nodes > 1 and not any(k in os.environ for k in LAUNCHER_ENV):
         raise ValueError(
             f"--num_nodes {num_nodes} needs a launcher on every node: start the same command with torchrun "
-            "(--nnodes/--node_rank/--rdzv_endpoint) or srun (scripts/slurm/); see README 'Scaling out'"
+            "(--nnodes/--node_rank/--rdzv_endpoint) or srun (scripts/slurm/); see docs/scale_out.md"
         )
 
 
@@ -386,6 +386,109 @@ def validate(fabric: L.Fabric, stage: Stage, model: torch.nn.Module, val_loader,
     return fabric.all_reduce(mean.to(fabric.device), reduce_op="mean").item()
 
 
+class Throughput:
+    """Tokens per second over the steps since the last train log line, and MFU against the device's peak FLOP/s."""
+
+    def __init__(self, fabric: L.Fabric, flops_per_token: float | None) -> None:
+        self.fabric, self.flops_per_token = fabric, flops_per_token
+        self.dtype = compute_dtype(getattr(fabric.strategy.precision, "precision", None))
+        self.peak = peak_flops(fabric.device, self.dtype) if flops_per_token else None
+        self.restart()
+
+    def restart(self) -> None:
+        """Open a new window of steps."""
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+    def mfu(self, tokens_per_s: float) -> float:
+        achieved = tokens_per_s * self.flops_per_token / self.fabric.world_size
+        if achieved > self.peak:  # a CPU peak measured while the machine was busy: measure it again
+            self.peak = refresh_peak_flops(self.fabric.device, self.dtype, at_least=achieved)
+        return achieved / self.peak
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate to `lr` times its `lr_scale`."""
+    for group in optimizer.param_groups:
+        value = lr * group.get("lr_scale", 1.0)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(value)  # in place: a device tensor keeps XLA's step graph fixed
+        else:
+            group["lr"] = value
+
+
+def train_step(
+    fabric: L.Fabric,
+    stage: Stage,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator,
+    accum: int,
+    max_norm: float | None,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """One optimizer step over `accum` micro-batches: backward passes, gradient finish or clipping, update.
+
+    Returns the metrics averaged over the micro-batches (this rank's) and the tokens of the step (all ranks).
+    """
+    means: dict[str, torch.Tensor] = {}
+    step_tokens = 0
+    for micro in range(accum):
+        batch = next(batches)
+        with fabric.no_backward_sync(model, enabled=micro < accum - 1):
+            loss, metrics = stage.loss_fn(batch)
+            fabric.backward(loss / accum)
+        for k, v in metrics.items():
+            means[k] = means.get(k, 0.0) + v.detach().float() / accum
+        step_tokens += stage.tokens_fn(batch)
+    if stage.finish_gradients is not None:
+        stage.finish_gradients(max_norm)
+    elif max_norm:
+        fabric.clip_gradients(model, optimizer, max_norm=max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if fabric.world_size > 1:  # ranks see sequences of different lengths: count them all
+        total = torch.tensor(float(step_tokens), dtype=torch.float64, device=fabric.device)
+        step_tokens = int(fabric.all_reduce(total, reduce_op="sum").item())
+    return means, step_tokens
+
+
+def log_train_step(
+    fabric: L.Fabric,
+    logs: Logs,
+    model: torch.nn.Module,
+    throughput: Throughput,
+    state: dict,
+    means: dict[str, torch.Tensor],
+    lr: float,
+) -> tuple[float, float]:
+    """Write the step's metrics (averaged over the ranks), throughput, memory and MFU to `train_log`, and the experts'
+    load. Returns the main loss and the tokens per second."""
+    reduced = {k: fabric.all_reduce(v, reduce_op="mean").item() for k, v in means.items()}
+    tps = throughput.tokens_per_s()
+    row = {"step": state["step"], "tokens": state["tokens"], "lr": lr, **reduced, "tokens_per_s": tps}
+    row.update(elapsed_s=state["elapsed"], peak_memory_gb=peak_memory_gb(fabric.device))
+    if throughput.peak:
+        row["mfu"] = throughput.mfu(tps)
+    logs.log("train_log", row)
+    _log_experts(logs, model, state["step"])
+    return reduced["loss"], tps
+
+
+def validate_and_log(
+    fabric: L.Fabric, stage: Stage, logs: Logs, model: torch.nn.Module, val_loader, max_iters: int, row: dict
+) -> float:
+    """Validate, run the stage's `on_eval`, and write `row` (step, tokens, elapsed_s) with the results to `val_log`.
+    Returns the validation loss."""
+    val_loss = validate(fabric, stage, model, val_loader, max_iters)
+    row = {**row, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+    if stage.on_eval is not None:
+        row.update(stage.on_eval(row["step"]))
+    logs.log("val_log", row)
+    return val_loss
+
+
 def fit(
     fabric: L.Fabric,
     stage: Stage,
@@ -407,8 +510,7 @@ def fit(
     accum = train.gradient_accumulation_iters(fabric.world_size, 1)
     warmup = train.lr_warmup_steps or int((train.lr_warmup_fraction or 0.0) * max_steps)
     logs = Logs(fabric, out_dir, state["step"] if resumed_from else None)
-    dtype = compute_dtype(getattr(fabric.strategy.precision, "precision", None))
-    peak = peak_flops(fabric.device, dtype) if stage.flops_per_token else None
+    throughput = Throughput(fabric, stage.flops_per_token)
     start_step = state["step"]
     if fabric.device.type == "xla":  # a Python float LR is a graph constant on XLA: one recompile per new value
         for group in optimizer.param_groups:
@@ -416,11 +518,8 @@ def fit(
             group["foreach"] = False
     val_loss = float("nan")
     if val_loader is not None and eval.initial_validation and start_step == 0:
-        val_loss = validate(fabric, stage, model, val_loader, eval.max_iters)
-        row = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-        if stage.on_eval is not None:
-            row.update(stage.on_eval(0))
-        logs.log("val_log", row)
+        row = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
+        val_loss = validate_and_log(fabric, stage, logs, model, val_loader, eval.max_iters, row)
 
     startup_s = time.time() - command_started()
     fabric.print(f"Set-up: {startup_s:.1f} s before the first step")
@@ -428,85 +527,52 @@ def fit(
     progress = tqdm(
         total=max_steps, initial=start_step, desc="train", disable=fabric.global_rank != 0, dynamic_ncols=True
     )
-    window_start, window_tokens = time.perf_counter(), 0
-    session_start, elapsed_before = window_start, state.get("elapsed", 0.0)  # wall clock carries over a resume
+    throughput.restart()
+    session_start, elapsed_before = throughput.start, state.get("elapsed", 0.0)  # wall clock carries over a resume
     loss_value = float("nan")
     while state["step"] < max_steps:
         lr = get_lr(learning_rate, state["step"], warmup, max_steps, train.min_lr)
-        for group in optimizer.param_groups:
-            value = lr * group.get("lr_scale", 1.0)
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(value)  # in place: a device tensor keeps XLA's step graph fixed
-            else:
-                group["lr"] = value
-        sums: dict[str, torch.Tensor] = {}
-        step_tokens = 0
-        for micro in range(accum):
-            batch = next(batches)
-            with fabric.no_backward_sync(model, enabled=micro < accum - 1):
-                loss, metrics = stage.loss_fn(batch)
-                fabric.backward(loss / accum)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
-            step_tokens += stage.tokens_fn(batch)
-        if stage.finish_gradients is not None:
-            stage.finish_gradients(train.max_norm)
-        elif train.max_norm:
-            fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        set_learning_rate(optimizer, lr)
+        means, step_tokens = train_step(fabric, stage, model, optimizer, batches, accum, train.max_norm)
         state["step"] += 1
-        if fabric.world_size > 1:  # ranks see sequences of different lengths: count them all
-            total = torch.tensor(float(step_tokens), dtype=torch.float64, device=fabric.device)
-            step_tokens = int(fabric.all_reduce(total, reduce_op="sum").item())
         state["tokens"] = state.get("tokens", 0) + step_tokens
-        window_tokens += step_tokens
+        throughput.tokens += step_tokens
         state["elapsed"] = elapsed_before + time.perf_counter() - session_start
         step = state["step"]
 
         if step % train.log_interval == 0 or step == max_steps:
-            reduced = {k: fabric.all_reduce(v, reduce_op="mean").item() for k, v in sums.items()}
-            loss_value = reduced["loss"]
-            elapsed = time.perf_counter() - window_start
-            tps = window_tokens / max(elapsed, 1e-9)
-            row = {"step": step, "tokens": state["tokens"], "lr": lr, **reduced, "tokens_per_s": tps}
-            row.update(elapsed_s=state["elapsed"], peak_memory_gb=peak_memory_gb(fabric.device))
-            if peak:
-                achieved = tps * stage.flops_per_token / fabric.world_size
-                if achieved > peak:  # a CPU peak measured while the machine was busy: measure it again
-                    peak = refresh_peak_flops(fabric.device, dtype, at_least=achieved)
-                row["mfu"] = achieved / peak
-            logs.log("train_log", row)
-            _log_experts(logs, model, step)
+            loss_value, tps = log_train_step(fabric, logs, model, throughput, state, means, lr)
             progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-            window_start, window_tokens = time.perf_counter(), 0
+            throughput.restart()
         progress.update(1)
 
         last = step == max_steps
         if val_loader is not None and (step % eval.interval == 0 or last):
-            val_loss = validate(fabric, stage, model, val_loader, eval.max_iters)
-            row = {"step": step, "tokens": state["tokens"], "elapsed_s": state["elapsed"], "val_loss": val_loss}
-            row["val_ppl"] = math.exp(min(val_loss, 50))
-            if stage.on_eval is not None:
-                row.update(stage.on_eval(step))
-            logs.log("val_log", row)
+            row = {"step": step, "tokens": state["tokens"], "elapsed_s": state["elapsed"]}
+            val_loss = validate_and_log(fabric, stage, logs, model, val_loader, eval.max_iters, row)
             fabric.print(f"step {step}: val loss {val_loss:.4f}")
         if (train.save_interval and step % train.save_interval == 0) or last:
             save_checkpoint(fabric, stage, state, Path(out_dir) / f"{CHECKPOINT_PREFIX}{step:06d}")
     progress.close()
     logs.close()
     if fabric.global_rank == 0:
-        final = Path(out_dir) / "final"
-        if final.exists():
-            shutil.rmtree(final)
-        shutil.copytree(Path(out_dir) / f"{CHECKPOINT_PREFIX}{state['step']:06d}", final, ignore=_only_artefacts)
-        from litgpt_mm.training.plots import plot_run
-
-        plot_run(out_dir, stage.unit, stage.loss_label)
+        final = write_final(stage, Path(out_dir), state["step"])
         fabric.print(f"Final train loss {loss_value:.4f}, val loss {val_loss:.4f}")
         fabric.print(f"Checkpoint: {final}  logs and plots: {Path(out_dir) / 'logs'}")
     fabric.barrier()
     return {"train_loss": loss_value, "val_loss": val_loss, "startup_s": startup_s}
+
+
+def write_final(stage: Stage, out_dir: Path, step: int) -> Path:
+    """Copy the last checkpoint's artefacts (not its training state) to `out_dir/final` and plot the run's logs."""
+    final = out_dir / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(out_dir / f"{CHECKPOINT_PREFIX}{step:06d}", final, ignore=_only_artefacts)
+    from litgpt_mm.training.plots import plot_run
+
+    plot_run(out_dir, stage.unit, stage.loss_label)
+    return final
 
 
 def _only_artefacts(directory: str, names: list[str]) -> list[str]:

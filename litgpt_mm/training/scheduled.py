@@ -106,18 +106,7 @@ def scheduled_inputs(
     if lookahead < 0:
         raise ValueError(f"lookahead must be >= 0, got {lookahead}")
     lm = model.lm
-    fed: list[list[int]] = []  # per sample, text positions whose input the model predicts
-    candidates = 0
-    for f, row_labels in zip(features, labels, strict=True):
-        targets = (row_labels != IGNORE_INDEX).nonzero().flatten()
-        if f is None or f.size(0) == 0:
-            targets = targets[targets > 0]  # without an image prefix nothing predicts the first token
-        cand = targets[:-1]  # every answer input but the last is read by a later scored position
-        candidates += cand.numel()
-        if p >= 1.0:
-            fed.append([])
-            continue
-        fed.append(cand[(torch.rand(cand.numel(), generator=generator) >= p).to(cand.device)].tolist())
+    fed, candidates = draw_model_fed(features, labels, p, generator)
     ids = [x.clone() for x in input_ids]
     if not any(fed):
         return ScheduledBatch(ids, candidates, 0, 0, 0)
@@ -131,49 +120,88 @@ def scheduled_inputs(
     gold = [x.tolist() for x in input_ids]
 
     B, T = lab.shape
-    nxt = [0] * B  # index of each sample's first unresolved model-fed position
-    start = [0] * B  # where each sample's cache stops being final
-    changed = chunks = 0
-    vocab = lm.config.vocab_size  # never feed a padding id
     was_training = model.training
     model.eval()
     lm.set_kv_cache(batch_size=B, max_seq_length=T, device=device)
     try:
         with dequantized(lm) if dequantize else nullcontext():  # one dequantisation for all chunks
-            while True:
-                waiting = [b for b in range(B) if nxt[b] < len(fed[b])]
-                if not waiting:
-                    break
-                # each row runs its own span [start, end); rows share one width, so a shorter span starts earlier
-                # (recomputing final positions) and finished rows recompute their first positions
-                end = [fed[b][min(nxt[b] + lookahead, len(fed[b]) - 1)] if b in waiting else 1 for b in range(B)]
-                width = max(end[b] - start[b] for b in waiting)
-                first = [max(end[b] - width, 0) for b in range(B)]
-                pos = torch.tensor(first, device=device)[:, None] + torch.arange(width, device=device)
-                chunk = embeds[torch.arange(B, device=device)[:, None], pos]
-                hidden = forward_embeds(lm, chunk, pos, int(pos[:, -1].max()) + 1, head=False)
-                chunks += 1
-                wanted = [(b, q) for b in waiting for q in fed[b][nxt[b] :] if q <= end[b]]  # logits at q - 1 predict q
-                rows = torch.tensor([b for b, _ in wanted], device=device)
-                cols = torch.tensor([q - 1 - first[b] for b, q in wanted], device=device)
-                best = lm_logits(lm, hidden[rows, cols])[:, :vocab].argmax(-1)
-                guesses = dict(zip(wanted, best.tolist(), strict=True))
-                for b in waiting:
-                    start[b] = end[b]
-                    while nxt[b] < len(fed[b]) and fed[b][nxt[b]] <= end[b]:
-                        q = fed[b][nxt[b]]
-                        nxt[b] += 1
-                        i = q - offsets[b]
-                        if guesses[b, q] != gold[b][i]:
-                            ids[b][i] = guesses[b, q]
-                            embeds[b, q] = embed_tokens(lm, ids[b][i : i + 1]).to(embeds.dtype)[0]
-                            changed += 1
-                            start[b] = q  # later positions read this input: recompute from here
-                            break
+            changed, chunks = decode_model_fed(lm, embeds, ids, gold, fed, offsets, lookahead)
     finally:
         lm.clear_kv_cache()
         model.train(was_training)
     return ScheduledBatch(ids, candidates, n_fed, changed, chunks)
+
+
+def draw_model_fed(
+    features: Sequence[torch.Tensor | None],
+    labels: Sequence[torch.Tensor],
+    p: float,
+    generator: torch.Generator | None = None,
+) -> tuple[list[list[int]], int]:
+    """The coin flips, drawn per sample in order (none when `p >= 1`): per sample, the text positions whose input the
+    model predicts; and the number of candidate positions."""
+    fed: list[list[int]] = []
+    candidates = 0
+    for f, row_labels in zip(features, labels, strict=True):
+        targets = (row_labels != IGNORE_INDEX).nonzero().flatten()
+        if f is None or f.size(0) == 0:
+            targets = targets[targets > 0]  # without an image prefix nothing predicts the first token
+        cand = targets[:-1]  # every answer input but the last is read by a later scored position
+        candidates += cand.numel()
+        if p >= 1.0:
+            fed.append([])
+            continue
+        fed.append(cand[(torch.rand(cand.numel(), generator=generator) >= p).to(cand.device)].tolist())
+    return fed, candidates
+
+
+def decode_model_fed(
+    lm: torch.nn.Module,
+    embeds: torch.Tensor,
+    ids: list[torch.Tensor],
+    gold: list[list[int]],
+    fed: list[list[int]],
+    offsets: list[int],
+    lookahead: int,
+) -> tuple[int, int]:
+    """Write the model's greedy predictions at the model-fed positions `fed` (in `embeds`) into `ids` and `embeds`,
+    in place, decoding through the KV cache chunk by chunk. Returns the changed inputs and the chunks run."""
+    B = embeds.size(0)
+    device = embeds.device
+    nxt = [0] * B  # index of each sample's first unresolved model-fed position
+    start = [0] * B  # where each sample's cache stops being final
+    changed = chunks = 0
+    vocab = lm.config.vocab_size  # never feed a padding id
+    while True:
+        waiting = [b for b in range(B) if nxt[b] < len(fed[b])]
+        if not waiting:
+            return changed, chunks
+        # each row runs its own span [start, end); rows share one width, so a shorter span starts earlier
+        # (recomputing final positions) and finished rows recompute their first positions
+        end = [fed[b][min(nxt[b] + lookahead, len(fed[b]) - 1)] if b in waiting else 1 for b in range(B)]
+        width = max(end[b] - start[b] for b in waiting)
+        first = [max(end[b] - width, 0) for b in range(B)]
+        pos = torch.tensor(first, device=device)[:, None] + torch.arange(width, device=device)
+        chunk = embeds[torch.arange(B, device=device)[:, None], pos]
+        hidden = forward_embeds(lm, chunk, pos, int(pos[:, -1].max()) + 1, head=False)
+        chunks += 1
+        wanted = [(b, q) for b in waiting for q in fed[b][nxt[b] :] if q <= end[b]]  # logits at q - 1 predict q
+        rows = torch.tensor([b for b, _ in wanted], device=device)
+        cols = torch.tensor([q - 1 - first[b] for b, q in wanted], device=device)
+        best = lm_logits(lm, hidden[rows, cols])[:, :vocab].argmax(-1)
+        guesses = dict(zip(wanted, best.tolist(), strict=True))
+        for b in waiting:
+            start[b] = end[b]
+            while nxt[b] < len(fed[b]) and fed[b][nxt[b]] <= end[b]:
+                q = fed[b][nxt[b]]
+                nxt[b] += 1
+                i = q - offsets[b]
+                if guesses[b, q] != gold[b][i]:
+                    ids[b][i] = guesses[b, q]
+                    embeds[b, q] = embed_tokens(lm, ids[b][i : i + 1]).to(embeds.dtype)[0]
+                    changed += 1
+                    start[b] = q  # later positions read this input: recompute from here
+                    break
 
 
 def autoregressive_loss(
