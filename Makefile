@@ -26,6 +26,7 @@ demo-long: $(STAMP)
 ## Install and run the whole test suite (what CI runs).
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15
 
 lint: $(STAMP)

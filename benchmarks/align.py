@@ -36,18 +36,27 @@ def hf_models(cfg: Config, encoder: CLIPPatchEncoder, device: torch.device):
     vis = encoder.visual
     clip = CLIPVisionModel(
         CLIPVisionConfig(
-            hidden_size=vis.transformer.width, intermediate_size=4 * vis.transformer.width,
-            num_hidden_layers=len(vis.transformer.resblocks), num_attention_heads=vis.transformer.width // 64,
-            image_size=224, patch_size=32,
+            hidden_size=vis.transformer.width,
+            intermediate_size=4 * vis.transformer.width,
+            num_hidden_layers=len(vis.transformer.resblocks),
+            num_attention_heads=vis.transformer.width // 64,
+            image_size=224,
+            patch_size=32,
         )
-    )  # fmt: skip
+    )
     lm = PhiForCausalLM(
         PhiConfig(
-            vocab_size=cfg.padded_vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, partial_rotary_factor=cfg.rotary_percentage,
-            max_position_embeddings=cfg.block_size, hidden_act="gelu_new", attn_implementation="sdpa",
+            vocab_size=cfg.padded_vocab_size,
+            hidden_size=cfg.n_embd,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head,
+            partial_rotary_factor=cfg.rotary_percentage,
+            max_position_embeddings=cfg.block_size,
+            hidden_act="gelu_new",
+            attn_implementation="sdpa",
         )
-    )  # fmt: skip
+    )
     return clip.to(device).eval().requires_grad_(False), lm.to(device).eval().requires_grad_(False)
 
 

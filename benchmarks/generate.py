@@ -52,9 +52,16 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     cfg = Config.from_name(
-        args.lm, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_embd // 80, n_query_groups=args.n_embd // 80,
-        intermediate_size=4 * args.n_embd, vocab_size=4096, padded_vocab_size=4096, block_size=512,
-    )  # fmt: skip
+        args.lm,
+        n_layer=args.n_layer,
+        n_embd=args.n_embd,
+        n_head=args.n_embd // 80,
+        n_query_groups=args.n_embd // 80,
+        intermediate_size=4 * args.n_embd,
+        vocab_size=4096,
+        padded_vocab_size=4096,
+        block_size=512,
+    )
     lm = GPT(cfg).to(device, dtype).eval()
     mm = MultimodalGPT(lm, MultimodalConfig()).to(device).eval()
     feats = torch.randn(1, 49, 768, device=device)
@@ -78,8 +85,7 @@ def main() -> None:
 
     @torch.no_grad()
     def hf_generate():
-        out = hf.generate(inputs_embeds=embeds, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          pad_token_id=0)  # fmt: skip
+        out = hf.generate(inputs_embeds=embeds, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         yield from out[0].tolist()
 
     @torch.no_grad()
@@ -93,10 +99,15 @@ def main() -> None:
     hf_total = timed(hf_generate, args.iters)[1]
     results["hf_generate"] = (timed(hf_first, args.iters)[1], hf_total)
     rows = [
-        {"variant": k, "ttft_ms": f * 1e3, "total_ms": t * 1e3, "tokens_per_s": n / t,
-         "x_ours_speedup": t / results["ours_kv_cache"][1]}
+        {
+            "variant": k,
+            "ttft_ms": f * 1e3,
+            "total_ms": t * 1e3,
+            "tokens_per_s": n / t,
+            "x_ours_speedup": t / results["ours_kv_cache"][1],
+        }
         for k, (f, t) in results.items()
-    ]  # fmt: skip
+    ]
     ours_t = results["ours_kv_cache"][1]
     notes = [
         f"ours is {results['capstone_app_loop'][1] / ours_t:.1f}x the capstone loop (target >= 5x) and "

@@ -69,10 +69,16 @@ def main() -> None:
     torch.manual_seed(0)
     if args.lm == "phi-2":
         cfg = Config.from_name(
-            "phi-2", n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_embd // 80,
-            n_query_groups=args.n_embd // 80, intermediate_size=4 * args.n_embd, vocab_size=args.vocab_size,
-            padded_vocab_size=args.vocab_size, block_size=max(512, 64 + args.prompt_tokens + args.answer_tokens),
-        )  # fmt: skip
+            "phi-2",
+            n_layer=args.n_layer,
+            n_embd=args.n_embd,
+            n_head=args.n_embd // 80,
+            n_query_groups=args.n_embd // 80,
+            intermediate_size=4 * args.n_embd,
+            vocab_size=args.vocab_size,
+            padded_vocab_size=args.vocab_size,
+            block_size=max(512, 64 + args.prompt_tokens + args.answer_tokens),
+        )
     else:
         cfg = Config.from_name(args.lm)
     lm = GPT(cfg).to(device, torch.bfloat16 if cuda else torch.float32)
@@ -120,16 +126,24 @@ def main() -> None:
         )
 
     fns = {"standard": run(standard)}
-    variants = [(1.0, 0, ""), (0.9, 0, ""), (0.9, 4, ""), (0.5, 0, ""), (0.9, 0, "_own_answers"),
-                (0.9, 4, "_own_answers")]  # fmt: skip
+    variants = [
+        (1.0, 0, ""),
+        (0.9, 0, ""),
+        (0.9, 4, ""),
+        (0.5, 0, ""),
+        (0.9, 0, "_own_answers"),
+        (0.9, 4, "_own_answers"),
+    ]
     for p, k, d in variants:
         fns[f"ours_p{p}" + (f"_lookahead{k}" if k else "") + d] = run(ours(p, k, *data[d]))
     for p in (0.9, 0.5) if args.capstone else ():
         fns[f"capstone_O(n^2)_p{p}"] = run(capstone(p))
     times = timeit_interleaved(fns, device, warmup=1, iters=args.iters)
     base = times["standard"]
-    chunks = {f"p{p}_lookahead{k}{d}": scheduled_inputs(model, feats, *data[d], p, torch.Generator().manual_seed(0), k)
-              for p, k, d in variants}  # fmt: skip
+    chunks = {
+        f"p{p}_lookahead{k}{d}": scheduled_inputs(model, feats, *data[d], p, torch.Generator().manual_seed(0), k)
+        for p, k, d in variants
+    }
     rows = [{"variant": k, "ms_per_sample": t * 1e3 / B, "x_of_standard": t / base} for k, t in times.items()]
     if cuda:
         for row in rows:

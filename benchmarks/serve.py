@@ -50,9 +50,15 @@ def build_checkpoint(out: Path, n_layer: int, n_embd: int) -> Path:
     prepare(out_dir=out / "prepared", vocab_size=1024)
     torch.manual_seed(0)
     config = Config.from_name(
-        "phi-2", n_layer=n_layer, n_embd=n_embd, n_head=n_embd // 80, intermediate_size=4 * n_embd,
-        vocab_size=1024, padded_vocab_size=1024, block_size=512,
-    )  # fmt: skip
+        "phi-2",
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_embd // 80,
+        intermediate_size=4 * n_embd,
+        vocab_size=1024,
+        padded_vocab_size=1024,
+        block_size=512,
+    )
     lm = GPT(config)
     model_dir = out / "model"
     save_checkpoint(lm, model_dir)
@@ -79,8 +85,14 @@ def start_server(
         cmd = [sys.executable, "-m", "litgpt_mm.export.llamacpp", "--gguf_dir", str(gguf_dir), "--port", str(port),
                "--n_ctx", "512", "--n_threads", str(torch.get_num_threads())]  # fmt: skip
         health = "/v1/models"
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "USE_TORCH_XLA": "0"}, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "USE_TORCH_XLA": "0"},
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -165,8 +177,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32, help="requests in all, per setting")
     ap.add_argument("--max_tokens", type=int, default=32)
     ap.add_argument("--time_limit", type=float, default=300, help="seconds per setting; later requests are not sent")
-    ap.add_argument("--llamacpp", default="auto", choices=["auto", "true", "false"],
-                    help="add the llama.cpp row (auto: when llama_cpp is installed)")  # fmt: skip
+    ap.add_argument(
+        "--llamacpp",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="add the llama.cpp row (auto: when llama_cpp is installed)",
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     ckpt = args.checkpoint_dir or build_checkpoint(tmp, args.n_layer, args.n_embd)

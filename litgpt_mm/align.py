@@ -130,24 +130,72 @@ def setup(
     optimizer = optimizer_spec(optimizer)
     if (Path(lm_checkpoint_dir) / "model_config.yaml").is_file():  # else `main` says what is missing
         lm_config = Config.from_checkpoint(Path(lm_checkpoint_dir))
-        check_fits(lm_config, stage="align", micro_batch_size=train.micro_batch_size, seq_len=max_caption_tokens,
-                   devices=devices, num_nodes=num_nodes, precision=precision, optimizer=optimizer,
-                   clip_model=clip_model, projector=projector, enabled=preflight)  # fmt: skip
+        check_fits(
+            lm_config,
+            stage="align",
+            micro_batch_size=train.micro_batch_size,
+            seq_len=max_caption_tokens,
+            devices=devices,
+            num_nodes=num_nodes,
+            precision=precision,
+            optimizer=optimizer,
+            clip_model=clip_model,
+            projector=projector,
+            enabled=preflight,
+        )
     fabric = ddp_fabric(devices, num_nodes, precision)
     return fabric.launch(
-        main, Path(lm_checkpoint_dir), Path(data_dir), Path(out_dir), clip_model, clip_pretrained, clip_layer,
-        feature_cache, Path(feature_dir), projector, separator, max_caption_tokens, train, eval, optimizer, resume,
-        seed, num_workers, num_sample_images, feature_norm, eval_captions, eval_images_root, eval_limit,
-    )  # fmt: skip
+        main,
+        Path(lm_checkpoint_dir),
+        Path(data_dir),
+        Path(out_dir),
+        clip_model,
+        clip_pretrained,
+        clip_layer,
+        feature_cache,
+        Path(feature_dir),
+        projector,
+        separator,
+        max_caption_tokens,
+        train,
+        eval,
+        optimizer,
+        resume,
+        seed,
+        num_workers,
+        num_sample_images,
+        feature_norm,
+        eval_captions,
+        eval_images_root,
+        eval_limit,
+    )
 
 
 def main(
-    fabric: L.Fabric, lm_dir: Path, data_dir: Path, out_dir: Path, clip_model: str, clip_pretrained: str | None,
-    clip_layer: int, feature_cache: bool, feature_dir: Path, projector: str, separator: str, max_caption_tokens: int,
-    train: TrainArgs, eval: EvalArgs, optimizer_spec, resume, seed: int, num_workers: int, num_sample_images: int,
-    feature_norm: str = "none", eval_captions: Path | None = None, eval_images_root: Path | None = None,
+    fabric: L.Fabric,
+    lm_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    clip_model: str,
+    clip_pretrained: str | None,
+    clip_layer: int,
+    feature_cache: bool,
+    feature_dir: Path,
+    projector: str,
+    separator: str,
+    max_caption_tokens: int,
+    train: TrainArgs,
+    eval: EvalArgs,
+    optimizer_spec,
+    resume,
+    seed: int,
+    num_workers: int,
+    num_sample_images: int,
+    feature_norm: str = "none",
+    eval_captions: Path | None = None,
+    eval_images_root: Path | None = None,
     eval_limit: int = 40,
-) -> dict[str, float]:  # fmt: skip
+) -> dict[str, float]:
     """Build the frozen LM and CLIP, the caption data and the projector, then train with the shared `fit`."""
     resume_dir = resolve_resume(resume, out_dir)
     fabric.seed_everything(seed)
@@ -160,10 +208,17 @@ def main(
     if clip_pretrained and Path(clip_pretrained).is_file():  # a local file: found again from any directory
         clip_pretrained = str(Path(clip_pretrained).resolve())
     mm_config = MultimodalConfig(
-        clip_model=clip_model, clip_pretrained=clip_pretrained, clip_layer=encoder.layer,
-        clip_quick_gelu=encoder.quick_gelu, vision_width=encoder.width, num_patches=encoder.num_patches,
-        projector=projector, separator=separator, lm_checkpoint_dir=str(lm_dir.resolve()), feature_norm=feature_norm,
-    )  # fmt: skip
+        clip_model=clip_model,
+        clip_pretrained=clip_pretrained,
+        clip_layer=encoder.layer,
+        clip_quick_gelu=encoder.quick_gelu,
+        vision_width=encoder.width,
+        num_patches=encoder.num_patches,
+        projector=projector,
+        separator=separator,
+        lm_checkpoint_dir=str(lm_dir.resolve()),
+        feature_norm=feature_norm,
+    )
     standardize = feature_norm == "standardize" and resume_dir is None
     mm = build_multimodal(fabric, lm, encoder, tokenizer, mm_config, data, standardize)
     set_caption_length(lm, encoder.num_patches + 1, max_caption_tokens, eval.max_new_tokens)
@@ -191,10 +246,12 @@ def main(
         from litgpt_mm.eval.hook import caption_on_eval
 
         root = Path(eval_images_root) if eval_images_root else None
-        scores_on_eval = caption_on_eval(mm, encoder, tokenizer, Path(eval_captions), root, eval_limit,
-                                         max_new_tokens=eval.max_new_tokens)  # fmt: skip
-    on_eval = sample_captions_hook(fabric, mm, encoder, tokenizer, data, Path(out_dir), num_sample_images,
-                                   eval.max_new_tokens, scores_on_eval)  # fmt: skip
+        scores_on_eval = caption_on_eval(
+            mm, encoder, tokenizer, Path(eval_captions), root, eval_limit, max_new_tokens=eval.max_new_tokens
+        )
+    on_eval = sample_captions_hook(
+        fabric, mm, encoder, tokenizer, data, Path(out_dir), num_sample_images, eval.max_new_tokens, scores_on_eval
+    )
 
     def save_fn(ckpt_dir: Path) -> None:
         if fabric.global_rank == 0:
@@ -209,9 +266,17 @@ def main(
         max_steps = max(1, (train.epochs or 1) * len(loaders["train"].dataset) // accum_batch)
     stage = Stage(loss_fn, save_fn, tokens_fn=caption_tokens, on_eval=on_eval)
     return fit(
-        fabric, stage, state, out_dir=out_dir, train=train, eval=eval, max_steps=max_steps,
-        learning_rate=peak_lr, val_loader=loaders["val"], resumed_from=resume_dir,
-    )  # fmt: skip
+        fabric,
+        stage,
+        state,
+        out_dir=out_dir,
+        train=train,
+        eval=eval,
+        max_steps=max_steps,
+        learning_rate=peak_lr,
+        val_loader=loaders["val"],
+        resumed_from=resume_dir,
+    )
 
 
 @dataclass
@@ -260,9 +325,14 @@ def load_caption_data(
 
 
 def build_multimodal(
-    fabric: L.Fabric, lm: torch.nn.Module, encoder: CLIPPatchEncoder, tokenizer, config: MultimodalConfig,
-    data: CaptionData, standardize: bool,
-) -> MultimodalGPT:  # fmt: skip
+    fabric: L.Fabric,
+    lm: torch.nn.Module,
+    encoder: CLIPPatchEncoder,
+    tokenizer,
+    config: MultimodalConfig,
+    data: CaptionData,
+    standardize: bool,
+) -> MultimodalGPT:
     """The frozen LM under a new fp32 projector (and learned separator); `standardize` measures the feature
     statistics on up to 1,024 training images (256 without the cache)."""
     sep_id = None if config.separator == "learned" else separator_token_id(tokenizer, config.separator)
@@ -289,22 +359,37 @@ def set_caption_length(lm: torch.nn.Module, prefix: int, max_caption_tokens: int
 
 
 def caption_loaders(
-    fabric: L.Fabric, data: CaptionData, tokenizer, preprocess, max_caption_tokens: int, train: TrainArgs, seed: int,
+    fabric: L.Fabric,
+    data: CaptionData,
+    tokenizer,
+    preprocess,
+    max_caption_tokens: int,
+    train: TrainArgs,
+    seed: int,
     num_workers: int,
-) -> dict[str, ResumableLoader]:  # fmt: skip
+) -> dict[str, ResumableLoader]:
     """Resumable loaders of (image, caption) pairs: the training one shuffled and dealt to the ranks by accumulation
     step, the validation one in order."""
     loaders = {}
     for split, shuffle in (("train", True), ("val", False)):
-        ds = coco.CaptionPairs(data.records[split], tokenizer, max_caption_tokens, data.images_root, data.cache,
-                               preprocess)  # fmt: skip
+        ds = coco.CaptionPairs(
+            data.records[split], tokenizer, max_caption_tokens, data.images_root, data.cache, preprocess
+        )
         accumulation = train.gradient_accumulation_iters(fabric.world_size, 1) if shuffle else 1
-        sampler = ResumableSampler(len(ds), seed, train.micro_batch_size, shuffle, fabric.global_rank,
-                                   fabric.world_size, accumulation=accumulation)  # fmt: skip
+        sampler = ResumableSampler(
+            len(ds),
+            seed,
+            train.micro_batch_size,
+            shuffle,
+            fabric.global_rank,
+            fabric.world_size,
+            accumulation=accumulation,
+        )
         if sampler.batches_per_epoch == 0:
             raise ValueError(f"{data.data_dir / split}.jsonl has {len(ds)} pairs: fewer than a micro-batch per device")
-        loaders[split] = ResumableLoader(ds, sampler, track=shuffle, num_workers=num_workers,
-                                         collate_fn=coco.collate_pairs)  # fmt: skip
+        loaders[split] = ResumableLoader(
+            ds, sampler, track=shuffle, num_workers=num_workers, collate_fn=coco.collate_pairs
+        )
     return loaders
 
 
@@ -326,9 +411,16 @@ def setup_training(
 
 
 def sample_captions_hook(
-    fabric: L.Fabric, mm: MultimodalGPT, encoder: CLIPPatchEncoder, tokenizer, data: CaptionData, out_dir: Path,
-    num_images: int, max_new_tokens: int, scores_on_eval: Callable[[int], dict] | None,
-) -> Callable[[int], dict]:  # fmt: skip
+    fabric: L.Fabric,
+    mm: MultimodalGPT,
+    encoder: CLIPPatchEncoder,
+    tokenizer,
+    data: CaptionData,
+    out_dir: Path,
+    num_images: int,
+    max_new_tokens: int,
+    scores_on_eval: Callable[[int], dict] | None,
+) -> Callable[[int], dict]:
     """Alignment's `on_eval` (rank 0): the caption scores of `scores_on_eval`, and greedy captions of the first
     `num_images` validation images, appended to `logs/samples.md`."""
     samples = data.records["val"][:num_images]

@@ -173,9 +173,12 @@ class StudySetup:
         name = {"tiny": "cpu-tiny", "cpu-5m": "cpu-5m", "gpu": "gpu"}[preset]
         moe_config, litgpt_config = (Path(f"recipes/configs/{c}") for c in PRESETS[preset]["configs"])
         return StudySetup(
-            Path(f"reports/pretrain-{name}"), Path(f"out/compare-{name}"), *PRESETS[preset]["models"], moe_config,
+            Path(f"reports/pretrain-{name}"),
+            Path(f"out/compare-{name}"),
+            *PRESETS[preset]["models"],
+            moe_config,
             litgpt_config,
-        )  # fmt: skip
+        )
 
     def at_width(self, width: int, preset: str | None) -> StudySetup:
         """The tiny family at another width, reported under `...-w<width>`; an unknown width fails here."""
@@ -184,9 +187,12 @@ class StudySetup:
         moe_model, dense_model = f"phi-2-moe-tiny-{width}", f"phi-2-tiny-twin-{width}"
         Config.from_name(moe_model)  # an unknown width fails here, naming the ones there are
         return replace(
-            self, out_dir=Path(f"{self.out_dir}-w{width}"), runs_dir=Path(f"{self.runs_dir}-w{width}"),
-            moe_model=moe_model, dense_model=dense_model,
-        )  # fmt: skip
+            self,
+            out_dir=Path(f"{self.out_dir}-w{width}"),
+            runs_dir=Path(f"{self.runs_dir}-w{width}"),
+            moe_model=moe_model,
+            dense_model=dense_model,
+        )
 
     def commands(self, gutenberg_dir: Path, litgpt_data: str, litgpt_data_dir: Path) -> list[tuple[str, str, list]]:
         """`(run name, group, training script and its arguments)` of each group, without the seed."""
@@ -454,8 +460,11 @@ def _fair_test_section(moe: list[Run], twin: list[Run]) -> list[str]:
 def _loop_check(ours: list[Run], litgpt: list[Run]) -> list[str]:
     """Our loop against litgpt's on the same model, tokens and seeds: the difference of the held-out losses."""
     pairs = {r.seed: r for r in litgpt}
-    diffs = [r.held_out["loss"] - pairs[r.seed].held_out["loss"] for r in ours if r.seed in pairs and r.held_out
-             and pairs[r.seed].held_out]  # fmt: skip
+    diffs = [
+        r.held_out["loss"] - pairs[r.seed].held_out["loss"]
+        for r in ours
+        if r.seed in pairs and r.held_out and pairs[r.seed].held_out
+    ]
     if not diffs:
         return []
     return [
@@ -509,9 +518,15 @@ def _sweep_section(sweep: dict[int, list[Run]], plot: Path) -> list[str]:
         first, last = points[0][1], points[-1][1]
         better = "MoE" if last < 0 else "dense twin"
         moves = "grows" if last < first else "shrinks"
-        lines += ["", f"![width sweep]({plot.name})", "", f"Δ moves from {first:+.4f} at the smallest width to "
-                  f"{last:+.4f} at the largest: the MoE's standing against its twin {moves} with width, and at the "
-                  f"largest width the {better} is ahead.", ""]  # fmt: skip
+        lines += [
+            "",
+            f"![width sweep]({plot.name})",
+            "",
+            f"Δ moves from {first:+.4f} at the smallest width to "
+            f"{last:+.4f} at the largest: the MoE's standing against its twin {moves} with width, and at the "
+            f"largest width the {better} is ahead.",
+            "",
+        ]
     return lines + [""]
 
 
@@ -538,8 +553,15 @@ def _loss_plot(runs: list[Run], x: str, label: str, path: Path) -> None:
         train = [t for t in r.train if x in t]
         ax.plot([t[x] for t in train], [t["loss"] for t in train], style, color=COLORS[r.group], alpha=0.25, lw=1)
         val = [v for v in r.val if x in v]
-        ax.plot([v[x] for v in val], [v["val_loss"] for v in val], style, marker="o", ms=3, color=COLORS[r.group],
-                label=f"{r.group} seed {r.seed}")  # fmt: skip
+        ax.plot(
+            [v[x] for v in val],
+            [v["val_loss"] for v in val],
+            style,
+            marker="o",
+            ms=3,
+            color=COLORS[r.group],
+            label=f"{r.group} seed {r.seed}",
+        )
     ax.set(xlabel=label, ylabel="cross-entropy (nats/token)", title=f"validation loss (faint: train) vs {label}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -48,10 +48,17 @@ configs: list[dict[str, Any]] = [
 # The same tiny family at other widths (head size 32), for the pretraining study's width sweep.
 for _w in (64, 256, 384):
     configs += [
-        dict(_TINY, name=f"phi-2-moe-tiny-{_w}", n_embd=_w, n_head=_w // 32, n_expert=4, n_expert_per_token=2,
-             moe_intermediate_size=_w),
+        dict(
+            _TINY,
+            name=f"phi-2-moe-tiny-{_w}",
+            n_embd=_w,
+            n_head=_w // 32,
+            n_expert=4,
+            n_expert_per_token=2,
+            moe_intermediate_size=_w,
+        ),
         dict(_TINY, name=f"phi-2-tiny-twin-{_w}", n_embd=_w, n_head=_w // 32, intermediate_size=6 * _w),
-    ]  # fmt: skip
+    ]
 name_to_config = {c["name"]: c for c in configs}
 
 

@@ -207,8 +207,9 @@ def held_out_example(shapes_dir: Path) -> tuple[int, shapes.Example]:
     summary = json.loads((shapes_dir / "summary.json").read_text())
     first, last = summary["splits"]["test"]["image_ids"]
     for image_id in range(first, last + 1):
-        example = shapes.make_example(summary["seed"], image_id, summary["max_shapes"], summary["noise"],
-                                       summary["captions_per_image"])  # fmt: skip
+        example = shapes.make_example(
+            summary["seed"], image_id, summary["max_shapes"], summary["noise"], summary["captions_per_image"]
+        )
         if len(example.scene.shapes) == summary["max_shapes"]:
             return image_id, example
     return first, shapes.make_example(summary["seed"], first, summary["max_shapes"], summary["noise"])
@@ -219,8 +220,9 @@ def show_answers(checkpoint: Path, image: Path, example: shapes.Example, questio
     from litgpt_mm.deploy.inference import Assistant, GenerationSettings
 
     assistant = Assistant.load(checkpoint, device="cpu")
-    answers = assistant.answer_batch([q.text for q in questions], [[image]] * len(questions),
-                                     GenerationSettings(max_new_tokens=8))  # fmt: skip
+    answers = assistant.answer_batch(
+        [q.text for q in questions], [[image]] * len(questions), GenerationSettings(max_new_tokens=8)
+    )
     background = example.scene.background.name
     print(
         f"\nHeld-out image {image.name}: {shapes.describe(example.scene.shapes)} "
@@ -245,8 +247,10 @@ def summary(out: Path, evaluation: Path, seconds: float) -> None:
         if kind not in tower:
             continue
         c, grounded = score["conditions"], "yes" if score["grounded"] else "no"
-        print(f"  {kind:<10}{c['image']['value']:>8.2f}{c['blind']['value']:>8.2f}{c['shuffled']['value']:>10.2f}"
-              f"{score['chance']:>8.2f}{tower[kind]['accuracy']:>8.2f}  {grounded}")  # fmt: skip
+        print(
+            f"  {kind:<10}{c['image']['value']:>8.2f}{c['blind']['value']:>8.2f}{c['shuffled']['value']:>10.2f}"
+            f"{score['chance']:>8.2f}{tower[kind]['accuracy']:>8.2f}  {grounded}"
+        )
     pope = json.loads((evaluation / "pope" / "results.json").read_text())["scores"][0]
     print(
         f"  POPE-style yes/no: F1 {pope['image']['f1']:.2f} with the image ({pope['blind']['f1']:.2f} blind), "

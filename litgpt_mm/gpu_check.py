@@ -45,11 +45,29 @@ RESULTS_ENV = "LITGPT_MM_BENCH_RESULTS"
 BUNDLED_IMAGES = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "waterview.jpg"]
 # tiny sizes on each device: the paths exercise code, they do not train anything useful
 SIZES = {
-    "cpu": dict(steps=4, micro=4, seq=64, resume_steps=40, resume_every=5, align_micro=4, instruct_steps=4,
-                instruct_micro=2, new_tokens=8),
-    "cuda": dict(steps=20, micro=8, seq=128, resume_steps=200, resume_every=20, align_micro=8, instruct_steps=12,
-                 instruct_micro=4, new_tokens=32),
-}  # fmt: skip
+    "cpu": dict(
+        steps=4,
+        micro=4,
+        seq=64,
+        resume_steps=40,
+        resume_every=5,
+        align_micro=4,
+        instruct_steps=4,
+        instruct_micro=2,
+        new_tokens=8,
+    ),
+    "cuda": dict(
+        steps=20,
+        micro=8,
+        seq=128,
+        resume_steps=200,
+        resume_every=20,
+        align_micro=8,
+        instruct_steps=12,
+        instruct_micro=4,
+        new_tokens=32,
+    ),
+}
 MEMORY_TARGET_GB = 10.0  # QLoRA at sequence 1024, micro-batch 4, checkpointing (benchmarks/instruct.py)
 
 
@@ -164,10 +182,14 @@ def _pretrain_checks(device: str, out: Path, n_gpus: int) -> list[Check]:
     else:
         multi, no_fsdp, devices = "DDP over gloo, 2 processes (the recipe's CPU strategy for several devices)", "", 2
         fsdp_flag = []
-    no_compile = "" if cuda else (
-        "skip: CPU dry run: inductor takes ~45 s even for the tiny dense model on 2 cores "
-        "(tests/models/test_moe.py traces the MoE's CPU expert path with dynamo instead)"
-    )  # fmt: skip
+    no_compile = (
+        ""
+        if cuda
+        else (
+            "skip: CPU dry run: inductor takes ~45 s even for the tiny dense model on 2 cores "
+            "(tests/models/test_moe.py traces the MoE's CPU expert path with dynamo instead)"
+        )
+    )
     resume = _pretrain_args(device, out, SIZES[device]["resume_steps"], SIZES[device]["resume_every"])
     return [
         Check("pretrain_compile", f"tiny MoE pretraining, {p}, --compile true", [*run["compile"], "--compile", "true"],
@@ -270,8 +292,15 @@ def _bench_checks(device: str, out: Path) -> list[Check]:
     train_step = "with and without torch.compile" if cuda else "without compile (CPU dry run)"
 
     def make(name: str, what: str, key: Callable[[Path, str], str], skip: str = "") -> Check:
-        return Check(f"bench_{name}", f"benchmarks/{name}.py, {what} ({shape})", bench(f"{name}.py", res[name],
-                     *args[name]), skip=skip, key=key, timeout=480.0, exclusive=cuda)  # fmt: skip
+        return Check(
+            f"bench_{name}",
+            f"benchmarks/{name}.py, {what} ({shape})",
+            bench(f"{name}.py", res[name], *args[name]),
+            skip=skip,
+            key=key,
+            timeout=480.0,
+            exclusive=cuda,
+        )
 
     return [
         make("moe_layer", "our grouped MoE layer vs litgpt's LLaMAMoE and the dense floor", moe_layer_key),
@@ -543,8 +572,10 @@ def make_checkpoints(tokenizer_dir: str, root: str) -> None:
     from litgpt_mm.finetune.qlora import export_merged
 
     export_merged(models["moe"], root_dir / "lm_moe", root_dir / "merged")
-    rows = [{"id": i, "prompt": "What is in the picture?", "image": str(ROOT / "data" / "images" / name)}
-            for i, name in enumerate(BUNDLED_IMAGES)]  # fmt: skip
+    rows = [
+        {"id": i, "prompt": "What is in the picture?", "image": str(ROOT / "data" / "images" / name)}
+        for i, name in enumerate(BUNDLED_IMAGES)
+    ]
     rows.append({"id": len(rows), "prompt": "Write one sentence about the sea."})
     (root_dir / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"Checkpoints under {root_dir}: {sorted(p.name for p in root_dir.iterdir())}")
@@ -600,8 +631,9 @@ def run_one(check: Check, out_dir: Path, env: dict[str, str]) -> Result:
     with open(log, "w") as f:
         f.write(f"$ {shlex.join(check.argv)}\n\n")
         f.flush()
-        proc = subprocess.Popen(check.argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            check.argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             rc = proc.wait(timeout=check.timeout)
         except subprocess.TimeoutExpired:
@@ -664,8 +696,10 @@ def _can_start(check: Check, done: dict[str, Result], running: dict[Future, Chec
 
 
 def report_line(result: Result, n_done: int, total: int) -> Result:
-    print(f"[{n_done + 1:2d}/{total}] {result.status:<11} {result.name:<24} {result.seconds:6.1f} s  {result.result}",
-          flush=True)  # fmt: skip
+    print(
+        f"[{n_done + 1:2d}/{total}] {result.status:<11} {result.name:<24} {result.seconds:6.1f} s  {result.result}",
+        flush=True,
+    )
     return result
 
 
@@ -725,8 +759,15 @@ def device_slug(info: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", info["gpu"].lower().removeprefix("nvidia").strip()).strip("-") or "cuda"
 
 
-def write_report(results: list[Result], selected: list[Check], info: dict, argv: list[str], wall_s: float,
-                 out_dir: Path, results_dir: Path) -> Path:  # fmt: skip
+def write_report(
+    results: list[Result],
+    selected: list[Check],
+    info: dict,
+    argv: list[str],
+    wall_s: float,
+    out_dir: Path,
+    results_dir: Path,
+) -> Path:
     """`<results_dir>/gpu_check_<device>.md` and `.json`: the table, the machine, what each path ran, and the
     benchmarks' own notes."""
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip", "unsupported")}
@@ -738,14 +779,29 @@ def write_report(results: list[Result], selected: list[Check], info: dict, argv:
     stem = results_dir / f"gpu_check_{device_slug(info)}"
     results_dir.mkdir(parents=True, exist_ok=True)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    payload = {"when": when, "command": argv, "wall_s": wall_s, "machine": info, "counts": counts,
-               "paths": [{**asdict(r), "what": c.what} for r, c in zip(results, selected, strict=True)]}  # fmt: skip
+    payload = {
+        "when": when,
+        "command": argv,
+        "wall_s": wall_s,
+        "machine": info,
+        "counts": counts,
+        "paths": [{**asdict(r), "what": c.what} for r, c in zip(results, selected, strict=True)],
+    }
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     title = info.get("gpu", "CPU dry run")
     summary = ", ".join(f"{n} {s}" for s, n in counts.items())
-    lines = [f"# GPU check: {title}", "", f"{when}, commit `{info.get('commit')}`, {wall_s / 60:.1f} min: {summary}",
-             "", f"`{shlex.join(argv)}`", "", f"machine: `{json.dumps(info)}`", "",
-             "| path | status | seconds | result |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# GPU check: {title}",
+        "",
+        f"{when}, commit `{info.get('commit')}`, {wall_s / 60:.1f} min: {summary}",
+        "",
+        f"`{shlex.join(argv)}`",
+        "",
+        f"machine: `{json.dumps(info)}`",
+        "",
+        "| path | status | seconds | result |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r.name} | {r.status} | {r.seconds:.1f} | {r.result.replace('|', '/')} |" for r in results]
     advice = decode_dequantized_advice(out_dir)
     lines += ["", advice] if advice else []
@@ -757,13 +813,15 @@ def write_report(results: list[Result], selected: list[Check], info: dict, argv:
     return stem.with_suffix(".md")
 
 
-def check_all(selected: list[Check], out_dir: Path, results_dir: Path, device: str, jobs: int,
-              argv: list[str] | None = None) -> int:  # fmt: skip
+def check_all(
+    selected: list[Check], out_dir: Path, results_dir: Path, device: str, jobs: int, argv: list[str] | None = None
+) -> int:
     """Run `selected`, print and write the report; 1 if a path failed, else 0."""
     start = time.perf_counter()
     info = machine_info(device)
-    print(f"{len(selected)} paths on {info.get('gpu', 'CPU')}, {jobs} at a time; logs in {out_dir / 'logs'}",
-          flush=True)  # fmt: skip
+    print(
+        f"{len(selected)} paths on {info.get('gpu', 'CPU')}, {jobs} at a time; logs in {out_dir / 'logs'}", flush=True
+    )
     results = run_checks(selected, out_dir, jobs, child_env(device, jobs))
     report = write_report(results, selected, info, argv or sys.argv, time.perf_counter() - start, out_dir, results_dir)
     print("\n" + report.read_text())

@@ -135,10 +135,20 @@ def setup(
     warn_if_slow_bf16("cuda" if cuda else "cpu", precision)
     n_devices = (torch.cuda.device_count() if cuda else 1) if devices == "auto" else int(devices)
     check_expert_parallel(expert_parallel, config.n_expert, n_devices * num_nodes)
-    check_fits(config, micro_batch_size=train.micro_batch_size, seq_len=T, devices=n_devices, num_nodes=num_nodes,
-               accelerator="cuda" if cuda else "cpu", precision=precision, strategy=strategy,
-               expert_parallel=expert_parallel, activation_checkpointing=activation_checkpointing,
-               optimizer=optimizer, enabled=preflight)  # fmt: skip
+    check_fits(
+        config,
+        micro_batch_size=train.micro_batch_size,
+        seq_len=T,
+        devices=n_devices,
+        num_nodes=num_nodes,
+        accelerator="cuda" if cuda else "cpu",
+        precision=precision,
+        strategy=strategy,
+        expert_parallel=expert_parallel,
+        activation_checkpointing=activation_checkpointing,
+        optimizer=optimizer,
+        enabled=preflight,
+    )
     strategy = parallel_strategy(
         strategy, n_devices, num_nodes, cuda, precision, expert_parallel, activation_checkpointing
     )
@@ -150,9 +160,22 @@ def setup(
         precision=precision,
     )
     return fabric.launch(
-        main, config, data_dir, out_dir, tokenizer, train, eval, optimizer, activation_checkpointing, compile,
-        resume, seed, num_workers, expert_parallel, stream,
-    )  # fmt: skip
+        main,
+        config,
+        data_dir,
+        out_dir,
+        tokenizer,
+        train,
+        eval,
+        optimizer,
+        activation_checkpointing,
+        compile,
+        resume,
+        seed,
+        num_workers,
+        expert_parallel,
+        stream,
+    )
 
 
 def config_for_shards(
@@ -170,9 +193,14 @@ def config_for_shards(
 
 
 def parallel_strategy(
-    strategy: str, n_devices: int, num_nodes: int, cuda: bool, precision: str, expert_parallel: int,
+    strategy: str,
+    n_devices: int,
+    num_nodes: int,
+    cuda: bool,
+    precision: str,
+    expert_parallel: int,
     activation_checkpointing: bool,
-) -> Any:  # fmt: skip
+) -> Any:
     """Fabric's strategy for `--strategy`, the device count and expert parallelism: FSDP2 (`ModelParallelStrategy`)
     on CPU processes or with the experts split, DDP for expert parallelism alone, FSDP on several GPUs, DDP over
     gloo on several CPU processes; `strategy` unchanged on one device."""
@@ -293,9 +321,17 @@ def main(
     tokens_per_step = train.global_batch_size * T
     max_steps = train.max_steps or max(1, (train.max_tokens or tokens_per_step) // tokens_per_step)
     return fit(
-        fabric, stage, state, out_dir=out_dir, train=train, eval=eval, max_steps=max_steps,
-        learning_rate=learning_rate, val_loader=val_loader, resumed_from=resume_dir,
-    )  # fmt: skip
+        fabric,
+        stage,
+        state,
+        out_dir=out_dir,
+        train=train,
+        eval=eval,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        val_loader=val_loader,
+        resumed_from=resume_dir,
+    )
 
 
 def init_model(fabric: L.Fabric, config: Config, max_seq_length: int, activation_checkpointing: bool) -> GPT:
@@ -351,9 +387,14 @@ def load_checkpoint(fabric: L.Fabric, state: dict, resume_dir: Path) -> None:
 
 
 def pretrain_stage(
-    fabric: L.Fabric, config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokenizer_dir: Path,
-    flops_per_token: float, expert_parallel: int,
-) -> Stage:  # fmt: skip
+    fabric: L.Fabric,
+    config: Config,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokenizer_dir: Path,
+    flops_per_token: float,
+    expert_parallel: int,
+) -> Stage:
     """Next-token loss plus the MoE auxiliary losses; checkpoints in litgpt's layout with the tokenizer; with expert
     parallelism, the experts' gradients reduced and clipped by `finish_gradients`."""
     inner = model.module if hasattr(model, "module") else model
@@ -380,6 +421,9 @@ def pretrain_stage(
         finish_gradients(inner, max_norm)
 
     return Stage(
-        loss_fn, save_fn, tokens_fn=lambda b: b[:, :-1].numel(), flops_per_token=flops_per_token,
+        loss_fn,
+        save_fn,
+        tokens_fn=lambda b: b[:, :-1].numel(),
+        flops_per_token=flops_per_token,
         finish_gradients=finish_fn if expert_parallel > 1 else None,
-    )  # fmt: skip
+    )

@@ -73,7 +73,7 @@ def setup(
         lr_warmup_steps=20,
         max_norm=1.0,
         min_lr=1e-5,
-    ),  # fmt: skip
+    ),
     eval: EvalArgs = EvalArgs(interval=100, max_iters=2, initial_validation=True),
     optimizer: str | dict = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-3, "weight_decay": 0.1}},  # noqa: B006
     resume: bool | Literal["auto"] | Path = False,
@@ -116,15 +116,36 @@ def setup(
     register_model_configs()
     if model_name not in open_clip.list_models():
         raise ValueError(f"--model_name {model_name!r}: not an open_clip model; pass --model_config <name>.json")
-    check_fits(None, stage="clip", clip_model=model_name, micro_batch_size=train.micro_batch_size, devices=devices,
-               num_nodes=num_nodes, precision=precision, optimizer=optimizer, enabled=preflight)  # fmt: skip
+    check_fits(
+        None,
+        stage="clip",
+        clip_model=model_name,
+        micro_batch_size=train.micro_batch_size,
+        devices=devices,
+        num_nodes=num_nodes,
+        precision=precision,
+        optimizer=optimizer,
+        enabled=preflight,
+    )
     fabric = ddp_fabric(devices, num_nodes, precision)
     world = (Path(data_dir) / "summary.json").is_file()
     if hard_negatives and not world:
         raise ValueError(f"--hard_negatives needs a shapes world (scripts/prepare_shapes.py); {data_dir} is not one")
     hard_negatives = world if hard_negatives is None else hard_negatives
-    return fabric.launch(main, Path(data_dir), Path(out_dir), model_name, train, eval, optimizer, resume, seed,
-                         num_workers, zero_shot_images, hard_negatives)  # fmt: skip
+    return fabric.launch(
+        main,
+        Path(data_dir),
+        Path(out_dir),
+        model_name,
+        train,
+        eval,
+        optimizer,
+        resume,
+        seed,
+        num_workers,
+        zero_shot_images,
+        hard_negatives,
+    )
 
 
 class CaptionedImages(Dataset):
@@ -168,8 +189,9 @@ class HardNegatives:
         self.shapes, self.tokenizer = shapes, tokenizer
         s = json.loads((Path(world) / "summary.json").read_text())
         self.max_shapes = s["max_shapes"]
-        self.scenes = [shapes.make_example(s["seed"], r.image_id, s["max_shapes"], s["noise"]).scene.shapes
-                       for r in records]  # fmt: skip
+        self.scenes = [
+            shapes.make_example(s["seed"], r.image_id, s["max_shapes"], s["noise"]).scene.shapes for r in records
+        ]
 
     def __call__(self, indices: list[int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         import random
@@ -205,9 +227,19 @@ def save_clip(model: torch.nn.Module, model_name: str, preprocess_cfg: dict, dir
 
 
 def main(
-    fabric: L.Fabric, data_dir: Path, out_dir: Path, model_name: str, train: TrainArgs, eval: EvalArgs,
-    optimizer_spec, resume, seed: int, num_workers: int, zero_shot_images: int, hard_negatives: bool,
-) -> dict[str, float]:  # fmt: skip
+    fabric: L.Fabric,
+    data_dir: Path,
+    out_dir: Path,
+    model_name: str,
+    train: TrainArgs,
+    eval: EvalArgs,
+    optimizer_spec,
+    resume,
+    seed: int,
+    num_workers: int,
+    zero_shot_images: int,
+    hard_negatives: bool,
+) -> dict[str, float]:
     resume_dir = resolve_resume(resume, out_dir)
     fabric.seed_everything(seed)
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, output_dict=True)
@@ -216,8 +248,17 @@ def main(
     tokenizer = open_clip.get_tokenizer(model_name)
     data = {split: load_split(data_dir, split, preprocess, tokenizer) for split in ("train", "val")}
     accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
-    loaders = split_loaders(data, train.micro_batch_size, accumulation, seed, fabric.global_rank, fabric.world_size,
-                            collate, str(data_dir), num_workers)  # fmt: skip
+    loaders = split_loaders(
+        data,
+        train.micro_batch_size,
+        accumulation,
+        seed,
+        fabric.global_rank,
+        fabric.world_size,
+        collate,
+        str(data_dir),
+        num_workers,
+    )
 
     clip_loss = open_clip.ClipLoss(rank=fabric.global_rank, world_size=fabric.world_size)
     wrapped = fabric.setup_module(model)
@@ -228,8 +269,10 @@ def main(
         load_training_state(fabric, state, resume_dir)
         fabric.print(f"Resumed from {resume_dir} at step {state['step']}")
     n_visual = sum(p.numel() for p in model.visual.parameters())
-    fabric.print(f"CLIP {model_name}: {n_visual / 1e6:.2f}M vision parameters, {model.visual.grid_size} patches, "
-                 f"{len(data['train']):,} training images")  # fmt: skip
+    fabric.print(
+        f"CLIP {model_name}: {n_visual / 1e6:.2f}M vision parameters, {model.visual.grid_size} patches, "
+        f"{len(data['train']):,} training images"
+    )
 
     negatives = HardNegatives(data_dir, data["train"].records, tokenizer) if hard_negatives else None
 
@@ -247,8 +290,9 @@ def main(
             pos_f, neg_f = text.chunk(2)
             image = out["image_features"]
             logits = out["logit_scale"] * torch.stack([(image * pos_f).sum(-1), (image * neg_f).sum(-1)], dim=1)
-            hard = torch.nn.functional.cross_entropy(logits, torch.zeros(len(image), dtype=torch.long,
-                                                                         device=logits.device))  # fmt: skip
+            hard = torch.nn.functional.cross_entropy(
+                logits, torch.zeros(len(image), dtype=torch.long, device=logits.device)
+            )
             metrics["hard_negative_loss"] = hard.detach()
             loss = contrastive + hard
         return loss, {"loss": contrastive.detach(), **metrics}
@@ -270,10 +314,26 @@ def main(
             save_clip(model, model_name, preprocess_cfg, ckpt_dir)
 
     max_steps = train.max_steps or max(1, (train.epochs or 1) * len(loaders["train"]))
-    stage = Stage(loss_fn, save_fn, tokens_fn=lambda batch: len(batch[0]), on_eval=on_eval, unit="images",
-                  loss_label="contrastive loss (nats; chance ln batch)")  # fmt: skip
-    result = fit(fabric, stage, state, out_dir=out_dir, train=train, eval=eval, max_steps=max_steps,
-                 learning_rate=peak_lr, val_loader=loaders["val"], resumed_from=resume_dir)  # fmt: skip
+    stage = Stage(
+        loss_fn,
+        save_fn,
+        tokens_fn=lambda batch: len(batch[0]),
+        on_eval=on_eval,
+        unit="images",
+        loss_label="contrastive loss (nats; chance ln batch)",
+    )
+    result = fit(
+        fabric,
+        stage,
+        state,
+        out_dir=out_dir,
+        train=train,
+        eval=eval,
+        max_steps=max_steps,
+        learning_rate=peak_lr,
+        val_loader=loaders["val"],
+        resumed_from=resume_dir,
+    )
     if world is not None and fabric.global_rank == 0:
         if json.loads((world / "summary.json").read_text())["splits"]["test"]["images"]:
             report_zero_shot(model, tokenizer, preprocess, world, Path(out_dir))

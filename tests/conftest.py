@@ -113,6 +113,7 @@ def prepared_gutenberg(tmp_path_factory) -> Path:
     """The 13 bundled books prepared with a small BPE vocabulary (shared by the pretraining tests)."""
     out = tmp_path_factory.mktemp("prepared") / "gutenberg"
     import litgpt_mm.data.prepare_gutenberg
+
     litgpt_mm.data.prepare_gutenberg.prepare(out_dir=out, vocab_size=1024)
     return out
 
@@ -124,6 +125,7 @@ def pretrain_setup(**kwargs):
     kwargs["train"] = TrainArgs(**kwargs["train"])
     kwargs["eval"] = EvalArgs(**kwargs["eval"])
     import litgpt_mm.pretrain
+
     return litgpt_mm.pretrain.setup(**kwargs)
 
 
@@ -148,7 +150,7 @@ def pretrained_tiny(prepared_gutenberg, tmp_path_factory) -> tuple[Path, dict]:
             lr_warmup_steps=1,
             max_norm=1.0,
             min_lr=1e-4,
-        ),  # fmt: skip
+        ),
         eval=dict(interval=60, max_iters=8, initial_validation=True),
         optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3, "weight_decay": 0.1}},
     )
@@ -165,13 +167,24 @@ def shapes_clip(tmp_path_factory) -> tuple[Path, Path]:
     world, clip = root / "shapes", root / "clip"
     import litgpt_mm.data.prepare_shapes
     import litgpt_mm.pretrain_clip
+
     litgpt_mm.data.prepare_shapes.prepare(out_dir=world, n_train=CLIP_IMAGES, n_val=8, n_test=60, seed=5)
     litgpt_mm.pretrain_clip.setup(
-        data_dir=world, out_dir=clip, zero_shot_images=0,
-        train=TrainArgs(save_interval=1000, log_interval=10, global_batch_size=128, micro_batch_size=128,
-                        max_steps=CLIP_STEPS, lr_warmup_steps=10, max_norm=1.0, min_lr=1e-5),
+        data_dir=world,
+        out_dir=clip,
+        zero_shot_images=0,
+        train=TrainArgs(
+            save_interval=1000,
+            log_interval=10,
+            global_batch_size=128,
+            micro_batch_size=128,
+            max_steps=CLIP_STEPS,
+            lr_warmup_steps=10,
+            max_norm=1.0,
+            min_lr=1e-5,
+        ),
         eval=EvalArgs(interval=1000, max_iters=1, initial_validation=False),
-    )  # fmt: skip
+    )
     return world, clip
 
 
@@ -250,6 +263,7 @@ def checkpoints(prepared_gutenberg, tmp_path_factory) -> dict:
     (root / "lora" / "lora_config.yaml").write_text(yaml.safe_dump({**vars(settings), "quantize": "nf4"}))
     mm.save_adapter(root / "lora")
     import litgpt_mm.finetune.qlora
+
     litgpt_mm.finetune.qlora.export_merged(mm, root / "lm", root / "merged")
     return {k: root / k for k in ("lm", "align", "lora", "merged")}
 

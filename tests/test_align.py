@@ -111,17 +111,31 @@ def test_prepare_coco_reports_bad_input(tmp_path):
 
 def align_args(lm_dir: Path, data: Path, features: Path, out: Path, **train) -> dict:
     settings = dict(
-        save_interval=1000, log_interval=5, global_batch_size=8, micro_batch_size=8, max_steps=240,
-        lr_warmup_steps=8, max_norm=1.0, min_lr=1e-4,
-    )  # fmt: skip
+        save_interval=1000,
+        log_interval=5,
+        global_batch_size=8,
+        micro_batch_size=8,
+        max_steps=240,
+        lr_warmup_steps=8,
+        max_norm=1.0,
+        min_lr=1e-4,
+    )
     settings.update(train)
     return dict(
-        lm_checkpoint_dir=lm_dir, data_dir=data, out_dir=out, clip_pretrained=None, feature_dir=features,
-        projector="mlp2x_gelu", max_caption_tokens=48, precision="32-true", num_workers=0, num_sample_images=2,
+        lm_checkpoint_dir=lm_dir,
+        data_dir=data,
+        out_dir=out,
+        clip_pretrained=None,
+        feature_dir=features,
+        projector="mlp2x_gelu",
+        max_caption_tokens=48,
+        precision="32-true",
+        num_workers=0,
+        num_sample_images=2,
         train=TrainArgs(**settings),
         eval=EvalArgs(interval=120, max_iters=5, initial_validation=True, max_new_tokens=8),
         optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2, "weight_decay": 0.0}},
-    )  # fmt: skip
+    )
 
 
 def caption_losses(run: Path, lm_dir: Path, data: Path, features: Path, shift: int) -> list[float]:
@@ -148,15 +162,18 @@ def test_align_puts_image_information_into_the_caption_loss(pretrained_tiny, pre
     out = tmp_path / "align"
     captions = DATA / "coco" / "annotations" / "captions_val2017_sample.json"
     args = align_args(lm_dir, data, features, out) | {
-        "eval_captions": captions, "eval_images_root": DATA / "coco" / "val2017", "eval_limit": 4
-    }  # fmt: skip
+        "eval_captions": captions,
+        "eval_images_root": DATA / "coco" / "val2017",
+        "eval_limit": 4,
+    }
     result = litgpt_mm.align.setup(**args)
     val = list(csv.DictReader(open(out / "logs" / "val_log.csv")))
     assert result["val_loss"] < float(val[0]["val_loss"]) - 0.3
     # caption scores at every validation, with both baselines: the captions move towards the references
     scores = [{k: float(v) for k, v in row.items() if k.startswith(("CIDEr_", "ROUGE_L_"))} for row in val]
-    assert all(set(s) == {f"{m}_{c}" for m in ("CIDEr", "ROUGE_L") for c in ("image", "blind", "shuffled")}
-               for s in scores)  # fmt: skip
+    assert all(
+        set(s) == {f"{m}_{c}" for m in ("CIDEr", "ROUGE_L") for c in ("image", "blind", "shuffled")} for s in scores
+    )
     assert max(s["ROUGE_L_image"] for s in scores[1:]) > scores[0]["ROUGE_L_image"] + 0.04, scores
     assert len({(s["CIDEr_blind"], s["ROUGE_L_blind"]) for s in scores}) == 1  # no image: the frozen LM alone
     assert (out / "logs" / "accuracy.png").is_file()
@@ -182,22 +199,41 @@ def align_cli(pretrained_tiny, prepared_coco, **overrides) -> list[str]:
 
 
 def test_align_resume_after_kill(pretrained_tiny, prepared_coco, tmp_path):
-    common = align_cli(pretrained_tiny, prepared_coco, **{
-        "train.max_steps": 12, "train.save_interval": 4, "train.log_interval": 1, "eval.interval": 6,
-        "eval.max_new_tokens": 4, "train.micro_batch_size": 4, "train.global_batch_size": 8,
-    })  # fmt: skip
-    check_kill_and_resume(lambda out: [*common, "--out_dir", str(out)], tmp_path, "step-000008", "step-000004",
-                          "projector.pth")  # fmt: skip
+    common = align_cli(
+        pretrained_tiny,
+        prepared_coco,
+        **{
+            "train.max_steps": 12,
+            "train.save_interval": 4,
+            "train.log_interval": 1,
+            "eval.interval": 6,
+            "eval.max_new_tokens": 4,
+            "train.micro_batch_size": 4,
+            "train.global_batch_size": 8,
+        },
+    )
+    check_kill_and_resume(
+        lambda out: [*common, "--out_dir", str(out)], tmp_path, "step-000008", "step-000004", "projector.pth"
+    )
 
 
 def test_align_on_two_processes_trains_the_one_process_curve(pretrained_tiny, prepared_coco, tmp_path, capfd):
     """DDP over gloo, 2 processes x micro-batch 2 x 2 accumulation steps against 1 process x 4 accumulation steps:
     each step sees the same captions (of different lengths), so the losses and the projector agree."""
-    common = align_cli(pretrained_tiny, prepared_coco, **{
-        "train.max_steps": 5, "train.save_interval": 100, "train.log_interval": 1, "eval.interval": 100,
-        "eval.initial_validation": "false", "num_sample_images": 0, "train.micro_batch_size": 2,
-        "train.global_batch_size": 8,
-    })  # fmt: skip
+    common = align_cli(
+        pretrained_tiny,
+        prepared_coco,
+        **{
+            "train.max_steps": 5,
+            "train.save_interval": 100,
+            "train.log_interval": 1,
+            "eval.interval": 100,
+            "eval.initial_validation": "false",
+            "num_sample_images": 0,
+            "train.micro_batch_size": 2,
+            "train.global_batch_size": 8,
+        },
+    )
     for devices, run in ((1, partial(run_recipe_here, capfd)), (2, run_python)):
         proc = run([*common, "--devices", str(devices), "--out_dir", str(tmp_path / f"d{devices}")])
         assert proc.returncode == 0, proc.stderr[-3000:]

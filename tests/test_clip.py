@@ -75,16 +75,23 @@ def clip_args(world, out_dir, steps: int = 32) -> list[str]:
 @pytest.mark.slow
 def test_clip_pretraining_loss_falls_and_resumes_exactly_after_sigkill(world, tmp_path):
     check_kill_and_resume(
-        lambda out: clip_args(world, out), tmp_path, kill_at="step-000032", resumed_at="at step 16",
+        lambda out: clip_args(world, out),
+        tmp_path,
+        kill_at="step-000032",
+        resumed_at="at step 16",
         weights="open_clip_model.safetensors",
-    )  # fmt: skip
+    )
     losses = [float(r["loss"]) for r in _csv(tmp_path / "ref" / "logs" / "train_log.csv")]
     assert sum(losses[-8:]) / 8 < sum(losses[:4]) / 4 - 0.3, losses  # contrastive loss; chance: ln 16 = 2.77
     val = _csv(tmp_path / "ref" / "logs" / "val_log.csv")
     assert {"zero_shot_colour", "zero_shot_yesno", "zero_shot_all"} <= set(val[-1])
     final = tmp_path / "ref" / "final"
-    assert {p.name for p in final.iterdir()} >= {"open_clip_model.safetensors", "shapes-ViT-T-16.json",
-                                                  "open_clip_config.json", "zero_shot.json"}  # fmt: skip
+    assert {p.name for p in final.iterdir()} >= {
+        "open_clip_model.safetensors",
+        "shapes-ViT-T-16.json",
+        "open_clip_config.json",
+        "zero_shot.json",
+    }
 
 
 def _csv(path):
@@ -99,9 +106,18 @@ def test_a_tower_loads_from_its_local_file_with_its_config_beside_it(tmp_path):
     alone (its config is registered from beside the weights), as `--clip_pretrained` passes it."""
     script = litgpt_mm.pretrain_clip
     name = "tiny-test-ViT-8"
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
-           "patch_size": 8, "pool_type": "avg"}, "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16,
-           "heads": 1, "layers": 1}}  # fmt: skip
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 1,
+            "width": 32,
+            "head_width": 16,
+            "patch_size": 8,
+            "pool_type": "avg",
+        },
+        "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1},
+    }
     (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(tmp_path / f"{name}.json")
     torch.manual_seed(1)

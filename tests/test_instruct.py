@@ -95,9 +95,13 @@ def test_bad_rows_are_reported_not_fatal(prepared_gutenberg, tmp_path):
     path.write_text(json.dumps(good + bad))
     prepare = litgpt_mm.data.prepare_llava_instruct.prepare
     summary = prepare(
-        tokenizer_dir=prepared_gutenberg / "tokenizer", data_path=path, images_dir=DATA / "coco" / "val2017",
-        max_tokens=256, out_dir=tmp_path / "out", val_fraction=0.0,
-    )  # fmt: skip
+        tokenizer_dir=prepared_gutenberg / "tokenizer",
+        data_path=path,
+        images_dir=DATA / "coco" / "val2017",
+        max_tokens=256,
+        out_dir=tmp_path / "out",
+        val_fraction=0.0,
+    )
     reasons = {s["id"]: s["reason"] for s in summary["skipped"]}
     assert set(reasons) == {"noimage", "empty", "missing", "not_there.jpg", "long"}
     assert "<image>" in reasons["noimage"] and "empty answer" in reasons["empty"]
@@ -287,16 +291,33 @@ def aligned(pretrained_tiny, tmp_path_factory):
         out_dir=root / "coco", features=True, feature_dir=root / "features", clip_pretrained=None
     )
     litgpt_mm.align.setup(
-        lm_checkpoint_dir=lm_dir, data_dir=root / "coco", out_dir=root / "align", clip_pretrained=None,
-        feature_dir=root / "features", max_caption_tokens=32, precision="32-true", num_workers=0,
-        train=TrainArgs(save_interval=100, log_interval=5, global_batch_size=8, micro_batch_size=8, max_steps=20,
-                        lr_warmup_steps=2, max_norm=1.0, min_lr=1e-4),
+        lm_checkpoint_dir=lm_dir,
+        data_dir=root / "coco",
+        out_dir=root / "align",
+        clip_pretrained=None,
+        feature_dir=root / "features",
+        max_caption_tokens=32,
+        precision="32-true",
+        num_workers=0,
+        train=TrainArgs(
+            save_interval=100,
+            log_interval=5,
+            global_batch_size=8,
+            micro_batch_size=8,
+            max_steps=20,
+            lr_warmup_steps=2,
+            max_norm=1.0,
+            min_lr=1e-4,
+        ),
         eval=EvalArgs(interval=100, max_iters=2, initial_validation=False, max_new_tokens=4),
-    )  # fmt: skip
+    )
     litgpt_mm.data.prepare_llava_instruct.prepare(
-        tokenizer_dir=lm_dir, map_missing_to=DATA / "coco" / "val2017", max_tokens=160, val_fraction=0.2,
+        tokenizer_dir=lm_dir,
+        map_missing_to=DATA / "coco" / "val2017",
+        max_tokens=160,
+        val_fraction=0.2,
         out_dir=root / "llava",
-    )  # fmt: skip
+    )
     return root
 
 
@@ -358,9 +379,12 @@ def test_bad_scheduling_arguments_fail_before_any_work(tmp_path, capfd):
 
 def test_instruct_resume_after_kill(aligned, tmp_path):
     check_kill_and_resume(
-        lambda out: [*instruct_args(aligned, out, "standard", 12), "--merge", "false"], tmp_path, "step-000008",
-        "step-000004", "lora.pth",
-    )  # fmt: skip
+        lambda out: [*instruct_args(aligned, out, "standard", 12), "--merge", "false"],
+        tmp_path,
+        "step-000008",
+        "step-000004",
+        "lora.pth",
+    )
 
 
 def test_two_processes_train_the_one_process_curve(aligned, tmp_path, capfd):
@@ -381,9 +405,15 @@ def test_merged_dense_phi_exports_to_hugging_face(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = Config.from_name(
-        "phi-2", n_layer=2, n_embd=160, n_head=2, intermediate_size=640, vocab_size=300, padded_vocab_size=320,
+        "phi-2",
+        n_layer=2,
+        n_embd=160,
+        n_head=2,
+        intermediate_size=640,
+        vocab_size=300,
+        padded_vocab_size=320,
         block_size=128,
-    )  # fmt: skip
+    )
     lm = GPT(cfg)
     add_lora(lm, LoRASettings(dropout=0.0, mlp=True, projection=True))
     for n, p in lm.named_parameters():

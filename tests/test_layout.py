@@ -29,8 +29,11 @@ def test_every_module_has_a_row_and_every_row_exists():
 
 
 def test_no_sys_path_edits_or_file_path_imports():
-    sources = [p for d in ("litgpt_mm", "recipes", "scripts", "generate", "benchmarks", "xla", "reports") for p in
-               (REPO / d).rglob("*.py")]  # fmt: skip
+    sources = [
+        p
+        for d in ("litgpt_mm", "recipes", "scripts", "generate", "benchmarks", "xla", "reports")
+        for p in (REPO / d).rglob("*.py")
+    ]
     offenders = [
         str(p.relative_to(REPO))
         for p in sources
@@ -62,8 +65,20 @@ def test_litgpt_mm_help_lists_every_stage():
     assert proc.returncode == 0, proc.stderr
     listed = re.search(r"\{([\w,-]+)\}", proc.stdout)[1].split(",")
     assert listed == list(COMMANDS)
-    for stage in ("pretrain", "align", "finetune", "generate", "chat", "serve", "evaluate", "export", "prepare",
-                  "compare", "capacity", "gpu-check"):  # fmt: skip
+    for stage in (
+        "pretrain",
+        "align",
+        "finetune",
+        "generate",
+        "chat",
+        "serve",
+        "evaluate",
+        "export",
+        "prepare",
+        "compare",
+        "capacity",
+        "gpu-check",
+    ):
         assert stage in listed
 
 

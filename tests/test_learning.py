@@ -25,29 +25,62 @@ def test_colour_answers_are_grounded_after_a_short_run(pretrained_tiny, shapes_c
     coco_dir, features = tmp_path / "coco", tmp_path / "features"
     litgpt_mm.data.prepare_coco.prepare(
         source_dir=shapes, out_dir=coco_dir, subset=None, val_subset=None, features=True, feature_dir=features, **clip
-    )  # fmt: skip
+    )
     litgpt_mm.align.setup(
-        lm_checkpoint_dir=lm_dir, data_dir=coco_dir, out_dir=tmp_path / "align", **clip, feature_dir=features,
-        max_caption_tokens=32, precision="32-true", num_workers=0, num_sample_images=0, feature_norm="standardize",
-        train=TrainArgs(save_interval=1000, log_interval=10, global_batch_size=16, micro_batch_size=16, max_steps=10,
-                        lr_warmup_steps=2, max_norm=1.0, min_lr=1e-4),
+        lm_checkpoint_dir=lm_dir,
+        data_dir=coco_dir,
+        out_dir=tmp_path / "align",
+        **clip,
+        feature_dir=features,
+        max_caption_tokens=32,
+        precision="32-true",
+        num_workers=0,
+        num_sample_images=0,
+        feature_norm="standardize",
+        train=TrainArgs(
+            save_interval=1000,
+            log_interval=10,
+            global_batch_size=16,
+            micro_batch_size=16,
+            max_steps=10,
+            lr_warmup_steps=2,
+            max_norm=1.0,
+            min_lr=1e-4,
+        ),
         eval=EvalArgs(interval=1000, max_iters=1, initial_validation=False, max_new_tokens=4),
         optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 5e-3, "weight_decay": 0.0}},
-    )  # fmt: skip
+    )
     litgpt_mm.data.prepare_llava_instruct.prepare(
-        tokenizer_dir=lm_dir, data_path=shapes / "llava_train.json", images_dir=shapes / "train2017",
-        subset_images=None, max_tokens=64, val_fraction=0.05, out_dir=tmp_path / "llava",
-    )  # fmt: skip
+        tokenizer_dir=lm_dir,
+        data_path=shapes / "llava_train.json",
+        images_dir=shapes / "train2017",
+        subset_images=None,
+        max_tokens=64,
+        val_fraction=0.05,
+        out_dir=tmp_path / "llava",
+    )
     steps = 360
     litgpt_mm.finetune.qlora.setup(
-        align_dir=tmp_path / "align" / "final", data_dir=tmp_path / "llava", out_dir=tmp_path / "instruct",
-        feature_dir=features, projector_lr_scale=1.0, precision="32-true",
+        align_dir=tmp_path / "align" / "final",
+        data_dir=tmp_path / "llava",
+        out_dir=tmp_path / "instruct",
+        feature_dir=features,
+        projector_lr_scale=1.0,
+        precision="32-true",
         lora=LoRASettings(r=16, alpha=32, dropout=0.0, query=True, key=True, value=True, projection=True, mlp=True),
-        train=TrainArgs(save_interval=1000, log_interval=20, global_batch_size=16, micro_batch_size=16,
-                        max_steps=steps, lr_warmup_steps=10, max_norm=1.0, min_lr=1e-4),
+        train=TrainArgs(
+            save_interval=1000,
+            log_interval=20,
+            global_batch_size=16,
+            micro_batch_size=16,
+            max_steps=steps,
+            lr_warmup_steps=10,
+            max_norm=1.0,
+            min_lr=1e-4,
+        ),
         eval=EvalArgs(interval=1000, max_iters=1, initial_validation=False),
         optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3, "weight_decay": 0.0}},
-    )  # fmt: skip
+    )
 
     assistant = Assistant.load(tmp_path / "instruct" / "merged", device="cpu")
     answerer = Answerer(assistant, GenerationSettings(max_new_tokens=4), batch_size=32)

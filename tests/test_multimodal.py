@@ -176,9 +176,18 @@ def test_token_separator_uses_the_lm_embedding():
 def test_generation_with_image_prefix_cache_equals_recompute(impl):
     if impl == "litgpt_lora":
         config = lora.Config.from_name(
-            "phi-2", n_layer=2, n_embd=64, n_head=4, vocab_size=300, padded_vocab_size=320, block_size=128,
-            lora_r=4, lora_alpha=8, lora_query=True, lora_value=True,
-        )  # fmt: skip
+            "phi-2",
+            n_layer=2,
+            n_embd=64,
+            n_head=4,
+            vocab_size=300,
+            padded_vocab_size=320,
+            block_size=128,
+            lora_r=4,
+            lora_alpha=8,
+            lora_query=True,
+            lora_value=True,
+        )
         lm = lora.GPT(config)
         for n, p in lm.named_parameters():  # LoRA B starts at zero: make the adapters matter
             if "lora_B" in n:

@@ -142,8 +142,9 @@ def test_cpu_pretraining_never_computes_in_bf16(prepared_gutenberg, tmp_path, ca
 
 def test_resume_after_kill_continues_the_same_curve(prepared_gutenberg, tmp_path):
     common = {**SHORT_RUN, "train.max_steps": 16, "train.lr_warmup_steps": 3}
-    check_kill_and_resume(lambda out: run_args(prepared_gutenberg, out, **common), tmp_path, "step-000012",
-                          "step-000008", "lit_model.pth")  # fmt: skip
+    check_kill_and_resume(
+        lambda out: run_args(prepared_gutenberg, out, **common), tmp_path, "step-000012", "step-000008", "lit_model.pth"
+    )
 
 
 def test_gradient_accumulation_matches_the_large_batch(prepared_gutenberg, tmp_path):
@@ -242,5 +243,7 @@ def test_width_sweep_section_reports_moe_minus_twin_per_width(tmp_path):
     assert "+0.1000" in rows[0] and "+0.0500" in rows[0] and "0.80×" in rows[0]
     assert "-0.0500" in rows[1] and "-0.0250" in rows[1] and "0.75×" in rows[1]
     assert (tmp_path / "sweep.png").is_file()
-    assert any("from +0.1000 at the smallest width to -0.0500" in line and "grows" in line and "MoE is ahead" in line
-               for line in lines)  # fmt: skip
+    assert any(
+        "from +0.1000 at the smallest width to -0.0500" in line and "grows" in line and "MoE is ahead" in line
+        for line in lines
+    )

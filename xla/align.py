@@ -17,8 +17,13 @@ from litgpt_mm.model import load_model
 from litgpt_mm.training.xla import load_sequentially, recipe_arguments, static_caption_collate, xla_fabric
 
 
-def setup(recipe_config: Path | None = None, devices: int | str = "auto", fsdp: bool = False, caption_bucket: int = 64,
-          precision: str = "bf16-true") -> None:  # fmt: skip
+def setup(
+    recipe_config: Path | None = None,
+    devices: int | str = "auto",
+    fsdp: bool = False,
+    caption_bucket: int = 64,
+    precision: str = "bf16-true",
+) -> None:
     """Run `recipes/align.py`'s stage on TPUs.
 
     Args:
@@ -29,6 +34,7 @@ def setup(recipe_config: Path | None = None, devices: int | str = "auto", fsdp: 
         precision: Fabric precision.
     """
     from litgpt_mm import align as recipe
+
     recipe.coco.collate_pairs = static_caption_collate(caption_bucket)
     args = recipe_arguments(recipe.setup, recipe_config, {"max_caption_tokens": caption_bucket})
     fabric = xla_fabric(devices, fsdp, precision)

@@ -20,9 +20,15 @@ from litgpt_mm.multimodal import generate_batch
 from litgpt_mm.training.xla import bucket
 
 
-def main(checkpoint_dir: Path = Path("out/qlora_instruct/merged"), input: Path = Path("prompts.jsonl"),
-         output: Path | None = None, batch_size: int = 8,
-         max_new_tokens: int = 128, template: str = "phi2", device: str | None = None) -> None:  # fmt: skip
+def main(
+    checkpoint_dir: Path = Path("out/qlora_instruct/merged"),
+    input: Path = Path("prompts.jsonl"),
+    output: Path | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    template: str = "phi2",
+    device: str | None = None,
+) -> None:
     """Batch answers of a prompts jsonl (`{"id", "prompt", "image"}` rows) into `{"id", "answer"}` rows.
 
     Args:
@@ -44,8 +50,10 @@ def main(checkpoint_dir: Path = Path("out/qlora_instruct/merged"), input: Path =
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
             chunk = rows[i : i + batch_size]
-            images = [[Path(p) for p in ([r["image"]] if isinstance(r.get("image"), str) else r.get("image") or [])]
-                      for r in chunk]  # fmt: skip
+            images = [
+                [Path(p) for p in ([r["image"]] if isinstance(r.get("image"), str) else r.get("image") or [])]
+                for r in chunk
+            ]
             feats = [assistant.features(imgs) for imgs in images]
             ids = [
                 assistant.prompt_ids(r.get("prompt", ""), len(imgs), max_new_tokens)
@@ -53,10 +61,19 @@ def main(checkpoint_dir: Path = Path("out/qlora_instruct/merged"), input: Path =
             ]
             filler = batch_size - len(chunk)
             feats, ids = feats + [None] * filler, ids + [ids[0][:1]] * filler
-            width = max(len(x) + (0 if f is None else f.size(0) * (assistant.model.config.num_patches + 1))
-                        for f, x in zip(feats, ids, strict=True))  # fmt: skip
-            answers = generate_batch(assistant.model, feats, ids, max_new_tokens, eos_id=assistant.tokenizer.eos_id,
-                                     pad_to=bucket(width), static=True)  # fmt: skip
+            width = max(
+                len(x) + (0 if f is None else f.size(0) * (assistant.model.config.num_patches + 1))
+                for f, x in zip(feats, ids, strict=True)
+            )
+            answers = generate_batch(
+                assistant.model,
+                feats,
+                ids,
+                max_new_tokens,
+                eos_id=assistant.tokenizer.eos_id,
+                pad_to=bucket(width),
+                static=True,
+            )
             for row, toks in zip(chunk, answers, strict=False):
                 text = assistant.tokenizer.decode(torch.tensor([t for t in toks if t != assistant.tokenizer.eos_id]))
                 out.write(json.dumps({"id": row.get("id"), "answer": text.strip()}) + "\n")

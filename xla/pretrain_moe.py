@@ -47,10 +47,22 @@ def setup(
     config = config.replace(vocab_size=vocab, padded_vocab_size=find_multiple(vocab, 128))
     fabric = xla_fabric(devices, fsdp, precision, num_nodes)
     from litgpt_mm import pretrain as recipe
+
     fabric.launch(
-        recipe.main, config, data_dir, Path(out_dir or f"out/pretrain/{config.name}-{data}-xla"),
-        Tokenizer(data_dir / "tokenizer"), train, eval, optimizer, False, False, resume, seed, num_workers,
-    )  # fmt: skip
+        recipe.main,
+        config,
+        data_dir,
+        Path(out_dir or f"out/pretrain/{config.name}-{data}-xla"),
+        Tokenizer(data_dir / "tokenizer"),
+        train,
+        eval,
+        optimizer,
+        False,
+        False,
+        resume,
+        seed,
+        num_workers,
+    )
 
 
 if __name__ == "__main__":

@@ -666,16 +666,32 @@ def plan(
         results_dir: where `measured_mfu` looks.
     """
     run = RunSettings(
-        tokens=tokens, gpus=gpus, gpu=gpu, precision=precision, optimizer=optimizer, micro_batch=micro_batch,
-        seq_len=config.block_size if seq_len is None else seq_len, activation_checkpointing=activation_checkpointing,
-        fsdp_size=gpus if fsdp_size is None else fsdp_size, expert_parallel=expert_parallel,
-        overhead_gb=overhead_gb, fused_adamw=fused_adamw,
-    )  # fmt: skip
+        tokens=tokens,
+        gpus=gpus,
+        gpu=gpu,
+        precision=precision,
+        optimizer=optimizer,
+        micro_batch=micro_batch,
+        seq_len=config.block_size if seq_len is None else seq_len,
+        activation_checkpointing=activation_checkpointing,
+        fsdp_size=gpus if fsdp_size is None else fsdp_size,
+        expert_parallel=expert_parallel,
+        overhead_gb=overhead_gb,
+        fused_adamw=fused_adamw,
+    )
     _check_run(config, run, gpus_per_node, mfu)
     hardware = _resolve_hardware(
-        config, run, mfu, peak_tflops, gpu_memory_gb, link_gbps, internode_gbps, gpus_per_node, expert_hidden_copies,
+        config,
+        run,
+        mfu,
+        peak_tflops,
+        gpu_memory_gb,
+        link_gbps,
+        internode_gbps,
+        gpus_per_node,
+        expert_hidden_copies,
         results_dir,
-    )  # fmt: skip
+    )
     tensors = param_tensors(config)
     params = count_params(config, tensors)
     memory = _memory_per_gpu(config, run, hardware, tensors, params)
@@ -805,8 +821,10 @@ def _communication_per_step(config: Config, run: RunSettings, hardware: Hardware
         comm_bytes, comm_s = comm_bytes + b, comm_s + b / hardware.rate(fsdp_size)
     # all-reduces (reduce-scatter + all-gather) of gradients over replicas: the dense ones over the FSDP replicas
     # (in the reduce dtype; DDP: in the gradients' dtype), this rank's experts over the gpus / ep ranks holding them
-    for n, size, replicas in ((sharded / fsdp_size, a if fsdp_size > 1 else pb.grad, gpus // fsdp_size),
-                              (experts, pb.grad, gpus // ep)):  # fmt: skip
+    for n, size, replicas in (
+        (sharded / fsdp_size, a if fsdp_size > 1 else pb.grad, gpus // fsdp_size),
+        (experts, pb.grad, gpus // ep),
+    ):
         if n and replicas > 1:
             b = 2 * _ring_bytes(n * size, replicas)
             comm_bytes, comm_s = comm_bytes + b, comm_s + b / hardware.rate(gpus)

@@ -187,9 +187,14 @@ def route_texts(
     if not token_ids:
         raise ValueError("no tokens to analyse: the texts are empty")
     return RoutingTable(
-        list(texts), np.concatenate(sources), np.concatenate(token_ids), np.concatenate(experts, axis=1),
-        prob_sum, entropy_sum, blocks,
-    )  # fmt: skip
+        list(texts),
+        np.concatenate(sources),
+        np.concatenate(token_ids),
+        np.concatenate(experts, axis=1),
+        prob_sum,
+        entropy_sum,
+        blocks,
+    )
 
 
 def _batches(windows: list[torch.Tensor], batch_size: int) -> list[list[torch.Tensor]]:
@@ -251,8 +256,9 @@ def top_tokens(table: RoutingTable, tokenizer, k: int = 10, min_count: int = 5) 
             ratio = counts[e] / max(counts[e].sum(), 1) / p_token
             keep = np.flatnonzero(counts[e] >= min_count)
             order = keep[np.lexsort((-counts[e][keep], -ratio[keep]))][:k]
-            per_expert.append([TopToken(int(ids[t]), _decode(tokenizer, ids[t]), int(counts[e, t]), float(ratio[t]))
-                               for t in order])  # fmt: skip
+            per_expert.append(
+                [TopToken(int(ids[t]), _decode(tokenizer, ids[t]), int(counts[e, t]), float(ratio[t])) for t in order]
+            )
         result.append(per_expert)
     return result
 
@@ -290,12 +296,18 @@ def training_balance(expert_rows: list[dict], train_rows: list[dict] | None = No
     out = []
     for layer in sorted({int(r["layer"]) for r in expert_rows}):
         rows = sorted((r for r in expert_rows if r["layer"] == layer and r["step"] in steps), key=lambda r: r["step"])
-        out.append({
-            "layer": layer, "step": int(rows[-1]["step"]), "steps_averaged": len(rows),
-            "cv": rows[-1]["cv"], "cv_mean": float(np.mean([r["cv"] for r in rows])),
-            "entropy": rows[-1]["entropy"], "balance_loss": aux[-1] if aux else None,
-            "balance_loss_mean": float(np.mean(aux)) if aux else None,
-        })  # fmt: skip
+        out.append(
+            {
+                "layer": layer,
+                "step": int(rows[-1]["step"]),
+                "steps_averaged": len(rows),
+                "cv": rows[-1]["cv"],
+                "cv_mean": float(np.mean([r["cv"] for r in rows])),
+                "entropy": rows[-1]["entropy"],
+                "balance_loss": aux[-1] if aux else None,
+                "balance_loss_mean": float(np.mean(aux)) if aux else None,
+            }
+        )
     return out
 
 
@@ -322,8 +334,10 @@ def plot_expert_heatmaps(
     order, groups = _language_order(shares.sources, languages)
     majority = groups[0][0] if len(groups) > 1 else None
     other = [majority is not None and languages.get(shares.sources[i], "unknown") != majority for i in order]
-    names = [shares.sources[i] + (f" [{languages.get(shares.sources[i], 'unknown')}]" if o else "")
-             for i, o in zip(order, other, strict=True)]  # fmt: skip
+    names = [
+        shares.sources[i] + (f" [{languages.get(shares.sources[i], 'unknown')}]" if o else "")
+        for i, o in zip(order, other, strict=True)
+    ]
     cols = 1 if L <= 2 else 2
     rows = math.ceil(L / cols)
     size = (cols * (2.2 + 0.6 * S) + 1.2, rows * (1.0 + 0.42 * E) + 1.9)
@@ -335,8 +349,15 @@ def plot_expert_heatmaps(
         for e in range(E):
             for j, s in enumerate(order):
                 dark = abs(log_lift[layer, e, j]) > 0.6 * vmax
-                ax.text(j, e, f"{100 * shares.share[layer, e, s]:.0f}", ha="center", va="center", fontsize=7,
-                        color="white" if dark else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    e,
+                    f"{100 * shares.share[layer, e, s]:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if dark else "black",
+                )
         ax.set_yticks(range(E), [f"e{e} ({100 * shares.overall[layer, e]:.0f}%)" for e in range(E)], fontsize=8)
         ax.set_xticks(range(S), names, rotation=40, ha="right", fontsize=8)
         for tick, o in zip(ax.get_xticklabels(), other, strict=True):
@@ -452,25 +473,35 @@ def summary_markdown(
     expert, and the balance loss and CV per layer against the targets, saying plainly whether they are met."""
     n_texts = len(table.sources)
     lines = [
-        "## What the experts learn", "",
+        "## What the experts learn",
+        "",
         f"{len(table.token_ids):,} tokens from {n_texts} texts (at most {_max_per_source(table):,} each, windows "
         f"spread over each text) routed by {len(table.blocks)} MoE layers of {table.n_expert} experts (top-{table.k}). "
         "*Share*: the fraction of a text's routing slots sent to an expert; *lift*: that share divided by the "
-        "expert's share of all slots (1 = no preference, 2 = twice as often as usual).", "",
-    ]  # fmt: skip
+        "expert's share of all slots (1 = no preference, 2 = twice as often as usual).",
+        "",
+    ]
     lines += [f"![{Path(f).stem.replace('_', ' ')}]({f})" for f in figures] + ([""] if figures else [])
     labels = [_layer_label(table, layer) for layer in range(len(table.blocks))]
     lines += ["### Most specialised expert per text (highest lift)", ""]
     lines += _best_expert_table(shares, labels)
     if by_language is not None:
         lines += ["### By language", ""] + _best_expert_table(by_language, labels)
-    lines += ["### Top tokens per expert", "",
-              "Tokens most over-represented in an expert, by P(token | expert) / P(token), ties broken by frequency. "
-              "The ratio cannot exceed 1 / (k · share): a token at the ceiling is routed to this expert every time. "
-              "`·` is a space, `↵` a newline.", ""]  # fmt: skip
+    lines += [
+        "### Top tokens per expert",
+        "",
+        "Tokens most over-represented in an expert, by P(token | expert) / P(token), ties broken by frequency. "
+        "The ratio cannot exceed 1 / (k · share): a token at the ceiling is routed to this expert every time. "
+        "`·` is a space, `↵` a newline.",
+        "",
+    ]
     for layer, per_expert in enumerate(tokens):
-        lines += [f"**{labels[layer]}**", "", "| expert | share of slots | ceiling | top tokens (ratio) |",
-                  "|---|---:|---:|---|"]  # fmt: skip
+        lines += [
+            f"**{labels[layer]}**",
+            "",
+            "| expert | share of slots | ceiling | top tokens (ratio) |",
+            "|---|---:|---:|---|",
+        ]
         for e, top in enumerate(per_expert):
             shown = ", ".join(f"`{_show(t.text)}` {t.ratio:.1f}" for t in top[:tokens_shown])
             share = shares.overall[layer, e]
@@ -505,14 +536,17 @@ def _balance_section(
     balance: list[dict], training: list[dict] | None, labels: list[str], aux_loss_coef: float | None
 ) -> list[str]:
     lines = [
-        "### Load balance against the targets", "",
+        "### Load balance against the targets",
+        "",
         f"Targets: balance loss ≤ {BALANCE_TARGET} (1 = perfectly balanced) and load CV ≤ {CV_TARGET}. *Texts*: on "
         "all the analysed tokens; *noise CV*: what a perfectly balanced random router would show on that many tokens; "
         "*training*: the logged value at the last step (mean of the last logged steps in brackets; the training log "
-        "has the balance loss only as a mean over layers).", "",
+        "has the balance loss only as a mean over layers).",
+        "",
         "| layer | balance loss (texts) | CV (texts) | noise CV | entropy / ln E | CV (training) | balance loss "
-        "(training) |", "|---|---:|---:|---:|---:|---:|---:|",
-    ]  # fmt: skip
+        "(training) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     by_layer = {t["layer"]: t for t in training or []}
     for b, label in zip(balance, labels, strict=True):
         t = by_layer.get(b["layer"])
@@ -520,8 +554,10 @@ def _balance_section(
         bal_t = (
             f"{t['balance_loss']:.3f} ({t['balance_loss_mean']:.3f})" if t and t["balance_loss"] is not None else "–"
         )
-        lines.append(f"| {label} | {b['balance_loss']:.3f} | {b['cv']:.3f} | {b['noise_cv']:.3f} | "
-                     f"{b['entropy'] / b['max_entropy']:.2f} | {cv_t} | {bal_t} |")  # fmt: skip
+        lines.append(
+            f"| {label} | {b['balance_loss']:.3f} | {b['cv']:.3f} | {b['noise_cv']:.3f} | "
+            f"{b['entropy'] / b['max_entropy']:.2f} | {cv_t} | {bal_t} |"
+        )
     lines.append("")
     met = targets_met(balance, training)
     lines.append(_verdict("On the analysed texts", balance, "balance_loss", "cv", labels, met["texts"]))
@@ -543,8 +579,10 @@ def targets_met(balance: list[dict], training: list[dict] | None = None) -> dict
     def ok(rows: list[dict], bal: str, cv: str) -> bool:
         return all((r[bal] is None or r[bal] <= BALANCE_TARGET) and r[cv] <= CV_TARGET for r in rows)
 
-    return {"texts": ok(balance, "balance_loss", "cv"), "training": ok(training, "balance_loss_mean", "cv_mean")
-            if training else None}  # fmt: skip
+    return {
+        "texts": ok(balance, "balance_loss", "cv"),
+        "training": ok(training, "balance_loss_mean", "cv_mean") if training else None,
+    }
 
 
 def _verdict(
@@ -590,8 +628,10 @@ def _why_not(balance: list[dict], training: list[dict] | None, aux_loss_coef: fl
         )
     noisy = [b for b in balance if b["noise_cv"] > CV_TARGET]
     if noisy:
-        reasons.append(f"- Too few tokens: even a perfectly balanced router shows a CV of {noisy[0]['noise_cv']:.2f} "
-                       f"on {noisy[0]['tokens']:,} tokens; analyse more (`--max_tokens_per_text`).")  # fmt: skip
+        reasons.append(
+            f"- Too few tokens: even a perfectly balanced router shows a CV of {noisy[0]['noise_cv']:.2f} "
+            f"on {noisy[0]['tokens']:,} tokens; analyse more (`--max_tokens_per_text`)."
+        )
     if training and any(t["cv_mean"] > CV_TARGET for t in training):
         within, pooled = np.mean([b["cv_per_text"] for b in balance]), np.mean([b["cv"] for b in balance])
         reasons.append(
@@ -603,9 +643,11 @@ def _why_not(balance: list[dict], training: list[dict] | None, aux_loss_coef: fl
     over += [t for t in training or [] if (t["balance_loss_mean"] or 0) > BALANCE_TARGET]
     if over:
         coef = f" (now {aux_loss_coef:g})" if aux_loss_coef is not None else ""
-        reasons.append(f"- The balance loss is above target: the router gives its overloaded experts the highest "
-                       f"probabilities. A larger `moe_aux_loss_coef`{coef} or longer training would push them "
-                       "apart.")  # fmt: skip
+        reasons.append(
+            f"- The balance loss is above target: the router gives its overloaded experts the highest "
+            f"probabilities. A larger `moe_aux_loss_coef`{coef} or longer training would push them "
+            "apart."
+        )
     return reasons or ["- No single cause stands out in these numbers; see the per-layer table."]
 
 
@@ -712,18 +754,28 @@ def analyse(
     figures = [plot_expert_heatmaps(shares, out_dir / "experts_by_book.png", languages, labels)]
     if expert_rows:
         figures.append(plot_router_over_training(expert_rows, out_dir / "router_over_training.png", train_rows))
-    summary = summary_markdown(table, shares, tokens, balance, training, by_language, [f.name for f in figures],
-                               model.config.moe_aux_loss_coef)  # fmt: skip
+    summary = summary_markdown(
+        table, shares, tokens, balance, training, by_language, [f.name for f in figures], model.config.moe_aux_loss_coef
+    )
     result = {
-        "summary": summary, "figures": [str(f) for f in figures], "balance": balance, "training": training,
-        "targets_met": targets_met(balance, training), "sources": shares.sources, "languages": languages,
-        "share": shares.share.tolist(), "lift": shares.lift.tolist(), "overall": shares.overall.tolist(),
+        "summary": summary,
+        "figures": [str(f) for f in figures],
+        "balance": balance,
+        "training": training,
+        "targets_met": targets_met(balance, training),
+        "sources": shares.sources,
+        "languages": languages,
+        "share": shares.share.tolist(),
+        "lift": shares.lift.tolist(),
+        "overall": shares.overall.tolist(),
         "top_tokens": [[[vars(t) for t in top] for top in layer] for layer in tokens],
-    }  # fmt: skip
+    }
     (out_dir / "experts.md").write_text(summary)
     (out_dir / "experts.json").write_text(json.dumps({k: v for k, v in result.items() if k != "summary"}, indent=1))
-    print(f"Analysed {len(table.token_ids):,} tokens of {len(texts)} books; wrote {out_dir / 'experts.md'} and "
-          f"{', '.join(f.name for f in figures)}")  # fmt: skip
+    print(
+        f"Analysed {len(table.token_ids):,} tokens of {len(texts)} books; wrote {out_dir / 'experts.md'} and "
+        f"{', '.join(f.name for f in figures)}"
+    )
     return result
 
 

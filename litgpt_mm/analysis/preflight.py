@@ -154,13 +154,25 @@ def optimizer_kind(optimizer: str | dict | None) -> str:
 
 def _pretrain_memory(run: Run, config: Config) -> capacity.Memory:
     p = capacity.plan(
-        config, 1.0, gpus=run.world, gpu="cpu" if run.cpu else "cuda", precision=run.precision,
-        optimizer=run.optimizer, micro_batch=run.micro_batch_size, seq_len=run.seq_len,
-        activation_checkpointing=run.activation_checkpointing, fsdp_size=run.fsdp_size,
-        expert_parallel=run.expert_parallel, mfu=0.5, peak_tflops=1.0, gpu_memory_gb=1.0, link_gbps=1.0,
+        config,
+        1.0,
+        gpus=run.world,
+        gpu="cpu" if run.cpu else "cuda",
+        precision=run.precision,
+        optimizer=run.optimizer,
+        micro_batch=run.micro_batch_size,
+        seq_len=run.seq_len,
+        activation_checkpointing=run.activation_checkpointing,
+        fsdp_size=run.fsdp_size,
+        expert_parallel=run.expert_parallel,
+        mfu=0.5,
+        peak_tflops=1.0,
+        gpu_memory_gb=1.0,
+        link_gbps=1.0,
         # CPU: the segment MoE path (one expert hidden copy) and torch's single-tensor AdamW, as measured
-        expert_hidden_copies=1 if run.cpu else 2, fused_adamw=not run.cpu,
-    )  # fmt: skip
+        expert_hidden_copies=1 if run.cpu else 2,
+        fused_adamw=not run.cpu,
+    )
     return p.memory
 
 
@@ -204,8 +216,14 @@ def _clip_configs(clip_model: str) -> tuple[Config, Config, dict]:
     v, t = cfg["vision_cfg"], cfg["text_cfg"]
     size = v["image_size"] if isinstance(v["image_size"], int) else max(v["image_size"])
     grid = (size // v["patch_size"]) ** 2
-    common = dict(parallel_residual=False, bias=True, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP",
-                  rotary_percentage=0.0, lm_head_bias=False)  # fmt: skip
+    common = dict(
+        parallel_residual=False,
+        bias=True,
+        norm_class_name="LayerNorm",
+        mlp_class_name="GptNeoxMLP",
+        rotary_percentage=0.0,
+        lm_head_bias=False,
+    )
     embed = cfg["embed_dim"]
 
     def tower(name: str, width: int, layers: int, heads: int, mlp_ratio: float, block: int) -> Config:
@@ -213,8 +231,9 @@ def _clip_configs(clip_model: str) -> tuple[Config, Config, dict]:
         inter = int(width * mlp_ratio)
         return Config(name=f"{clip_model}-{name}", intermediate_size=inter, padded_vocab_size=embed, **shape, **common)
 
-    vision = tower("vision", v["width"], v["layers"], v["width"] // v.get("head_width", 64), v.get("mlp_ratio", 4.0),
-                   grid + 1)  # fmt: skip
+    vision = tower(
+        "vision", v["width"], v["layers"], v["width"] // v.get("head_width", 64), v.get("mlp_ratio", 4.0), grid + 1
+    )
     text = tower("text", t["width"], t["layers"], t["heads"], t.get("mlp_ratio", 4.0), t.get("context_length", 77))
     return vision, text, dict(grid=grid, text_embedding=t.get("vocab_size", 49408) * t["width"])
 
@@ -243,8 +262,9 @@ def _frozen_lm_memory(run: Run, config: Config) -> capacity.Memory:
     weights, grads, opt = _state_bytes(trained, pb, run.optimizer)
     seq = run.seq_len + prefix
     copies = 1 if run.cpu else 2
-    acts = capacity.activation_bytes(config, run.precision, run.micro_batch_size, seq, run.activation_checkpointing,
-                                     copies)  # fmt: skip
+    acts = capacity.activation_bytes(
+        config, run.precision, run.micro_batch_size, seq, run.activation_checkpointing, copies
+    )
     largest = max(t.numel for t in tensors if t.kind in ("linear", "embedding"))
     working = pb.compute * largest if (run.quantize == "nf4" or pb.mixed) else 0.0  # one dequantised / cast weight
     return capacity.Memory(frozen + weights, grads, opt, acts.start, acts.recompute, 0.0, working, 2e9)
@@ -322,8 +342,9 @@ def alternatives(run: Run, usable: float) -> list[str]:
         found += _fsdp_alternative(run, usable)
         if run.config is not None and run.config.name != TINY_CONFIG:
             tiny = Config.from_name(TINY_CONFIG)
-            tiny_run = replace(run, config=tiny, seq_len=min(run.seq_len, tiny.block_size), strategy="auto",
-                               expert_parallel=1)  # fmt: skip
+            tiny_run = replace(
+                run, config=tiny, seq_len=min(run.seq_len, tiny.block_size), strategy="auto", expert_parallel=1
+            )
             if fits(tiny_run):
                 found.append(
                     f"the tiny config: --model_name {TINY_CONFIG} --train.max_seq_length {tiny_run.seq_len} "
@@ -338,8 +359,15 @@ def _fsdp_alternative(run: Run, usable: float) -> list[str]:
     n = max(2, run.world * 2) if not run.cpu else 1
     while n <= MAX_GPUS:
         per_node = min(n, capacity.GPUS_PER_NODE)
-        cand = replace(run, accelerator="cuda", devices=per_node, num_nodes=n // per_node, strategy="fsdp",
-                       precision="bf16-mixed" if run.cpu else run.precision, expert_parallel=1)  # fmt: skip
+        cand = replace(
+            run,
+            accelerator="cuda",
+            devices=per_node,
+            num_nodes=n // per_node,
+            strategy="fsdp",
+            precision="bf16-mixed" if run.cpu else run.precision,
+            expert_parallel=1,
+        )
         if cand.world == n and memory(cand).peak <= gpu_bytes:
             flags = f"--devices {per_node}" + (f" --num_nodes {n // per_node}" if n > per_node else "")
             each = _gib(memory(cand).peak)
@@ -415,12 +443,23 @@ def check_fits(
     if stage == "clip" and clip_model is None:
         raise ValueError("the clip preflight needs the open_clip model name")
     run = Run(
-        stage=stage, config=config, accelerator=accelerator, devices=max(n_devices, 1), num_nodes=num_nodes,
-        micro_batch_size=micro_batch_size, seq_len=seq_len or (config.block_size if config is not None else 0),
-        precision=precision or ("bf16-mixed" if cuda else "32-true"), strategy=strategy,
-        expert_parallel=expert_parallel, activation_checkpointing=activation_checkpointing,
-        optimizer=optimizer_kind(optimizer), quantize=quantize, lora=lora, clip_model=clip_model, projector=projector,
-    )  # fmt: skip
+        stage=stage,
+        config=config,
+        accelerator=accelerator,
+        devices=max(n_devices, 1),
+        num_nodes=num_nodes,
+        micro_batch_size=micro_batch_size,
+        seq_len=seq_len or (config.block_size if config is not None else 0),
+        precision=precision or ("bf16-mixed" if cuda else "32-true"),
+        strategy=strategy,
+        expert_parallel=expert_parallel,
+        activation_checkpointing=activation_checkpointing,
+        optimizer=optimizer_kind(optimizer),
+        quantize=quantize,
+        lora=lora,
+        clip_model=clip_model,
+        projector=projector,
+    )
     est = estimate(run, device_memory(accelerator))
     if est.fits:
         return est

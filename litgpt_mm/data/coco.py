@@ -211,8 +211,15 @@ class FeatureCache:
     def __len__(self) -> int:
         return len({tuple(v) for v in self.index.values()})  # images, not keys (an image has an id and a path)
 
-    def build(self, encoder, records: list[CaptionRecord], images_root: Path, summary: CocoSummary,
-              batch_size: int = 32, shard_size: int = 1024) -> int:  # fmt: skip
+    def build(
+        self,
+        encoder,
+        records: list[CaptionRecord],
+        images_root: Path,
+        summary: CocoSummary,
+        batch_size: int = 32,
+        shard_size: int = 1024,
+    ) -> int:
         """Encode the images not cached yet. Returns how many were added."""
         todo = [r for r in records if r.image_id not in self and _path_key(images_root, r.file) not in self]
         if not todo:
@@ -267,8 +274,9 @@ class CaptionPairs(Dataset):
     its preprocessed pixels (`pixels`), and `ids`: the caption's tokens followed by EOS, cut at `max_tokens`.
     """
 
-    def __init__(self, records, tokenizer, max_tokens: int, images_root: Path, cache: FeatureCache | None = None,
-                 preprocess=None) -> None:  # fmt: skip
+    def __init__(
+        self, records, tokenizer, max_tokens: int, images_root: Path, cache: FeatureCache | None = None, preprocess=None
+    ) -> None:
         if cache is None and preprocess is None:
             raise ValueError("pass a feature cache or the CLIP preprocessing")
         self.records, self.tokenizer, self.max_tokens = records, tokenizer, max_tokens

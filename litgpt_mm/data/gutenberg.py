@@ -16,11 +16,30 @@ MIRROR = "https://www.gutenberg.org"
 CATALOG_URL = f"{MIRROR}/cache/epub/feeds/pg_catalog.csv"
 
 LANGUAGES = {
-    "english": "en", "french": "fr", "german": "de", "spanish": "es", "italian": "it", "portuguese": "pt",
-    "dutch": "nl", "finnish": "fi", "swedish": "sv", "danish": "da", "norwegian": "no", "latin": "la",
-    "greek": "el", "russian": "ru", "polish": "pl", "hungarian": "hu", "chinese": "zh", "japanese": "ja",
-    "esperanto": "eo", "tagalog": "tl", "catalan": "ca", "czech": "cs", "welsh": "cy",
-}  # fmt: skip
+    "english": "en",
+    "french": "fr",
+    "german": "de",
+    "spanish": "es",
+    "italian": "it",
+    "portuguese": "pt",
+    "dutch": "nl",
+    "finnish": "fi",
+    "swedish": "sv",
+    "danish": "da",
+    "norwegian": "no",
+    "latin": "la",
+    "greek": "el",
+    "russian": "ru",
+    "polish": "pl",
+    "hungarian": "hu",
+    "chinese": "zh",
+    "japanese": "ja",
+    "esperanto": "eo",
+    "tagalog": "tl",
+    "catalan": "ca",
+    "czech": "cs",
+    "welsh": "cy",
+}
 
 _START = re.compile(r"^\s*\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|TEXT)", re.I)
 _END = re.compile(r"^\s*\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|TEXT)", re.I)
@@ -54,9 +73,12 @@ def decode(raw: bytes, name: str) -> str:
         encoding = declared.group(1).decode("ascii").lower() if declared else None
         if encoding is None or encoding.replace("-", "") == "utf8":
             raise UnicodeDecodeError(
-                err.encoding, err.object, err.start, err.end,
+                err.encoding,
+                err.object,
+                err.start,
+                err.end,
                 f"{name} is not valid UTF-8 and its header declares no other encoding; re-download the UTF-8 edition",
-            ) from None  # fmt: skip
+            ) from None
         text = raw.decode("latin-1" if encoding.startswith(("iso-646", "us-ascii")) else encoding)
     return text.replace("\r\n", "\n").replace("\r", "\n")
 

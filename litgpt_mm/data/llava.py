@@ -85,8 +85,13 @@ def read_rows(path: Path) -> list[dict]:
                         {"from": "human", "value": f"{IMAGE_TOKEN}\n{r.get('instruction', '')}"},
                         {"from": "gpt", "value": r.get("output", "")},
                     ]
-                    rows.append({"id": f"{r.get('id')}-{r.get('type', len(rows))}", "image": r.get("image"),
-                                 "conversations": conv})  # fmt: skip
+                    rows.append(
+                        {
+                            "id": f"{r.get('id')}-{r.get('type', len(rows))}",
+                            "image": r.get("image"),
+                            "conversations": conv,
+                        }
+                    )
             return rows
         rows = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -90,15 +90,22 @@ def prepare(
     work = work_dir_for(scale, out_dir)
     settings = {
         "inputs": [str(input_dir), sorted(set(ids or [])), catalog_language, catalog_count, mirror],
-        "languages": languages, "val_fraction": val_fraction, "seed": seed, "vocab_size": vocab_size,
-        "tokenizer": tokenizer_fingerprint(tokenizer_dir), "chunk_bytes": chunk_bytes,
-        "num_workers": num_workers, "num_nodes": num_nodes, "out_dir": str(out_dir),
-    }  # fmt: skip
+        "languages": languages,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "vocab_size": vocab_size,
+        "tokenizer": tokenizer_fingerprint(tokenizer_dir),
+        "chunk_bytes": chunk_bytes,
+        "num_workers": num_workers,
+        "num_nodes": num_nodes,
+        "out_dir": str(out_dir),
+    }
     summary = PrepSummary()
 
     def plan() -> dict:
-        files = _gather(input_dir, ids, catalog_language, catalog_count, cache_dir, mirror, delay, max_downloads, seed,
-                        summary)  # fmt: skip
+        files = _gather(
+            input_dir, ids, catalog_language, catalog_count, cache_dir, mirror, delay, max_downloads, seed, summary
+        )
         check_scale(scale, len(files))
         manifest = _clean_and_split(files, work, languages, val_fraction, seed, num_workers, summary)
         train = [d["path"] for d in manifest["docs"] if d["name"] in manifest["train"]]

@@ -107,9 +107,15 @@ def _subset(rows: list[dict], subset_images: int | None, seed: int) -> tuple[lis
 
 
 def _encode_rows(
-    rows: list[dict], image_path: dict[str, str], val_images: set[str], template: prompts.Template, tokenizer,
-    max_tokens: int, skipped: list[tuple[str, str]], counts: Counter,
-) -> dict[str, list[dict]]:  # fmt: skip
+    rows: list[dict],
+    image_path: dict[str, str],
+    val_images: set[str],
+    template: prompts.Template,
+    tokenizer,
+    max_tokens: int,
+    skipped: list[tuple[str, str]],
+    counts: Counter,
+) -> dict[str, list[dict]]:
     """Per split (`val` for the rows of `val_images`), the samples with `ids` and answer-only `labels`; rows that
     cannot be encoded go to `skipped`, samples and answer tokens are counted in `counts`."""
     out = {"train": [], "val": []}

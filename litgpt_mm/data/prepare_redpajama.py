@@ -84,17 +84,25 @@ def prepare(
     check_scale(scale, out_dir=out_dir)
     work = work_dir_for(scale, out_dir)
     settings = {
-        "inputs": [str(input_dir), sources, max_bytes], "val_fraction": val_fraction, "seed": seed,
-        "vocab_size": vocab_size, "tokenizer": tokenizer_fingerprint(tokenizer_dir), "part_bytes": part_bytes,
-        "chunk_bytes": chunk_bytes, "num_workers": num_workers, "num_nodes": num_nodes, "out_dir": str(out_dir),
-    }  # fmt: skip
+        "inputs": [str(input_dir), sources, max_bytes],
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "vocab_size": vocab_size,
+        "tokenizer": tokenizer_fingerprint(tokenizer_dir),
+        "part_bytes": part_bytes,
+        "chunk_bytes": chunk_bytes,
+        "num_workers": num_workers,
+        "num_nodes": num_nodes,
+        "out_dir": str(out_dir),
+    }
     summary = PrepSummary()
 
     def plan() -> dict:
         files = _input_files(Path(input_dir), sources, download_sample)
         check_scale(scale, len(files))
-        manifest = _select_and_split(files, Path(input_dir), sources, max_bytes, val_fraction, seed, part_bytes, work,
-                                     summary)  # fmt: skip
+        manifest = _select_and_split(
+            files, Path(input_dir), sources, max_bytes, val_fraction, seed, part_bytes, work, summary
+        )
         train = manifest["parts"]["train"]
         texts = lambda: (d for p in train for d in read_documents(p))  # noqa: E731
         prepare_tokenizer(work, texts, manifest["documents"]["train"], vocab_size, tokenizer_dir)

@@ -149,19 +149,37 @@ def _write_split(root: Path, split: str, examples, summary: dict, bar: tqdm) -> 
             {"id": 10 * image_id + k, "image_id": image_id, "caption": t} for k, t in enumerate(example.captions)
         ]
         for k, s in enumerate(scene.shapes):
-            instances.append({
-                "id": 10 * image_id + k, "image_id": image_id, "category_id": category_id[s.kind], "bbox": s.bbox(size),
-                "area": round(s.area(size), 2), "iscrowd": 0, "colour": s.colour,
-                "segmentation": [[round(v, 2) for xy in s.polygon(size) for v in xy]],
-            })  # fmt: skip
+            instances.append(
+                {
+                    "id": 10 * image_id + k,
+                    "image_id": image_id,
+                    "category_id": category_id[s.kind],
+                    "bbox": s.bbox(size),
+                    "area": round(s.area(size), 2),
+                    "iscrowd": 0,
+                    "colour": s.colour,
+                    "segmentation": [[round(v, 2) for xy in s.polygon(size) for v in xy]],
+                }
+            )
         for k, turns in enumerate(example.conversations if split != "test" else []):
             llava.append({"id": f"{image_id}-{k}", "image": file_name, "conversations": shapes.llava_turns(turns)})
         if split != "train":
             image = f"{directory}/{file_name}"
-            vqa += [{"id": f"{image_id}-{k}", "image": image, "question": q.text, "answers": [q.answer],
-                     "type": q.type, "choices": choices[q.type]} for k, q in enumerate(qs)]  # fmt: skip
-            pope += [{"question_id": len(pope) + k + 1, "image": image, "text": text, "label": label}
-                     for k, (text, label) in enumerate(example.pope)]  # fmt: skip
+            vqa += [
+                {
+                    "id": f"{image_id}-{k}",
+                    "image": image,
+                    "question": q.text,
+                    "answers": [q.answer],
+                    "type": q.type,
+                    "choices": choices[q.type],
+                }
+                for k, q in enumerate(qs)
+            ]
+            pope += [
+                {"question_id": len(pope) + k + 1, "image": image, "text": text, "label": label}
+                for k, (text, label) in enumerate(example.pope)
+            ]
         bar.update()
     info = {"description": f"shapes world ({split}), seed {summary['seed']}", "version": "1.0"}
     categories = [{"id": i, "name": k, "supercategory": "shape"} for k, i in category_id.items()]
@@ -172,7 +190,7 @@ def _write_split(root: Path, split: str, examples, summary: dict, bar: tqdm) -> 
             "images": images,
             "annotations": instances,
             "categories": categories,
-        },  # fmt: skip
+        },
     }
     if split != "test":
         files[f"llava_{split}.json"] = llava
@@ -228,13 +246,18 @@ def _replace(tmp: Path, out_dir: Path) -> None:
 
 def _report(summary: dict, out_dir: Path, seconds: float) -> None:
     types = shapes.QUESTION_TYPES
-    print(f"{'split':<6}{'images':>8}{'noisy':>7}{'shapes':>8}{'captions':>10}{'llava rows':>12}{'turns':>7}  "
-          + "".join(f"{t:>10}" for t in types) + f"{'pope y/n':>12}")  # fmt: skip
+    print(
+        f"{'split':<6}{'images':>8}{'noisy':>7}{'shapes':>8}{'captions':>10}{'llava rows':>12}{'turns':>7}  "
+        + "".join(f"{t:>10}" for t in types)
+        + f"{'pope y/n':>12}"
+    )
     for split, s in summary["splits"].items():
         rows, turns = (s["llava_rows"], s["llava_turns"]) if split != "test" else ("-", "-")
         pope = f"{s['pope']['yes']}/{s['pope']['no']}" if split != "train" else "-"
-        print(f"{split:<6}{s['images']:>8}{s['noisy_images']:>7}{s['shapes']:>8}{s['captions']:>10}{rows:>12}"
-              f"{turns:>7}  " + "".join(f"{s['questions'][t]:>10}" for t in types) + f"{pope:>12}")  # fmt: skip
+        print(
+            f"{split:<6}{s['images']:>8}{s['noisy_images']:>7}{s['shapes']:>8}{s['captions']:>10}{rows:>12}"
+            f"{turns:>7}  " + "".join(f"{s['questions'][t]:>10}" for t in types) + f"{pope:>12}"
+        )
     print(f"Wrote {out_dir} in {seconds:.1f} s:")
     for split, s in summary["splits"].items():
         print(f"  {split:<6}" + ", ".join(s["files"]))

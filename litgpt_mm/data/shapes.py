@@ -85,8 +85,10 @@ class Shape:
         x1, y1 = x0 + d - 1, y0 + d - 1
         if self.kind == "circle":
             c, rad = (x0 + x1) / 2, (d - 1) / 2
-            return [(c + rad * math.cos(2 * math.pi * i / 24), y0 + rad + rad * math.sin(2 * math.pi * i / 24))
-                    for i in range(24)]  # fmt: skip
+            return [
+                (c + rad * math.cos(2 * math.pi * i / 24), y0 + rad + rad * math.sin(2 * math.pi * i / 24))
+                for i in range(24)
+            ]
         if self.kind == "square":
             return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
         if self.kind == "triangle":
@@ -259,8 +261,13 @@ def counterfactual(
     more, up to `max_shapes`; drawn with `weights`), so that `describe` of the result is untrue of the image yet
     reads like a true caption (contrastive hard negatives: telling it from the true one takes the image)."""
     free = [c for c in range(len(POSITIONS)) if c not in {s.cell for s in shapes}]
-    allowed = {"colour": True, "kind": True, "place": bool(free), "fewer": len(shapes) > 1,
-               "more": bool(free) and len(shapes) < max_shapes}  # fmt: skip
+    allowed = {
+        "colour": True,
+        "kind": True,
+        "place": bool(free),
+        "fewer": len(shapes) > 1,
+        "more": bool(free) and len(shapes) < max_shapes,
+    }
     changes = [c for c in weights if allowed[c]]
     change, out = rng.choices(changes, [weights[c] for c in changes])[0], list(shapes)
     if change == "fewer":
@@ -338,8 +345,12 @@ def ask_position(scene: Scene, index: int, rng: random.Random) -> Question | Non
     if not refs:
         return None
     ref = rng.choice(refs)
-    noun = {"only": "shape", "kind": shape.kind, "colour": f"{shape.colour} shape",
-            "both": f"{shape.colour} {shape.kind}"}[ref]  # fmt: skip
+    noun = {
+        "only": "shape",
+        "kind": shape.kind,
+        "colour": f"{shape.colour} shape",
+        "both": f"{shape.colour} {shape.kind}",
+    }[ref]
     text = rng.choice(("Where is the {}?", "In which part of the image is the {}?")).format(noun)
     return Question("position", text, shape.position, index)
 
@@ -419,8 +430,9 @@ def make_example(seed: int, image_id: int, max_shapes: int = 3, noise: float = 0
     scene = sample_scene(rng, max_shapes=max_shapes, noise=noise)
     noise_seed = rng.getrandbits(64)
     qs = questions(scene, rng)
-    return Example(scene, captions(scene, rng, n_captions), qs, conversations(qs, rng), pope_questions(scene, rng),
-                   noise_seed)  # fmt: skip
+    return Example(
+        scene, captions(scene, rng, n_captions), qs, conversations(qs, rng), pope_questions(scene, rng), noise_seed
+    )
 
 
 def llava_turns(turns: list[Question]) -> list[dict]:

@@ -346,9 +346,16 @@ class ResumableLoader(DataLoader):
 
 
 def split_loaders(
-    datasets: dict[str, Dataset], micro_batch_size: int, accumulation: int, seed: int, rank: int, world_size: int,
-    collate_fn, where: str, num_workers: int = 0,
-) -> dict[str, ResumableLoader]:  # fmt: skip
+    datasets: dict[str, Dataset],
+    micro_batch_size: int,
+    accumulation: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    collate_fn,
+    where: str,
+    num_workers: int = 0,
+) -> dict[str, ResumableLoader]:
     """A resumable shuffled `train` loader whose micro-batches are dealt to ranks in steps of `accumulation`, and an
     in-order `val` loader (batches of at most the micro-batch size); `where` names the data in the error raised when
     a split holds fewer samples than a micro-batch on every rank."""
@@ -356,8 +363,9 @@ def split_loaders(
     for split, shuffle in (("train", True), ("val", False)):
         data = datasets[split]
         batch = micro_batch_size if shuffle else min(micro_batch_size, len(data))
-        sampler = ResumableSampler(len(data), seed, batch, shuffle, rank, world_size,
-                                   accumulation=accumulation if shuffle else 1)  # fmt: skip
+        sampler = ResumableSampler(
+            len(data), seed, batch, shuffle, rank, world_size, accumulation=accumulation if shuffle else 1
+        )
         if sampler.batches_per_epoch == 0:
             raise ValueError(f"{where}: {len(data)} {split} samples, fewer than a micro-batch on every device")
         loaders[split] = ResumableLoader(data, sampler, track=shuffle, num_workers=num_workers, collate_fn=collate_fn)
@@ -418,9 +426,15 @@ class TokenShards(DataModule):
         if mode == "auto":
             mode = "chunks" if remote.is_remote(self.data_path) else "global"
         sampler = ResumableSampler(
-            len(ds), self.seed, self.batch_size, shuffle, self.rank, self.world_size,
-            chunk_sizes=ds.chunk_sizes if mode == "chunks" else None, window=self.stream.shuffle_window,
-        )  # fmt: skip
+            len(ds),
+            self.seed,
+            self.batch_size,
+            shuffle,
+            self.rank,
+            self.world_size,
+            chunk_sizes=ds.chunk_sizes if mode == "chunks" else None,
+            window=self.stream.shuffle_window,
+        )
         if sampler.batches_per_epoch == 0:
             raise ValueError(
                 f"{ds.shard_dir} gives {len(ds) // self.world_size} blocks of {self.max_seq_length + 1} "

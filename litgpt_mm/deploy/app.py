@@ -72,9 +72,14 @@ class RemoteChat:
         extra = {"top_k": settings.top_k} if settings.top_k else {}
         try:
             chunks = self.client.chat.completions.create(
-                model=self.model, messages=messages, stream=True, max_tokens=settings.max_new_tokens,
-                temperature=settings.temperature, top_p=settings.top_p, extra_body=extra,
-            )  # fmt: skip
+                model=self.model,
+                messages=messages,
+                stream=True,
+                max_tokens=settings.max_new_tokens,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                extra_body=extra,
+            )
             for chunk in chunks:
                 if chunk.choices and chunk.choices[0].delta.content:
                     yield chunk.choices[0].delta.content
@@ -169,9 +174,13 @@ def build_app(chat: LocalChat | RemoteChat, limits: Limits | None = None):
         chatbot = gr.Chatbot(elem_id="chat", height=460, label="Conversation")
         messages = gr.State([])
         box = gr.MultimodalTextbox(
-            file_types=["image", "audio"], file_count="multiple", sources=["upload", "microphone"],
-            placeholder="Ask about an image…", elem_id="box", show_label=False,
-        )  # fmt: skip
+            file_types=["image", "audio"],
+            file_count="multiple",
+            sources=["upload", "microphone"],
+            placeholder="Ask about an image…",
+            elem_id="box",
+            show_label=False,
+        )
         with gr.Row():
             clear = gr.Button("Clear", elem_id="clear")
         with gr.Accordion("Generation settings", open=False):
@@ -180,9 +189,11 @@ def build_app(chat: LocalChat | RemoteChat, limits: Limits | None = None):
             top_k = gr.Slider(0, 200, value=0, step=1, label="top-k (0 = off)")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p")
         box.submit(
-            respond, [box, chatbot, messages, max_new_tokens, temperature, top_k, top_p], [chatbot, messages, box],
+            respond,
+            [box, chatbot, messages, max_new_tokens, temperature, top_k, top_p],
+            [chatbot, messages, box],
             api_name="chat",
-        )  # fmt: skip
+        )
         clear.click(lambda: ([], [], None), None, [chatbot, messages, box], api_name="clear")
     return app
 

@@ -104,9 +104,15 @@ class Assistant:
         ids = self.prompt_ids(prompt, len(images), settings.max_new_tokens)
         text = TextStream(self.tokenizer)
         for token in generate(
-            self.model, feats, ids, settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
+            self.model,
+            feats,
+            ids,
+            settings.max_new_tokens,
+            settings.temperature,
+            settings.top_k,
+            settings.top_p,
             eos_id=self.tokenizer.eos_id,
-        ):  # fmt: skip
+        ):
             if token == self.tokenizer.eos_id:
                 break
             if piece := text.push(token):
@@ -125,9 +131,15 @@ class Assistant:
         feats = [self.features(imgs) for imgs in images]
         ids = [self.prompt_ids(p, len(imgs), settings.max_new_tokens) for p, imgs in zip(prompts, images, strict=True)]
         out = generate_batch(
-            self.model, feats, ids, settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
+            self.model,
+            feats,
+            ids,
+            settings.max_new_tokens,
+            settings.temperature,
+            settings.top_k,
+            settings.top_p,
             eos_id=self.tokenizer.eos_id,
-        )  # fmt: skip
+        )
         eos = self.tokenizer.eos_id
         return [self.tokenizer.decode(torch.tensor([t for t in row if t != eos])).strip() for row in out]
 

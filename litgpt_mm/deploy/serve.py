@@ -220,9 +220,14 @@ class MultimodalAPI(ls.LitAPI):
             return texts[row].stopped or (self.cancel_dir / jobs[row].request_id).exists()
 
         steps = stream_batch(
-            self.assistant.model, self._features(jobs), [j.ids for j in jobs], [j.max_tokens for j in jobs],
-            [j.sampling for j in jobs], eos_id=eos, cancelled=cancelled,
-        )  # fmt: skip
+            self.assistant.model,
+            self._features(jobs),
+            [j.ids for j in jobs],
+            [j.max_tokens for j in jobs],
+            [j.sampling for j in jobs],
+            eos_id=eos,
+            cancelled=cancelled,
+        )
         for step in steps:
             out = []
             for row, token in enumerate(step):
@@ -241,9 +246,14 @@ class MultimodalAPI(ls.LitAPI):
             usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": counts[row]}
             length = counts[row] >= job.max_tokens and not ended[row] and not texts[row].stopped
             final.append(
-                {"role": "assistant", "content": texts[row].flush(), **usage, "total_tokens": sum(usage.values()),
-                 FINISH: "length" if length else "stop"}
-            )  # fmt: skip
+                {
+                    "role": "assistant",
+                    "content": texts[row].flush(),
+                    **usage,
+                    "total_tokens": sum(usage.values()),
+                    FINISH: "length" if length else "stop",
+                }
+            )
         yield final if batched else final[0]
 
     def _features(self, jobs: list[Job]) -> list[torch.Tensor | None]:
@@ -411,14 +421,26 @@ def build_server(settings: ServerSettings, cancel_dir: Path | None = None) -> ls
     cancel_dir = Path(cancel_dir or tempfile.mkdtemp(prefix="litgpt-mm-serve-"))
     spec = MultimodalSpec(_RequestsFactory(checkpoint_dir, template, max_tokens, allow_remote_images), cancel_dir)
     api = MultimodalAPI(
-        checkpoint_dir, settings.quantize, template, settings.whisper_model, max_tokens, allow_remote_images,
-        settings.api_key, cancel_dir, spec=spec, max_batch_size=settings.max_batch_size,
+        checkpoint_dir,
+        settings.quantize,
+        template,
+        settings.whisper_model,
+        max_tokens,
+        allow_remote_images,
+        settings.api_key,
+        cancel_dir,
+        spec=spec,
+        max_batch_size=settings.max_batch_size,
         batch_timeout=settings.batch_timeout if settings.max_batch_size > 1 else 0.0,
-    )  # fmt: skip
+    )
     server = ls.LitServer(
-        api, accelerator=settings.device, devices=settings.devices, workers_per_device=settings.workers_per_device,
-        timeout=settings.timeout, middlewares=[(PayloadLimit, {"max_bytes": int(settings.max_payload_mb * 1e6)})],
-    )  # fmt: skip
+        api,
+        accelerator=settings.device,
+        devices=settings.devices,
+        workers_per_device=settings.workers_per_device,
+        timeout=settings.timeout,
+        middlewares=[(PayloadLimit, {"max_bytes": int(settings.max_payload_mb * 1e6)})],
+    )
     _add_openai_routes(server, api, checkpoint_dir)
     return server
 

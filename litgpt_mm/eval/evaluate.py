@@ -75,8 +75,7 @@ def _out(out_dir: Path | None, task: str, checkpoint_dir: Path) -> Path:
 
 def _meta(checkpoint_dir: Path, template: str, seed: int, **extra) -> dict:
     digest = checkpoint_hash(checkpoint_dir) if Path(checkpoint_dir).is_dir() else None
-    return {"checkpoint": str(checkpoint_dir), "checkpoint_hash": digest, "template": template, "seed": seed,
-            **extra}  # fmt: skip
+    return {"checkpoint": str(checkpoint_dir), "checkpoint_hash": digest, "template": template, "seed": seed, **extra}
 
 
 def pope(
@@ -127,9 +126,15 @@ def pope(
         answerer, questions or [], instances, strategies, n_per_image, images_root, prompt_suffix, limit, seed
     )
     return settings.write(
-        "pope", scores, predictions, started, template, prompt_suffix=prompt_suffix,
-        questions=[str(q) for q in questions or []], instances=str(instances) if instances else None,
-    )  # fmt: skip
+        "pope",
+        scores,
+        predictions,
+        started,
+        template,
+        prompt_suffix=prompt_suffix,
+        questions=[str(q) for q in questions or []],
+        instances=str(instances) if instances else None,
+    )
 
 
 def vqa(
@@ -307,17 +312,24 @@ def _lm_windows(
 
 
 def _lm_eval_tasks(
-    model, tokenizer, tasks: list[str], limit: float | None, num_fewshot: int | None, include_path: Path | None,
-    batch_size: int, seed: int,
-) -> dict:  # fmt: skip
+    model,
+    tokenizer,
+    tasks: list[str],
+    limit: float | None,
+    num_fewshot: int | None,
+    include_path: Path | None,
+    batch_size: int,
+    seed: int,
+) -> dict:
     """Run lm-evaluation-harness tasks, print lm-eval's table, and return each task's numeric and text results."""
     from lm_eval.utils import make_table
 
     from litgpt_mm.eval import lm as lm_lib
 
     harness = lm_lib.harness(model, tokenizer, tasks, limit, num_fewshot, include_path, batch_size, seed)
-    results = {k: {m: v for m, v in r.items() if isinstance(v, (int, float, str))}
-               for k, r in harness["results"].items()}  # fmt: skip
+    results = {
+        k: {m: v for m, v in r.items() if isinstance(v, (int, float, str))} for k, r in harness["results"].items()
+    }
     print(make_table(harness))
     return results
 

@@ -11,10 +11,19 @@ from litgpt_mm.eval.runner import CONDITIONS, Answerer
 
 
 def vqa_on_eval(
-    model, encoder, tokenizer, template: str, questions: Path, images_root: Path | None = None, limit: int = 200,
-    batch_size: int = 16, max_new_tokens: int = 6, prompt_suffix: str = "", conditions: Sequence[str] = CONDITIONS,
+    model,
+    encoder,
+    tokenizer,
+    template: str,
+    questions: Path,
+    images_root: Path | None = None,
+    limit: int = 200,
+    batch_size: int = 16,
+    max_new_tokens: int = 6,
+    prompt_suffix: str = "",
+    conditions: Sequence[str] = CONDITIONS,
     seed: int = 0,
-) -> Callable[[int], dict]:  # fmt: skip
+) -> Callable[[int], dict]:
     """An `on_eval(step) -> dict` for `Stage`: `vqa_<condition>` and `<type>_<condition>` accuracies on the first
     `limit` questions of `questions` (a `recipes/evaluate.py vqa` file)."""
     from litgpt_mm.eval import tasks
@@ -26,9 +35,16 @@ def vqa_on_eval(
 
 
 def caption_on_eval(
-    model, encoder, tokenizer, captions: Path, images_root: Path | None = None, limit: int = 40,
-    batch_size: int = 16, max_new_tokens: int = 20, seed: int = 0,
-) -> Callable[[int], dict]:  # fmt: skip
+    model,
+    encoder,
+    tokenizer,
+    captions: Path,
+    images_root: Path | None = None,
+    limit: int = 40,
+    batch_size: int = 16,
+    max_new_tokens: int = 20,
+    seed: int = 0,
+) -> Callable[[int], dict]:
     """An `on_eval(step) -> dict` for alignment: `CIDEr_<condition>` and `ROUGE_L_<condition>` of greedy captions
     of the first `limit` images of a COCO captions file (the raw text after the image, as alignment trains), tokenised
     in Python (no Java process per validation: the scores compare across steps, not with published PTB numbers)."""
@@ -41,13 +57,20 @@ def caption_on_eval(
 
 
 def task_on_eval(
-    model, encoder, tokenizer, template: str, run: Callable[[Answerer], list], batch_size: int,
-    max_new_tokens: int, seed: int,
-) -> Callable[[int], dict]:  # fmt: skip
+    model,
+    encoder,
+    tokenizer,
+    template: str,
+    run: Callable[[Answerer], list],
+    batch_size: int,
+    max_new_tokens: int,
+    seed: int,
+) -> Callable[[int], dict]:
     """Wrap `run(answerer) -> scores` as an `on_eval`: the model is put in eval mode and its `max_seq_length`
     restored afterwards; CLIP features are computed once; each score becomes `<name>_<condition>` columns."""
-    answerer = Answerer(Assistant(model, encoder, tokenizer, template), GenerationSettings(max_new_tokens),
-                        batch_size, seed)  # fmt: skip
+    answerer = Answerer(
+        Assistant(model, encoder, tokenizer, template), GenerationSettings(max_new_tokens), batch_size, seed
+    )
 
     def on_eval(step: int) -> dict:
         lm, was_training = model.lm, model.training

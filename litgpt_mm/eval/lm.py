@@ -33,8 +33,11 @@ def shard_windows(shard_dir: Path, seq_len: int, max_blocks: int | None) -> list
 
     blocks = TokenBlocks(shard_dir, seq_len + 1)
     n = len(blocks)
-    picks = range(n) if not max_blocks or max_blocks >= n else [round(i * (n - 1) / (max_blocks - 1)) for i in
-                                                                  range(max_blocks)]  # fmt: skip
+    picks = (
+        range(n)
+        if not max_blocks or max_blocks >= n
+        else [round(i * (n - 1) / (max_blocks - 1)) for i in range(max_blocks)]
+    )
     return [blocks[i] for i in sorted(set(picks))]
 
 
@@ -127,9 +130,11 @@ def _harness_lm_class():
             results = []
             for req in requests:
                 windows = get_rolling_token_windows(
-                    token_list=self._encode(req.args[0]), prefix_token=self.prefix_id,
-                    max_seq_len=self.max_length, context_len=1,
-                )  # fmt: skip
+                    token_list=self._encode(req.args[0]),
+                    prefix_token=self.prefix_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
                 pairs = [make_disjoint_window(w) for w in windows]
                 results.append(sum(score for score, _ in self._score(pairs)))
             return results
@@ -147,8 +152,13 @@ def _harness_lm_class():
                 ids = torch.tensor(self._encode(context)[-(self.max_length - max_new) :] or [self.prefix_id])
                 self.model.set_kv_cache(batch_size=1, max_seq_length=ids.numel() + max_new, device=self.device)
                 try:
-                    new = generate(self.model, ids.to(self.device), ids.numel() + max_new, temperature=0.0,
-                                   eos_id=self.tokenizer.eos_id)[ids.numel():]  # fmt: skip
+                    new = generate(
+                        self.model,
+                        ids.to(self.device),
+                        ids.numel() + max_new,
+                        temperature=0.0,
+                        eos_id=self.tokenizer.eos_id,
+                    )[ids.numel() :]
                 finally:
                     self.model.clear_kv_cache()
                 text = self.tokenizer.decode(new[new != self.tokenizer.eos_id])
@@ -159,8 +169,16 @@ def _harness_lm_class():
     return LitLM
 
 
-def harness(model, tokenizer, tasks: list[str], limit: int | float | None = None, num_fewshot: int | None = None,
-            include_path: Path | None = None, batch_size: int = 8, seed: int = 0) -> dict:  # fmt: skip
+def harness(
+    model,
+    tokenizer,
+    tasks: list[str],
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    include_path: Path | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> dict:
     """`lm_eval.simple_evaluate` with our model: returns lm-eval's results dict (`results[task][metric]`)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -168,10 +186,18 @@ def harness(model, tokenizer, tasks: list[str], limit: int | float | None = None
     lm = _harness_lm_class()(model, tokenizer, batch_size=batch_size)
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     return simple_evaluate(
-        model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager, random_seed=seed,
-        numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000,
+        model=lm,
+        tasks=tasks,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        task_manager=manager,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        bootstrap_iters=1000,
         log_samples=False,
-    )  # fmt: skip
+    )
 
 
 def iter_text_files(paths: Sequence[Path]) -> Iterator[tuple[Path, str]]:

@@ -117,9 +117,15 @@ class Answerer:
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
                 out = generate_batch(
-                    self.assistant.model, [inputs[i][0] for i in chunk], [inputs[i][1] for i in chunk],
-                    s.max_new_tokens, s.temperature, s.top_k, s.top_p, eos_id=tok.eos_id,
-                )  # fmt: skip
+                    self.assistant.model,
+                    [inputs[i][0] for i in chunk],
+                    [inputs[i][1] for i in chunk],
+                    s.max_new_tokens,
+                    s.temperature,
+                    s.top_k,
+                    s.top_p,
+                    eos_id=tok.eos_id,
+                )
                 for i, row in zip(chunk, out, strict=True):
                     answers[i] = tok.decode(torch.tensor([t for t in row if t != tok.eos_id], dtype=torch.long))
                     answers[i] = answers[i].strip()
@@ -148,15 +154,22 @@ class ApiAnswerer:
         import mimetypes
 
         parts = [
-            {"type": "image_url", "image_url": {"url": f"data:{mimetypes.guess_type(str(p))[0] or 'image/jpeg'};base64,"
-                                                       + base64.b64encode(Path(p).read_bytes()).decode()}}
+            {
+                "type": "image_url",
+                "image_url": {
+                    "url": f"data:{mimetypes.guess_type(str(p))[0] or 'image/jpeg'};base64,"
+                    + base64.b64encode(Path(p).read_bytes()).decode()
+                },
+            }
             for p in images
-        ]  # fmt: skip
+        ]
         content = [*parts, {"type": "text", "text": prompt}]
         out = self.client.chat.completions.create(
-            model="litgpt-mm", messages=[{"role": "user", "content": content}], temperature=0.0,
+            model="litgpt-mm",
+            messages=[{"role": "user", "content": content}],
+            temperature=0.0,
             max_tokens=self.settings.max_new_tokens,
-        )  # fmt: skip
+        )
         return (out.choices[0].message.content or "").strip()
 
     def answer(self, items: Sequence[Item], condition: str) -> list[str]:

@@ -36,9 +36,15 @@ def resolve_images(rows: Sequence, image_of, images_root: Path, what: str) -> tu
 
 
 def vqa(
-    answerer: Answerer, questions: Path, images_root: Path | None = None, answers: Path | None = None,
-    prompt_suffix: str = SHORT_ANSWER, limit: int | None = None, seed: int = 0, conditions: Sequence[str] = CONDITIONS,
-) -> tuple[list[Scored], list[dict]]:  # fmt: skip
+    answerer: Answerer,
+    questions: Path,
+    images_root: Path | None = None,
+    answers: Path | None = None,
+    prompt_suffix: str = SHORT_ANSWER,
+    limit: int | None = None,
+    seed: int = 0,
+    conditions: Sequence[str] = CONDITIONS,
+) -> tuple[list[Scored], list[dict]]:
     """VQA accuracy (the official normalisation; exact match for a single reference), multiple-choice accuracy for
     rows with options, and a breakdown by question type with its chance level (one over the number of choices)."""
     rows = [r for r in vqa_lib.read_vqa(questions, answers_path=answers) if r.has_image][:limit]
@@ -64,18 +70,31 @@ def vqa(
         sub = {c: [v[i] for i in idx] for c, v in per_item.items()}
         scores.append(score_mean(f"accuracy/{kind}", sub, seed, chance))
     predictions = [
-        {"id": r.id, "image": str(p), "question": r.question, "answers": r.answers, "type": r.type,
-         **{f"answer_{c}": answered[c][i] for c in answered}, **{f"score_{c}": per_item[c][i] for c in per_item}}
+        {
+            "id": r.id,
+            "image": str(p),
+            "question": r.question,
+            "answers": r.answers,
+            "type": r.type,
+            **{f"answer_{c}": answered[c][i] for c in answered},
+            **{f"score_{c}": per_item[c][i] for c in per_item},
+        }
         for i, (r, p) in enumerate(zip(rows, paths, strict=True))
-    ]  # fmt: skip
+    ]
     return scores, predictions
 
 
 def pope(
-    answerer: Answerer, questions: Sequence[Path] = (), instances: Path | None = None,
-    strategies: Sequence[str] = ("random", "popular", "adversarial"), n_per_image: int = 3,
-    images_root: Path | None = None, prompt_suffix: str = SHORT_ANSWER, limit: int | None = None, seed: int = 0,
-) -> tuple[list[Scored], list[dict]]:  # fmt: skip
+    answerer: Answerer,
+    questions: Sequence[Path] = (),
+    instances: Path | None = None,
+    strategies: Sequence[str] = ("random", "popular", "adversarial"),
+    n_per_image: int = 3,
+    images_root: Path | None = None,
+    prompt_suffix: str = SHORT_ANSWER,
+    limit: int | None = None,
+    seed: int = 0,
+) -> tuple[list[Scored], list[dict]]:
     """POPE per split (the official files, or questions built from COCO instance annotations) with the reference
     scorer: F1, accuracy, precision, recall and yes-ratio per split, and the mean F1 over splits (what LLaVA-style
     papers quote; always answering "yes" scores 0.667)."""
@@ -100,17 +119,23 @@ def pope(
         pairs = {c: list(zip(normalised[c], labels, strict=True)) for c in normalised}
         f1 = score_statistic(f"pope_f1/{split}", pairs, pope_lib.pope_f1, seed, chance=2 / 3)
         f1.extra = {
-            c: {k: v for k, v in pope_lib.pope_metrics(normalised[c], labels).items()} | {
-                "empty_answers": len(flags[c]["empty"]), "not_yes_no": len(flags[c]["not_yes_no"])}
+            c: {k: v for k, v in pope_lib.pope_metrics(normalised[c], labels).items()}
+            | {"empty_answers": len(flags[c]["empty"]), "not_yes_no": len(flags[c]["not_yes_no"])}
             for c in normalised
-        }  # fmt: skip
+        }
         correct = {c: [float(p == lab) for p, lab in pairs[c]] for c in pairs}
         scores += [f1, score_mean(f"pope_accuracy/{split}", correct, seed, chance=0.5)]
         predictions += [
-            {"split": split, "question_id": q.question_id, "image": str(p), "text": q.text, "label": q.label,
-             **{f"answer_{c}": answered[c][i] for c in answered}}
+            {
+                "split": split,
+                "question_id": q.question_id,
+                "image": str(p),
+                "text": q.text,
+                "label": q.label,
+                **{f"answer_{c}": answered[c][i] for c in answered},
+            }
             for i, (q, p) in enumerate(zip(rows, paths, strict=True))
-        ]  # fmt: skip
+        ]
     if len(splits) > 1:
         mean = {c: Result("pope_f1/mean", sum(v) / len(v), n=len(v)) for c, v in f1_by_split.items()}
         scores.append(Scored("pope_f1/mean (no interval: a mean over splits)", mean, 2 / 3))
@@ -118,9 +143,14 @@ def pope(
 
 
 def caption(
-    answerer: Answerer, captions: Path, images_root: Path | None = None, prompt: str = "",
-    limit: int | None = None, seed: int = 0, use_java: bool | None = None,
-) -> tuple[list[Scored], list[dict]]:  # fmt: skip
+    answerer: Answerer,
+    captions: Path,
+    images_root: Path | None = None,
+    prompt: str = "",
+    limit: int | None = None,
+    seed: int = 0,
+    use_java: bool | None = None,
+) -> tuple[list[Scored], list[dict]]:
     """Greedy captions scored with pycocoevalcap's CIDEr, BLEU-4 and ROUGE-L against the references (intervals from
     per-image scores; CIDEr's IDF comes from the evaluated set itself). `use_java`: see `caption_scores`."""
     references, files = read_coco_references(captions)

@@ -57,8 +57,11 @@ def choices(example: shapes.Example, max_shapes: int) -> list[Choice | shapes.Qu
             out.append(Choice("count", [shapes.describe(scene.shapes, count=n) for n in counts], len(scene.shapes) - 1))
         else:
             shape = scene.shapes[q.shape]
-            field, values = {"colour": ("colour", list(shapes.COLOURS)), "kind": ("kind", list(shapes.KINDS)),
-                             "position": ("cell", range(len(shapes.POSITIONS)))}[q.type]  # fmt: skip
+            field, values = {
+                "colour": ("colour", list(shapes.COLOURS)),
+                "kind": ("kind", list(shapes.KINDS)),
+                "position": ("cell", range(len(shapes.POSITIONS))),
+            }[q.type]
             out.append(Choice(q.type, varied(q.shape, field, values), list(values).index(getattr(shape, field))))
     return out
 
@@ -70,9 +73,14 @@ def _asked_pair(text: str) -> tuple[str, str]:
 
 @torch.no_grad()
 def zero_shot(
-    model, tokenizer, preprocess, world_dir: Path, split: str = "test", limit: int | None = None,
+    model,
+    tokenizer,
+    preprocess,
+    world_dir: Path,
+    split: str = "test",
+    limit: int | None = None,
     batch_size: int = 256,
-) -> dict[str, dict[str, float]]:  # fmt: skip
+) -> dict[str, dict[str, float]]:
     """Zero-shot accuracy per question type (and over all questions) on a split of a shapes world.
 
     Args:
@@ -107,13 +115,21 @@ def zero_shot(
     device = next(model.parameters()).device
     files = [world_dir / directory / f"{i:012d}.{ext}" for i in ids]
     pixels = torch.stack([preprocess(Image.open(f).convert("RGB")) for f in files])
-    image = torch.cat([model.encode_image(pixels[i : i + batch_size].to(device), normalize=True)
-                       for i in range(0, len(pixels), batch_size)])  # fmt: skip
+    image = torch.cat(
+        [
+            model.encode_image(pixels[i : i + batch_size].to(device), normalize=True)
+            for i in range(0, len(pixels), batch_size)
+        ]
+    )
     per_image = [choices(e, max_shapes) for e in examples]
     prompts = sorted({p for qs in per_image for q in qs if isinstance(q, Choice) for p in q.prompts})
     prompts += [f"{shapes.article(c)} {c} {k}" for c, k in PAIRS]
-    text = torch.cat([model.encode_text(tokenizer(prompts[i : i + batch_size]).to(device), normalize=True)
-                      for i in range(0, len(prompts), batch_size)])  # fmt: skip
+    text = torch.cat(
+        [
+            model.encode_text(tokenizer(prompts[i : i + batch_size]).to(device), normalize=True)
+            for i in range(0, len(prompts), batch_size)
+        ]
+    )
     row = {p: i for i, p in enumerate(prompts)}
     pair_rows = torch.tensor([row[f"{shapes.article(c)} {c} {k}"] for c, k in PAIRS])
     correct: dict[str, list[float]] = {t: [] for t in shapes.QUESTION_TYPES}
@@ -136,8 +152,13 @@ def zero_shot(
     out = {}
     for name, values in [*correct.items(), ("all", [v for vs in correct.values() for v in vs])]:
         low, high = mean_ci(values, seed=0)
-        out[name] = {"accuracy": sum(values) / len(values), "low": low, "high": high, "n": len(values),
-                     "chance": chance.get(name)}  # fmt: skip
+        out[name] = {
+            "accuracy": sum(values) / len(values),
+            "low": low,
+            "high": high,
+            "n": len(values),
+            "chance": chance.get(name),
+        }
     return out
 
 

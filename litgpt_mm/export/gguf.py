@@ -245,9 +245,14 @@ def lm_tensors(lm_state: dict[str, torch.Tensor], config, separator: torch.Tenso
     return {name: t.detach().float().contiguous().numpy() for name, t in out.items()}
 
 
-def mmproj_tensors(visual, n_blocks: int, normalize: bool, projector_state: dict[str, torch.Tensor],
-                   feature_mean: torch.Tensor | None = None, feature_std: torch.Tensor | None = None
-                   ) -> dict[str, np.ndarray]:  # fmt: skip
+def mmproj_tensors(
+    visual,
+    n_blocks: int,
+    normalize: bool,
+    projector_state: dict[str, torch.Tensor],
+    feature_mean: torch.Tensor | None = None,
+    feature_std: torch.Tensor | None = None,
+) -> dict[str, np.ndarray]:
     """llama.cpp CLIP tensors (GGUF names, PyTorch layout, fp32) of an open_clip `VisionTransformer`'s first
     `n_blocks` blocks, `ln_post` when `normalize`, and the `mlp2x_gelu` projector with the feature standardisation
     (`(x - mean) / std`) folded into its first layer."""

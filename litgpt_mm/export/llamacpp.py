@@ -177,10 +177,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     Llava15ChatHandler.CHAT_FORMAT = CHAT_TEMPLATE
     Llava15ChatHandler.DEFAULT_SYSTEM_MESSAGE = None
     model = ModelSettings(
-        model=str(args.gguf_dir / LM_FILE), model_alias="litgpt-mm", chat_format="llava-1-5",
-        clip_model_path=str(args.gguf_dir / MMPROJ_FILE), n_ctx=args.n_ctx, n_batch=min(512, args.n_ctx),
-        verbose=False, **({"n_threads": args.n_threads} if args.n_threads else {}),
-    )  # fmt: skip
+        model=str(args.gguf_dir / LM_FILE),
+        model_alias="litgpt-mm",
+        chat_format="llava-1-5",
+        clip_model_path=str(args.gguf_dir / MMPROJ_FILE),
+        n_ctx=args.n_ctx,
+        n_batch=min(512, args.n_ctx),
+        verbose=False,
+        **({"n_threads": args.n_threads} if args.n_threads else {}),
+    )
     # interrupt_requests (its default) ends a streaming answer as soon as another request waits: concurrent clients
     # would get cut-off answers; queue them instead (the server decodes one request at a time)
     server = ServerSettings(host=args.host, port=args.port, interrupt_requests=False)

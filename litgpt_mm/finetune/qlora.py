@@ -62,8 +62,11 @@ class InstructSamples(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
-        return {"features": self.cache.get(s["image"]), "ids": torch.tensor(s["ids"]),
-                "labels": torch.tensor(s["labels"])}  # fmt: skip
+        return {
+            "features": self.cache.get(s["image"]),
+            "ids": torch.tensor(s["ids"]),
+            "labels": torch.tensor(s["labels"]),
+        }
 
 
 def collate(items: list[dict]) -> dict:
@@ -99,7 +102,7 @@ def setup(
         lr_warmup_steps=50,
         max_norm=1.0,
         min_lr=0.0,
-    ),  # fmt: skip
+    ),
     eval: EvalArgs = EvalArgs(interval=500, max_iters=50, initial_validation=True),
     optimizer: str | dict = {"class_path": "bitsandbytes.optim.PagedAdamW8bit", "init_args": {"lr": 2e-4}},  # noqa: B006
     resume: bool | Literal["auto"] | Path = False,
@@ -158,10 +161,20 @@ def setup(
     lm_dir = Path(lm_checkpoint_dir or MultimodalConfig.load(Path(align_dir)).lm_checkpoint_dir)
     if (lm_dir / "model_config.yaml").is_file():  # else `main` says what is missing
         lm_config = Config.from_checkpoint(lm_dir)
-        check_fits(lm_config, stage="qlora", micro_batch_size=train.micro_batch_size,
-                   seq_len=train.max_seq_length or lm_config.block_size, devices=devices, num_nodes=num_nodes,
-                   precision=args.precision, optimizer=optimizer, quantize=quantize, lora=lora,
-                   activation_checkpointing=activation_checkpointing, enabled=preflight)  # fmt: skip
+        check_fits(
+            lm_config,
+            stage="qlora",
+            micro_batch_size=train.micro_batch_size,
+            seq_len=train.max_seq_length or lm_config.block_size,
+            devices=devices,
+            num_nodes=num_nodes,
+            precision=args.precision,
+            optimizer=optimizer,
+            quantize=quantize,
+            lora=lora,
+            activation_checkpointing=activation_checkpointing,
+            enabled=preflight,
+        )
     fabric = ddp_fabric(devices, num_nodes, args.precision)
     return fabric.launch(main, args)
 
@@ -190,8 +203,16 @@ def main(fabric: L.Fabric, a: SimpleNamespace) -> dict[str, float]:
     model, opt, peak_lr = setup_optimizer(fabric, mm, a.optimizer, a.projector_lr_scale)
     train = a.train
     accum = train.gradient_accumulation_iters(fabric.world_size, 1)
-    loaders = split_loaders(datasets, train.micro_batch_size, accum, a.seed, fabric.global_rank, fabric.world_size,
-                            collate, f"{a.data_dir}/{{train,val}}.jsonl")  # fmt: skip
+    loaders = split_loaders(
+        datasets,
+        train.micro_batch_size,
+        accum,
+        a.seed,
+        fabric.global_rank,
+        fabric.world_size,
+        collate,
+        f"{a.data_dir}/{{train,val}}.jsonl",
+    )
     state = {"model": model, "optimizer": opt, "train_dataloader": loaders["train"], "step": 0, "tokens": 0}
     if resume_dir is not None:
         lm.load_state_dict(torch.load(resume_dir / "lora.pth", weights_only=True), strict=False)
@@ -220,9 +241,12 @@ def main(fabric: L.Fabric, a: SimpleNamespace) -> dict[str, float]:
             loss, info = autoregressive_loss(
                 mm, feats, batch["ids"], batch["labels"], p, gen, a.lookahead, model, a.decode_dequantized
             )
-        metrics = {"loss": loss.detach(), "teacher_forcing_p": torch.tensor(p),
-                   "model_fed": torch.tensor(info.model_fed / max(info.candidates, 1)),
-                   "model_changed": torch.tensor(info.changed / max(info.candidates, 1))}  # fmt: skip
+        metrics = {
+            "loss": loss.detach(),
+            "teacher_forcing_p": torch.tensor(p),
+            "model_fed": torch.tensor(info.model_fed / max(info.candidates, 1)),
+            "model_changed": torch.tensor(info.changed / max(info.candidates, 1)),
+        }
         return loss, metrics
 
     def save_fn(ckpt_dir: Path) -> None:
@@ -236,9 +260,17 @@ def main(fabric: L.Fabric, a: SimpleNamespace) -> dict[str, float]:
     tokens_fn = lambda b: sum(int((lab != -100).sum()) for lab in b["labels"])  # noqa: E731
     stage = Stage(loss_fn, save_fn, tokens_fn=tokens_fn, on_eval=on_eval)
     result = fit(
-        fabric, stage, state, out_dir=out_dir, train=train, eval=a.eval, max_steps=max_steps, learning_rate=peak_lr,
-        val_loader=loaders["val"], resumed_from=resume_dir,
-    )  # fmt: skip
+        fabric,
+        stage,
+        state,
+        out_dir=out_dir,
+        train=train,
+        eval=a.eval,
+        max_steps=max_steps,
+        learning_rate=peak_lr,
+        val_loader=loaders["val"],
+        resumed_from=resume_dir,
+    )
     if a.merge and fabric.global_rank == 0:
         export_merged(mm, lm_dir, out_dir / "merged")
     fabric.barrier()
@@ -280,8 +312,9 @@ def load_samples(fabric: L.Fabric, data_dir: Path, feature_dir: Path, encoder: C
         datasets[split] = InstructSamples(path, cache)
         if fabric.global_rank == 0:
             images = sorted({s["image"] for s in datasets[split].samples})
-            cache.build(encoder.to(fabric.device), [coco.CaptionRecord(p, p, []) for p in images], Path("/"),
-                        coco.CocoSummary())  # fmt: skip
+            cache.build(
+                encoder.to(fabric.device), [coco.CaptionRecord(p, p, []) for p in images], Path("/"), coco.CocoSummary()
+            )
     fabric.barrier()
     cache = coco.FeatureCache(feature_dir, encoder.key())  # the index as rank 0 left it
     for ds in datasets.values():
@@ -332,10 +365,19 @@ def export_merged(mm: MultimodalGPT, lm_dir: Path, out: Path) -> None:
 
 def _hf_phi_config(cfg) -> dict:
     return {
-        "architectures": ["PhiForCausalLM"], "model_type": "phi", "vocab_size": cfg.padded_vocab_size,
-        "hidden_size": cfg.n_embd, "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_query_groups,
-        "partial_rotary_factor": cfg.rotary_percentage, "max_position_embeddings": cfg.block_size,
-        "layer_norm_eps": cfg.norm_eps, "hidden_act": "gelu_new", "rope_theta": cfg.rope_base,
-        "tie_word_embeddings": False, "torch_dtype": "float32",
-    }  # fmt: skip
+        "architectures": ["PhiForCausalLM"],
+        "model_type": "phi",
+        "vocab_size": cfg.padded_vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_query_groups,
+        "partial_rotary_factor": cfg.rotary_percentage,
+        "max_position_embeddings": cfg.block_size,
+        "layer_norm_eps": cfg.norm_eps,
+        "hidden_act": "gelu_new",
+        "rope_theta": cfg.rope_base,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }

@@ -217,8 +217,9 @@ class MoE(nn.Module):
             h = self._act(grouped_linear(xs, self.w1, self.b1, counts, experts, dtype))
             return grouped_linear(h, self.w2, self.b2, counts, experts, dtype)
         b1, b2 = (None, None) if self.b1 is None else (self.b1.to(dtype), self.b2.to(dtype))
-        return _segment_mlp(xs.to(dtype), self.w1.to(dtype), b1, self.w2.to(dtype), b2, counts,
-                            self.config.gelu_approximate)  # fmt: skip
+        return _segment_mlp(
+            xs.to(dtype), self.w1.to(dtype), b1, self.w2.to(dtype), b2, counts, self.config.gelu_approximate
+        )
 
     def _use_fused_glue(self, device: torch.device, dtype: torch.dtype) -> bool:
         if self.fused_glue is not None:

@@ -55,9 +55,14 @@ def add_lora(model: nn.Module, s: LoRASettings) -> nn.Module:
         if s.query or s.key or s.value:
             qkv = attn.qkv
             new = lit_lora.LoRAQKVLinear(
-                qkv.in_features, qkv.out_features, head_size=cfg.head_size, n_head=cfg.n_head,
-                n_query_groups=cfg.n_query_groups, enable_lora=(s.query, s.key, s.value), **lin,
-            )  # fmt: skip
+                qkv.in_features,
+                qkv.out_features,
+                head_size=cfg.head_size,
+                n_head=cfg.n_head,
+                n_query_groups=cfg.n_query_groups,
+                enable_lora=(s.query, s.key, s.value),
+                **lin,
+            )
             attn.qkv = _wrap(qkv, new)
         if s.projection:
             attn.proj = _wrap(attn.proj, lit_lora.LoRALinear(attn.proj.in_features, attn.proj.out_features, **lin))
@@ -89,14 +94,19 @@ def quantize_nf4(
 
     device = model.transformer.wte.weight.device
     targets = [
-        (name, mod) for name, mod in model.named_modules()
+        (name, mod)
+        for name, mod in model.named_modules()
         if type(mod) is nn.Linear and not any(part in skip for part in name.split("."))
-    ]  # fmt: skip
+    ]
     for name, mod in targets:
         q = bnb.nn.Linear4bit(
-            mod.in_features, mod.out_features, bias=mod.bias is not None, compute_dtype=compute_dtype,
-            quant_type="nf4", device="meta",
-        )  # fmt: skip
+            mod.in_features,
+            mod.out_features,
+            bias=mod.bias is not None,
+            compute_dtype=compute_dtype,
+            quant_type="nf4",
+            device="meta",
+        )
         q.weight = bnb.nn.Params4bit(mod.weight.data.float().cpu(), requires_grad=False, quant_type="nf4")
         if mod.bias is not None:
             q.bias = nn.Parameter(mod.bias.data.clone(), requires_grad=False)

@@ -111,8 +111,13 @@ class CLIPPatchEncoder(nn.Module):
     @classmethod
     def from_config(cls, config) -> CLIPPatchEncoder:
         """The tower a `MultimodalConfig` names, with the activation it was trained with."""
-        return cls(config.clip_model, config.clip_pretrained, layer=config.clip_layer,
-                   normalize=config.clip_normalize, quick_gelu=config.clip_quick_gelu)  # fmt: skip
+        return cls(
+            config.clip_model,
+            config.clip_pretrained,
+            layer=config.clip_layer,
+            normalize=config.clip_normalize,
+            quick_gelu=config.clip_quick_gelu,
+        )
 
     def train(self, mode: bool = True) -> CLIPPatchEncoder:
         return super().train(False)  # always frozen

@@ -128,8 +128,13 @@ def ddp_fabric(devices: int, num_nodes: int, precision: str | None) -> L.Fabric:
 
     several = devices * num_nodes > 1
     strategy = DDPStrategy(process_group_backend="nccl" if cuda else "gloo") if several else "auto"
-    return L.Fabric(accelerator="cuda" if cuda else "cpu", devices=devices, num_nodes=num_nodes, strategy=strategy,
-                    precision=precision)  # fmt: skip
+    return L.Fabric(
+        accelerator="cuda" if cuda else "cpu",
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision=precision,
+    )
 
 
 def optimizer_spec(optimizer: str | dict) -> str | dict:

@@ -68,20 +68,30 @@ def models_table(configs: dict[str, Config]) -> str:
         need = f"{total / 1e9:.0f} B"
         if cfg.n_expert:
             need = f"{active / 1e9:.0f} B (active) / {need} (total)"
-        rows.append([
-            f"`{name}`",
-            f"{p.params.total / 1e9:.3f} B",
-            f"{p.params.active / 1e9:.3f} B",
-            f"{p.params.expert / 1e9:.3f} B" if cfg.n_expert else "-",
-            f"{p.flops_per_token / 1e9:.2f}",
-            f"{p.mfu:.3f}",
-            need,
-            share(GUTENBERG),
-            share(REDPAJAMA),
-        ])  # fmt: skip
-    header = ["model", "parameters", "active (no embedding)", "of which experts", "GFLOP / token (T = 2048)",
-              "MFU used (H100)", f"{CHINCHILLA} tokens / parameter", "Gutenberg 3 B as a share of that",
-              "RedPajama 100 B as a share of that"]  # fmt: skip
+        rows.append(
+            [
+                f"`{name}`",
+                f"{p.params.total / 1e9:.3f} B",
+                f"{p.params.active / 1e9:.3f} B",
+                f"{p.params.expert / 1e9:.3f} B" if cfg.n_expert else "-",
+                f"{p.flops_per_token / 1e9:.2f}",
+                f"{p.mfu:.3f}",
+                need,
+                share(GUTENBERG),
+                share(REDPAJAMA),
+            ]
+        )
+    header = [
+        "model",
+        "parameters",
+        "active (no embedding)",
+        "of which experts",
+        "GFLOP / token (T = 2048)",
+        "MFU used (H100)",
+        f"{CHINCHILLA} tokens / parameter",
+        "Gutenberg 3 B as a share of that",
+        "RedPajama 100 B as a share of that",
+    ]
     return table(header, rows)
 
 
@@ -110,34 +120,49 @@ def cluster_rows(name: str, cfg: Config) -> list[list[str]]:
     rows = []
     for gpus in CLUSTERS:
         for label, flags, fsdp, ep in parallelisms(bool(cfg.n_expert), gpus):
-            p = C.plan(cfg, REDPAJAMA, gpus=gpus, gpu="h100", micro_batch=MB, seq_len=SEQ, fsdp_size=fsdp,
-                       expert_parallel=ep)  # fmt: skip
+            p = C.plan(
+                cfg, REDPAJAMA, gpus=gpus, gpu="h100", micro_batch=MB, seq_len=SEQ, fsdp_size=fsdp, expert_parallel=ep
+            )
             c = p.communication
             per_token = p.step_s / p.tokens_per_step
             gut_days, rp_days = GUTENBERG * per_token / 86400, p.days
-            rows.append([
-                f"`{name}`",
-                str(gpus),
-                label,
-                flags,
-                f"{p.memory.peak / GB:.1f}",
-                "yes" if p.fits else "**no**",
-                f"{c.fsdp_bytes / GB:.1f} ({c.fsdp_s * 1e3:.0f})",
-                f"{c.all_to_all_bytes / GB:.1f} ({c.all_to_all_s * 1e3:.0f})" if ep > 1 else "-",
-                f"{p.step_s * 1e3:.0f}",
-                fmt(p.tokens_per_s),
-                f"{p.tokens_per_step / 1e6:.2f} M: {fmt(math.ceil(GUTENBERG / p.tokens_per_step))} / {fmt(p.steps)}",
-                f"{days_or_hours(gut_days)} / {fmt(gut_days * 24 * gpus)}",
-                f"{days_or_hours(rp_days)} / {fmt(p.gpu_hours)}",
-            ])  # fmt: skip
+            rows.append(
+                [
+                    f"`{name}`",
+                    str(gpus),
+                    label,
+                    flags,
+                    f"{p.memory.peak / GB:.1f}",
+                    "yes" if p.fits else "**no**",
+                    f"{c.fsdp_bytes / GB:.1f} ({c.fsdp_s * 1e3:.0f})",
+                    f"{c.all_to_all_bytes / GB:.1f} ({c.all_to_all_s * 1e3:.0f})" if ep > 1 else "-",
+                    f"{p.step_s * 1e3:.0f}",
+                    fmt(p.tokens_per_s),
+                    f"{p.tokens_per_step / 1e6:.2f} M: "
+                    f"{fmt(math.ceil(GUTENBERG / p.tokens_per_step))} / {fmt(p.steps)}",
+                    f"{days_or_hours(gut_days)} / {fmt(gut_days * 24 * gpus)}",
+                    f"{days_or_hours(rp_days)} / {fmt(p.gpu_hours)}",
+                ]
+            )
     return rows
 
 
 def cluster_table(configs: dict[str, Config]) -> str:
-    header = ["model", "H100s", "parallelism", "pretrain_moe.py flags", "peak memory / GPU (GB)", "fits 80 GB",
-              "FSDP/DP traffic / step: GB (ms)", "expert all-to-all / step: GB (ms)", "step (ms)", "tokens/s",
-              "tokens / step: steps for Gutenberg / RedPajama", "Gutenberg 3 B: wall clock / GPU-h",
-              "RedPajama 100 B: wall clock / GPU-h"]  # fmt: skip
+    header = [
+        "model",
+        "H100s",
+        "parallelism",
+        "pretrain_moe.py flags",
+        "peak memory / GPU (GB)",
+        "fits 80 GB",
+        "FSDP/DP traffic / step: GB (ms)",
+        "expert all-to-all / step: GB (ms)",
+        "step (ms)",
+        "tokens/s",
+        "tokens / step: steps for Gutenberg / RedPajama",
+        "Gutenberg 3 B: wall clock / GPU-h",
+        "RedPajama 100 B: wall clock / GPU-h",
+    ]
     rows = []
     for name in ("phi-2-moe", "phi-2-twin"):
         rows += cluster_rows(name, configs[name])
@@ -158,8 +183,9 @@ def mfu_table(configs: dict[str, Config]) -> str:
             label, p, fsdp, ep = best
             cells = [f"`{name}`", str(gpus), label, f"{days_or_hours(p.days)} (MFU {p.mfu:.3f})"]
             for mfu in (0.40, 0.30):
-                q = C.plan(cfg, REDPAJAMA, gpus=gpus, micro_batch=MB, seq_len=SEQ, fsdp_size=fsdp, expert_parallel=ep,
-                           mfu=mfu)  # fmt: skip
+                q = C.plan(
+                    cfg, REDPAJAMA, gpus=gpus, micro_batch=MB, seq_len=SEQ, fsdp_size=fsdp, expert_parallel=ep, mfu=mfu
+                )
                 cells.append(f"{days_or_hours(q.days)} / {fmt(q.gpu_hours)}")
             rows.append(cells)
     header = ["model", "H100s", "fastest fitting parallelism", "RedPajama 100 B at the measured MFU",
@@ -195,19 +221,27 @@ def single_gpu_table(configs: dict[str, Config]) -> str:
         for precision in ("bf16-mixed", "bf16-true"):
             for optimizer in ("adamw", "adamw8bit"):
                 for ckpt in (False, True):
-                    mb, p = largest_micro_batch(cfg, precision=precision, optimizer=optimizer,
-                                                activation_checkpointing=ckpt, seq_len=SEQ)  # fmt: skip
+                    mb, p = largest_micro_batch(
+                        cfg, precision=precision, optimizer=optimizer, activation_checkpointing=ckpt, seq_len=SEQ
+                    )
                     m = p.memory
                     state = (m.weights + m.grads + m.optimizer) / GB
                     fits = str(mb) if mb else "**does not fit**"
                     per_token = p.step_s / p.tokens_per_step
-                    rows.append([
-                        f"`{name}`", precision, optimizer, "on" if ckpt else "off", fits,
-                        f"{m.peak / GB:.1f}" + ("" if mb else " (at 1)"), f"{state:.1f}",
-                        fmt(p.tokens_per_s) if mb else "-",
-                        days_or_hours(GUTENBERG * per_token / 86400) if mb else "-",
-                        days_or_hours(REDPAJAMA * per_token / 86400) if mb else "-",
-                    ])  # fmt: skip
+                    rows.append(
+                        [
+                            f"`{name}`",
+                            precision,
+                            optimizer,
+                            "on" if ckpt else "off",
+                            fits,
+                            f"{m.peak / GB:.1f}" + ("" if mb else " (at 1)"),
+                            f"{state:.1f}",
+                            fmt(p.tokens_per_s) if mb else "-",
+                            days_or_hours(GUTENBERG * per_token / 86400) if mb else "-",
+                            days_or_hours(REDPAJAMA * per_token / 86400) if mb else "-",
+                        ]
+                    )
     header = [
         "model",
         "precision",
@@ -231,8 +265,16 @@ def experts_table() -> str:
         best = None
         for E in range(8, 257, 8):
             cfg = Config.from_name("phi-2-moe", n_expert=E)
-            p = C.plan(cfg, GUTENBERG, gpus=1, micro_batch=1, seq_len=SEQ, precision=precision, optimizer=optimizer,
-                       activation_checkpointing=ckpt)  # fmt: skip
+            p = C.plan(
+                cfg,
+                GUTENBERG,
+                gpus=1,
+                micro_batch=1,
+                seq_len=SEQ,
+                precision=precision,
+                optimizer=optimizer,
+                activation_checkpointing=ckpt,
+            )
             if not p.fits:
                 break
             best = (E, p)
@@ -240,10 +282,26 @@ def experts_table() -> str:
             rows.append([precision, optimizer, "on" if ckpt else "off", "none", "-", "-", "-"])
             continue
         E, p = best
-        rows.append([precision, optimizer, "on" if ckpt else "off", str(E), f"{p.params.total / 1e9:.2f} B",
-                     f"{p.params.active / 1e9:.2f} B", f"{p.memory.peak / GB:.1f}"])  # fmt: skip
-    header = ["precision", "optimizer", "checkpointing", "largest n_expert (multiple of 8)", "parameters", "active",
-              "peak memory at micro-batch 1 (GB)"]  # fmt: skip
+        rows.append(
+            [
+                precision,
+                optimizer,
+                "on" if ckpt else "off",
+                str(E),
+                f"{p.params.total / 1e9:.2f} B",
+                f"{p.params.active / 1e9:.2f} B",
+                f"{p.memory.peak / GB:.1f}",
+            ]
+        )
+    header = [
+        "precision",
+        "optimizer",
+        "checkpointing",
+        "largest n_expert (multiple of 8)",
+        "parameters",
+        "active",
+        "peak memory at micro-batch 1 (GB)",
+    ]
     return table(header, rows)
 
 
@@ -272,51 +330,74 @@ def capstone_table(configs: dict[str, Config]) -> str:
     for iters_are, tokens in (("optimizer steps", 4000 * 4 * 1 * SEQ), ("micro-batches", 4000 * 1 * SEQ)):
         p = C.plan(phi2, tokens, **run)
         q, r = C.plan(phi2, need, **run), C.plan(phi2, 1.4e12, **run)
-        rows.append([
-            f"004: Phi-2 from scratch on a RedPajama cc+c4 subset; 4000 iterations read as {iters_are}",
-            "1 x A100-40GB; fp16 autocast, 8-bit Adam, batch 1, accumulation 4; T = 2048 assumed",
-            f"{tokens / 1e6:.1f} M",
-            f"{tokens / need:.3%} of {need / 1e9:.1f} B; {tokens / 1.4e12:.4%} of Phi-2's 1.4 T",
-            f"{p.memory.peak / GB:.1f} GB of 40: {'fits' if p.fits else 'does not fit'}",
-            f"not stated / {p.days * 24:.1f} h",
-            f"{q.days:,.0f} d ({need / 1e9:.1f} B); {r.days / 365:.1f} years (1.4 T)",
-        ])  # fmt: skip
+        rows.append(
+            [
+                f"004: Phi-2 from scratch on a RedPajama cc+c4 subset; 4000 iterations read as {iters_are}",
+                "1 x A100-40GB; fp16 autocast, 8-bit Adam, batch 1, accumulation 4; T = 2048 assumed",
+                f"{tokens / 1e6:.1f} M",
+                f"{tokens / need:.3%} of {need / 1e9:.1f} B; {tokens / 1.4e12:.4%} of Phi-2's 1.4 T",
+                f"{p.memory.peak / GB:.1f} GB of 40: {'fits' if p.fits else 'does not fit'}",
+                f"not stated / {p.days * 24:.1f} h",
+                f"{q.days:,.0f} d ({need / 1e9:.1f} B); {r.days / 365:.1f} years (1.4 T)",
+            ]
+        )
     # Microsoft's Phi-2 (model card): 1.4 T training tokens, 96 x A100-80G, 14 days, DeepSpeed + FlashAttention.
     p = C.plan(phi2, 1.4e12, gpus=96, gpu="a100", micro_batch=MB, seq_len=SEQ, fsdp_size=GPN)
     implied = p.mfu * p.days / 14
-    rows.append([
-        "Microsoft's Phi-2 (reference, not a capstone)",
-        "96 x A100-80GB; plan: bf16-mixed, HSDP 8, micro-batch 4",
-        "1.4 T",
-        f"{1.4e12 / need:.0f}x the 20-tokens/parameter mark",
-        f"{p.memory.peak / GB:.1f} GB of 80",
-        f"14 d / {p.days:.1f} d at MFU {p.mfu:.2f} (14 d implies MFU {implied:.2f})",
-        "-",
-    ])  # fmt: skip
-    rows.append([
-        "000/001: Phi-2 with MoE after the MLP from scratch on Gutenberg; litgpt Phi-2 on RedPajama",
-        "not stated", "not stated", "-", "-", "not stated / -", "-",
-    ])  # fmt: skip
+    rows.append(
+        [
+            "Microsoft's Phi-2 (reference, not a capstone)",
+            "96 x A100-80GB; plan: bf16-mixed, HSDP 8, micro-batch 4",
+            "1.4 T",
+            f"{1.4e12 / need:.0f}x the 20-tokens/parameter mark",
+            f"{p.memory.peak / GB:.1f} GB of 80",
+            f"14 d / {p.days:.1f} d at MFU {p.mfu:.2f} (14 d implies MFU {implied:.2f})",
+            "-",
+        ]
+    )
+    rows.append(
+        [
+            "000/001: Phi-2 with MoE after the MLP from scratch on Gutenberg; litgpt Phi-2 on RedPajama",
+            "not stated",
+            "not stated",
+            "-",
+            "-",
+            "not stated / -",
+            "-",
+        ]
+    )
     for what, hours, steps, n_steps in (
-        ("003: alignment (projector only; Phi-2, CLIP ViT-B/32 frozen), COCO", 6.5, "2 epochs x 20,000 iterations",
-         40_000),
+        (
+            "003: alignment (projector only; Phi-2, CLIP ViT-B/32 frozen), COCO",
+            6.5,
+            "2 epochs x 20,000 iterations",
+            40_000,
+        ),
         ("003: QLoRA instruction tuning, LLaVA-Instruct-150K", 18.0, "3 epochs x 100,000 steps", 300_000),
-    ):  # fmt: skip
+    ):
         hi, mid = slice_bound(hours, phi2, 1.0), slice_bound(hours, phi2, 0.40)
-        rows.append([
-            what,
-            f"A100 10 GB slice; {steps}; batch not stated",
-            f"not stated; at most {hi / 1e6:.0f} M (100 % of a 1g.10gb slice's peak), {mid / 1e6:.0f} M at 40 %",
-            "no token target (LLaVA-1.5 figures in the text)",
+        rows.append(
+            [
+                what,
+                f"A100 10 GB slice; {steps}; batch not stated",
+                f"not stated; at most {hi / 1e6:.0f} M (100 % of a 1g.10gb slice's peak), {mid / 1e6:.0f} M at 40 %",
+                "no token target (LLaVA-1.5 figures in the text)",
+                "-",
+                f"{hours:g} h ({hours * 3600 / n_steps:.2f} s / step) / -",
+                "-",
+            ]
+        )
+    rows.append(
+        [
+            "004: alignment (linear projector; TinyCLIP, Phi-2 frozen), COCO 2017",
+            "1 x A100-40GB; batch 2, 11K steps",
+            "not stated (22,000 image-caption pairs)",
+            f"{22_000 / 558_000:.1%} of LLaVA-1.5's 558K alignment pairs",
             "-",
-            f"{hours:g} h ({hours * 3600 / n_steps:.2f} s / step) / -",
+            "not stated / -",
             "-",
-        ])  # fmt: skip
-    rows.append([
-        "004: alignment (linear projector; TinyCLIP, Phi-2 frozen), COCO 2017",
-        "1 x A100-40GB; batch 2, 11K steps", "not stated (22,000 image-caption pairs)",
-        f"{22_000 / 558_000:.1%} of LLaVA-1.5's 558K alignment pairs", "-", "not stated / -", "-",
-    ])  # fmt: skip
+        ]
+    )
     header = [
         "run (capstone document)",
         "hardware and settings",
@@ -333,10 +414,22 @@ def leanest_table(configs: dict[str, Config]) -> str:
     """The least memory full training of phi-2 and phi-2-moe needs (micro-batch 1), against 40 GB and 10 GB."""
     rows = []
     for name in ("phi-2", "phi-2-moe"):
-        for precision, optimizer, ckpt in (("16-mixed", "adamw8bit", False), ("bf16-mixed", "adamw8bit", True),
-                                           ("bf16-true", "adamw8bit", True)):  # fmt: skip
-            p = C.plan(configs[name], GUTENBERG, gpus=1, gpu="a100-40gb", micro_batch=1, seq_len=SEQ,
-                       precision=precision, optimizer=optimizer, activation_checkpointing=ckpt)  # fmt: skip
+        for precision, optimizer, ckpt in (
+            ("16-mixed", "adamw8bit", False),
+            ("bf16-mixed", "adamw8bit", True),
+            ("bf16-true", "adamw8bit", True),
+        ):
+            p = C.plan(
+                configs[name],
+                GUTENBERG,
+                gpus=1,
+                gpu="a100-40gb",
+                micro_batch=1,
+                seq_len=SEQ,
+                precision=precision,
+                optimizer=optimizer,
+                activation_checkpointing=ckpt,
+            )
             rows.append(
                 [
                     f"`{name}`",
@@ -365,8 +458,16 @@ def ddp_ep_line(configs: dict[str, Config]) -> str:
     cfg, out = configs["phi-2-moe"], []
     for ckpt in (False, True):
         mb = 0
-        while C.plan(cfg, REDPAJAMA, gpus=8, micro_batch=mb + 1, seq_len=SEQ, fsdp_size=1, expert_parallel=GPN,
-                     activation_checkpointing=ckpt).fits:  # fmt: skip
+        while C.plan(
+            cfg,
+            REDPAJAMA,
+            gpus=8,
+            micro_batch=mb + 1,
+            seq_len=SEQ,
+            fsdp_size=1,
+            expert_parallel=GPN,
+            activation_checkpointing=ckpt,
+        ).fits:
             mb += 1
         out.append(f"checkpointing {'on' if ckpt else 'off'}: largest micro-batch {mb}")
     p = C.plan(cfg, REDPAJAMA, gpus=8, micro_batch=1, seq_len=SEQ, fsdp_size=1, expert_parallel=GPN)
@@ -383,11 +484,13 @@ def build() -> dict[str, str]:
     moe_source = C.measured_mfu(configs["phi-2-moe"], "h100")[1]
     dense_source = C.measured_mfu(configs["phi-2-twin"], "h100")[1]
     peak = C.gpu_peak_flops("h100", "bf16-mixed")
-    sources = "\n".join([
-        f"- `phi-2-moe`: {moe_source}",
-        f"- `phi-2-twin` and `phi-2`: {dense_source}",
-        f"- peak: {peak[0] / 1e12:.1f} TFLOP/s per H100 from {peak[1]}",
-    ])  # fmt: skip
+    sources = "\n".join(
+        [
+            f"- `phi-2-moe`: {moe_source}",
+            f"- `phi-2-twin` and `phi-2`: {dense_source}",
+            f"- peak: {peak[0] / 1e12:.1f} TFLOP/s per H100 from {peak[1]}",
+        ]
+    )
     return {
         "mfu-sources": sources,
         "models": models_table(configs),

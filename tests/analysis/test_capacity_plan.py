@@ -219,10 +219,20 @@ def _measure_peaks() -> dict[str, int]:
 def _predicted_peak(case: dict) -> float:
     cfg = Config.from_name(case["name"], **case["overrides"])
     plan = capacity.plan(
-        cfg, 1e6, gpus=1, gpu="h100", precision="32-true", optimizer="adamw", micro_batch=case["batch"],
-        seq_len=case["seq_len"], activation_checkpointing=case["ckpt"], overhead_gb=0, expert_hidden_copies=1,
-        fused_adamw=False, mfu=0.5,  # CPU: the segment path, and torch's single-tensor AdamW
-    )  # fmt: skip
+        cfg,
+        1e6,
+        gpus=1,
+        gpu="h100",
+        precision="32-true",
+        optimizer="adamw",
+        micro_batch=case["batch"],
+        seq_len=case["seq_len"],
+        activation_checkpointing=case["ckpt"],
+        overhead_gb=0,
+        expert_hidden_copies=1,
+        fused_adamw=False,
+        mfu=0.5,  # CPU: the segment path, and torch's single-tensor AdamW
+    )
     return plan.memory.peak
 
 
@@ -266,10 +276,15 @@ def test_the_h100_benchmark_model_fits_the_h100_it_ran_on():
     prm = record["params"]
     assert all(r["ms_per_step"] == r["ms_per_step"] for r in record["rows"])  # not NaN: no OOM
     cfg = Config.from_name(
-        "phi-2-moe", n_layer=prm["moe_n_layer"], n_embd=prm["n_embd"], n_head=prm["n_embd"] // 80,
-        block_size=prm["seq_len"], vocab_size=prm["vocab"], padded_vocab_size=prm["vocab"],
+        "phi-2-moe",
+        n_layer=prm["moe_n_layer"],
+        n_embd=prm["n_embd"],
+        n_head=prm["n_embd"] // 80,
+        block_size=prm["seq_len"],
+        vocab_size=prm["vocab"],
+        padded_vocab_size=prm["vocab"],
         moe_intermediate_size=prm["n_embd"],
-    )  # fmt: skip
+    )
     plan = capacity.plan(cfg, 1e9, gpus=1, gpu="h100", precision="bf16-true", micro_batch=prm["batch"], mfu=0.4)
     assert plan.fits and 30e9 < plan.memory.peak < 80e9
 

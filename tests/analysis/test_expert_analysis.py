@@ -49,8 +49,10 @@ def routed(tiny_lm, books_dir):
     model, tokenizer = load_model(tiny_lm).eval(), load_tokenizer(tiny_lm)
     texts, languages = ea.read_books(books_dir)
     inputs = [[] for _ in model.moe_layers]
-    handles = [m.register_forward_pre_hook(lambda mod, args, i=i: inputs[i].append(args[0].detach().clone()))
-               for i, m in enumerate(model.moe_layers)]  # fmt: skip
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, i=i: inputs[i].append(args[0].detach().clone()))
+        for i, m in enumerate(model.moe_layers)
+    ]
     table = ea.route_texts(model, tokenizer, texts, SEQ_LEN, MAX_TOKENS, batch_size=4)
     for h in handles:
         h.remove()
@@ -140,8 +142,15 @@ def _expert_rows(steps: int = 30, layers: int = 4, n_expert: int = 4) -> tuple[l
     for step in range(1, steps + 1):
         for layer in range(layers):
             load = rng.dirichlet(np.full(n_expert, 5.0 * step))
-            rows.append({"step": step, "layer": layer, "cv": float(load.std() / load.mean()), "entropy": 1.2,
-                         **{f"e{i}": float(v) for i, v in enumerate(load)}})  # fmt: skip
+            rows.append(
+                {
+                    "step": step,
+                    "layer": layer,
+                    "cv": float(load.std() / load.mean()),
+                    "entropy": 1.2,
+                    **{f"e{i}": float(v) for i, v in enumerate(load)},
+                }
+            )
     return rows, [{"step": s, "aux_loss": 1 + 0.5 / s} for s in range(1, steps + 1)]
 
 
@@ -158,9 +167,15 @@ def test_plots_and_summary(routed, tmp_path):
     training = ea.training_balance(expert_rows, train_rows)
     assert training[0]["balance_loss"] == pytest.approx(1 + 0.5 / 30) and training[0]["steps_averaged"] == 10
     text = ea.summary_markdown(
-        table, shares, ea.top_tokens(table, None), ea.routing_balance(table), training,
-        ea.language_split(table, languages), ["heat.png"], 0.01,
-    )  # fmt: skip
+        table,
+        shares,
+        ea.top_tokens(table, None),
+        ea.routing_balance(table),
+        training,
+        ea.language_split(table, languages),
+        ["heat.png"],
+        0.01,
+    )
     assert "![heat](heat.png)" in text
     for layer in range(len(table.blocks)):
         assert f"| layer {layer} |" in text and f"**layer {layer}**" in text
@@ -170,8 +185,18 @@ def test_plots_and_summary(routed, tmp_path):
 
 
 def test_targets_met_and_verdicts():
-    good = [{"layer": 0, "balance_loss": 1.01, "cv": 0.1, "noise_cv": 0.01, "prob_cv": 0.01, "cv_per_text": 0.1,
-             "entropy": 1.0, "max_entropy": math.log(4)}]  # fmt: skip
+    good = [
+        {
+            "layer": 0,
+            "balance_loss": 1.01,
+            "cv": 0.1,
+            "noise_cv": 0.01,
+            "prob_cv": 0.01,
+            "cv_per_text": 0.1,
+            "entropy": 1.0,
+            "max_entropy": math.log(4),
+        }
+    ]
     bad = [dict(good[0], layer=1, cv=0.1502, prob_cv=0.02)]
     assert ea.targets_met(good) == {"texts": True, "training": None}
     assert ea.targets_met(good + bad)["texts"] is False
@@ -195,8 +220,11 @@ def test_cli_writes_plots_and_summary(tiny_lm, books_dir, tmp_path):
             "--logs_dir", str(logs), "--seq_len", "64", "--max_tokens_per_text", "128", "--min_count", "2"]  # fmt: skip
     result = ea.main(args)
     assert sorted(p.name for p in out.iterdir()) == [
-        "experts.json", "experts.md", "experts_by_book.png", "router_over_training.png"
-    ]  # fmt: skip
+        "experts.json",
+        "experts.md",
+        "experts_by_book.png",
+        "router_over_training.png",
+    ]
     assert (out / "experts.md").read_text() == result["summary"]
     assert result["sources"] == ["Strange Case of Dr Jeky…", "Candide", "Metamorphosis"]
     assert set(result["targets_met"]) == {"texts", "training"}

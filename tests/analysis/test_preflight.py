@@ -49,8 +49,18 @@ def test_the_issue_run_is_refused_in_one_line_naming_estimate_memory_tiny_config
     mb, T = PRETRAIN_TRAIN.micro_batch_size, PRETRAIN_TRAIN.max_seq_length
     message = refused(config=cfg, micro_batch_size=mb, seq_len=T, devices="auto", accelerator="cpu")
     # the capacity plan's own peak for this run: fp32 weights, gradients and AdamW (16 bytes x 6.04 B) + activations
-    plan = capacity.plan(cfg, 1, gpus=1, gpu="h100", precision="32-true", micro_batch=mb, seq_len=T, mfu=0.5,
-                         expert_hidden_copies=1, fused_adamw=False)  # fmt: skip
+    plan = capacity.plan(
+        cfg,
+        1,
+        gpus=1,
+        gpu="h100",
+        precision="32-true",
+        micro_batch=mb,
+        seq_len=T,
+        mfu=0.5,
+        expert_hidden_copies=1,
+        fused_adamw=False,
+    )
     assert plan.memory.peak > 16 * 6.0e9 + 24 * GiB
     assert f"needs about {plan.memory.peak / GiB:.1f} GiB per device" in message
     assert "CPU RAM has 24.0 GiB available (21.6 GiB usable with a 10% margin)" in message
@@ -84,8 +94,21 @@ def test_the_tiny_config_passes_with_its_estimate(cpu_ram):
     tiny = Config.from_name("phi-2-moe-tiny")
     est = preflight.check_fits(tiny, micro_batch_size=8, seq_len=128, devices=1, accelerator="cpu")
     assert est.fits and est.available == 24 * GiB and est.usable == pytest.approx(0.9 * 24 * GiB)
-    assert est.peak == capacity.plan(tiny, 1, gpus=1, gpu="h100", precision="32-true", micro_batch=8, seq_len=128,
-                                     mfu=0.5, expert_hidden_copies=1, fused_adamw=False).memory.peak  # fmt: skip
+    assert (
+        est.peak
+        == capacity.plan(
+            tiny,
+            1,
+            gpus=1,
+            gpu="h100",
+            precision="32-true",
+            micro_batch=8,
+            seq_len=128,
+            mfu=0.5,
+            expert_hidden_copies=1,
+            fused_adamw=False,
+        ).memory.peak
+    )
     assert 2e9 < est.peak < 2.2e9  # the plan's 2 GB runtime overhead dominates
 
 
@@ -119,17 +142,35 @@ def test_the_suggested_gpu_count_passes_and_half_of_it_does_not(gpu_80):
 
 def test_qlora_of_phi2_fits_an_80_gib_gpu_and_a_full_precision_lora_does_not(gpu_80):
     phi2 = Config.from_name("phi-2")
-    common = dict(config=phi2, stage="qlora", micro_batch_size=8, seq_len=2048, accelerator="cuda", lora=LoRASettings(),
-                  optimizer={"class_path": "bitsandbytes.optim.PagedAdamW8bit"})  # fmt: skip
+    common = dict(
+        config=phi2,
+        stage="qlora",
+        micro_batch_size=8,
+        seq_len=2048,
+        accelerator="cuda",
+        lora=LoRASettings(),
+        optimizer={"class_path": "bitsandbytes.optim.PagedAdamW8bit"},
+    )
     qlora = preflight.check_fits(quantize="nf4", precision="bf16-mixed", **common)
     assert qlora.fits and 30 * GiB < qlora.peak < 72 * GiB
     n = capacity.count_params(phi2).total
     assert qlora.memory.weights < 0.25 * 4 * n  # nf4 linears; the embedding and the head stay as loaded
     message = refused(quantize="none", precision="32-true", **common)
     assert message.startswith("preflight: phi-2 QLoRA finetuning needs about")
-    full = preflight.memory(preflight.Run(stage="qlora", config=phi2, accelerator="cuda", devices=1, num_nodes=1,
-                                          micro_batch_size=8, seq_len=2048, precision="32-true", optimizer="adamw8bit",
-                                          lora=LoRASettings()))  # fmt: skip
+    full = preflight.memory(
+        preflight.Run(
+            stage="qlora",
+            config=phi2,
+            accelerator="cuda",
+            devices=1,
+            num_nodes=1,
+            micro_batch_size=8,
+            seq_len=2048,
+            precision="32-true",
+            optimizer="adamw8bit",
+            lora=LoRASettings(),
+        )
+    )
     assert f"{full.peak / GiB:.1f} GiB" in message and full.peak > 72 * GiB and full.weights > 4 * n
     # the smaller micro-batch it offers fits, and the next larger one does not
     mb = int(re.search(r"--train\.micro_batch_size (\d+)", message).group(1))
@@ -156,15 +197,17 @@ def test_optimizer_specs_map_to_the_plans_optimizers():
 
 def test_alignment_and_clip_pretraining_are_estimated_from_their_towers(gpu_80, cpu_ram):
     phi2 = Config.from_name("phi-2")
-    est = preflight.check_fits(phi2, stage="align", micro_batch_size=16, seq_len=64, accelerator="cuda",
-                               clip_model="ViT-B-32")  # fmt: skip
+    est = preflight.check_fits(
+        phi2, stage="align", micro_batch_size=16, seq_len=64, accelerator="cuda", clip_model="ViT-B-32"
+    )
     n = capacity.count_params(phi2).total
     # the bf16 LM, the fp32 ViT-B/32 tower (88 M parameters) and the fp32 projector (15 M), which alone trains
     assert 2 * n + 4 * 100e6 < est.memory.weights < 2 * n + 4 * 110e6
     assert est.memory.grads == pytest.approx(4 * 15.1e6, rel=0.01)
     assert est.memory.activations == capacity.activation_bytes(phi2, "bf16-mixed", 16, 49 + 1 + 64, False, 2).start
-    clip = preflight.check_fits(None, stage="clip", micro_batch_size=128, accelerator="cpu",
-                                clip_model="shapes-ViT-T-16")  # fmt: skip
+    clip = preflight.check_fits(
+        None, stage="clip", micro_batch_size=128, accelerator="cpu", clip_model="shapes-ViT-T-16"
+    )
     assert clip.fits and 2e9 < clip.peak < 3e9
     message = refused(config=None, stage="clip", micro_batch_size=128, accelerator="cpu", clip_model="ViT-H-14")
     assert message.startswith("preflight: ViT-H-14 CLIP pretraining needs about")

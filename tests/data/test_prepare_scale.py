@@ -90,9 +90,13 @@ def test_two_machines_write_one_dataset_to_s3(s3_server, one_worker, prepared_gu
     common = cli(url, tok, num_nodes=2, work_dir=tmp_path / "shared")
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
     node1 = subprocess.Popen(  # waits for node 0's manifest, then writes its half and merges the index
-        [sys.executable, *common, "--node_rank", "1"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [sys.executable, *common, "--node_rank", "1"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     node0 = run_python([*common, "--node_rank", "0"])
     out1, err1 = node1.communicate(timeout=300)
     assert node0.returncode == 0, node0.stderr[-3000:]

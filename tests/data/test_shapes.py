@@ -70,10 +70,14 @@ def read_image(path: Path) -> tuple[list[dict], bool]:
         fill = mask.sum() / (w * h)
         drop = (yy.mean() - (yy.min() + yy.max()) / 2) / h  # a triangle's centroid sits below its box's centre
         kind = "triangle" if drop > 0.08 else "square" if fill > 0.92 else "circle" if fill > 0.71 else "cross"
-        found.append({
-            "colour": list(shapes.COLOURS)[colours[0]], "kind": kind, "position": shapes.POSITIONS[cell],
-            "bbox": [xs.start + int(xx.min()), ys.start + int(yy.min()), w, h],
-        })  # fmt: skip
+        found.append(
+            {
+                "colour": list(shapes.COLOURS)[colours[0]],
+                "kind": kind,
+                "position": shapes.POSITIONS[cell],
+                "bbox": [xs.start + int(xx.min()), ys.start + int(yy.min()), w, h],
+            }
+        )
     background = px[~ink]
     return found, bool(background.std() > 2)
 
@@ -268,8 +272,10 @@ def test_captions_are_true(world, seen):
             assert Counter((c, k) for c, k, _ in mentioned) == Counter((s["colour"], s["kind"]) for s in found), text
             for c, k, place in mentioned:
                 if place:
-                    assert any((s["colour"], s["kind"], shapes.PLACES[shapes.POSITIONS.index(s["position"])])
-                               == (c, k, place) for s in found), text  # fmt: skip
+                    assert any(
+                        (s["colour"], s["kind"], shapes.PLACES[shapes.POSITIONS.index(s["position"])]) == (c, k, place)
+                        for s in found
+                    ), text
             number = re.search(r"\b(one|two|three) shapes?\b", text)
             assert number is None or number.group(1) == shapes.NUMBERS[len(found)], text
             if "background" in text:

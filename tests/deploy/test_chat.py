@@ -42,11 +42,24 @@ def test_messages_keep_image_order_roles_and_name_the_bad_field():
     ]
     conv = parse_messages(messages)
     assert [img.size for img in conv.images] == [Image.open(p).size for p in (a, b)]
-    assert [(t.role, t.text) for t in conv.turns] == [("system", "Be brief."), ("user", "A?"), ("assistant", "Yes."),
-                                                     ("user", "B?")]  # fmt: skip
+    assert [(t.role, t.text) for t in conv.turns] == [
+        ("system", "Be brief."),
+        ("user", "A?"),
+        ("assistant", "Yes."),
+        ("user", "B?"),
+    ]
     with pytest.raises(BadRequest, match=r"messages\[0\]\.content\[1\]\.input_audio\.format 'ogg'"):
-        parse_messages([{"role": "user", "content": [{"type": "text", "text": "x"},
-                        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "ogg"}}]}])  # fmt: skip
+        parse_messages(
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "x"},
+                        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "ogg"}},
+                    ],
+                }
+            ]
+        )
     with pytest.raises(BadRequest, match="only user messages"):
         parse_messages([{"role": "assistant", "content": [{"type": "image_url", "image_url": uri(a)}]}])
     with pytest.raises(ValueError, match="must end with a user message"):
@@ -57,8 +70,14 @@ def test_messages_keep_image_order_roles_and_name_the_bad_field():
 
 def test_multi_turn_prompt_drops_the_oldest_exchanges_then_cuts_the_middle():
     builder = PromptBuilder(CharTokenizer(), TEMPLATES["phi2"], block_size=200, num_patches=9)
-    turns = [Turn("system", "S."), Turn("user", "q1" * 20), Turn("assistant", "a1" * 20), Turn("user", "q2"),
-             Turn("assistant", "a2"), Turn("user", "last?")]  # fmt: skip
+    turns = [
+        Turn("system", "S."),
+        Turn("user", "q1" * 20),
+        Turn("assistant", "a1" * 20),
+        Turn("user", "q2"),
+        Turn("assistant", "a2"),
+        Turn("user", "last?"),
+    ]
     whole = builder.build(turns, n_images=1, max_new_tokens=10)
     text = CharTokenizer().decode(whole.ids)
     assert whole.dropped_turns == 0 and text == (
@@ -107,8 +126,9 @@ def test_remote_images_are_fetched_only_when_allowed(tmp_path):
         with pytest.raises(BadRequest, match="remote image URLs are off"):
             parse_messages(message)
         with pytest.raises(BadRequest, match="could not be fetched"):
-            parse_messages([{"role": "user", "content": [{"type": "image_url", "image_url": url + ".missing"}]}],
-                           fetch=_fetch)  # fmt: skip
+            parse_messages(
+                [{"role": "user", "content": [{"type": "image_url", "image_url": url + ".missing"}]}], fetch=_fetch
+            )
         with pytest.raises(BadRequest, match="larger than"):
             _fetch(url, limit=1000)
         # the server's HTTP process fetches once and hands the worker a data URI

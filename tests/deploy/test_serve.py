@@ -126,9 +126,13 @@ def ask(server, messages, **kwargs):
 
 def test_greedy_answer_equals_the_cli_streamed_or_not(server, local, checkpoints):
     cli = litgpt_mm.generate.main(
-        checkpoint_dir=checkpoints["merged"], image=IMAGE, prompt="What is in the cup?", max_new_tokens=12,
-        stream=False, device="cpu",
-    )  # fmt: skip
+        checkpoint_dir=checkpoints["merged"],
+        image=IMAGE,
+        prompt="What is in the cup?",
+        max_new_tokens=12,
+        stream=False,
+        device="cpu",
+    )
     out = ask(server, [user("What is in the cup?", IMAGE)])
     assert out.choices[0].message.content.rstrip() == cli and cli
     ids = local.prompt_ids("What is in the cup?", 1, 12)
@@ -280,8 +284,13 @@ def test_evaluate_through_the_server_equals_in_process(server, checkpoints, tmp_
     questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = dict(questions=questions, images_root=images[0].parent, max_new_tokens=8, batch_size=4)
     local = evaluate.vqa(checkpoint_dir=checkpoints["merged"], device="cpu", out_dir=tmp_path / "local", **common)
-    served = evaluate.vqa(checkpoint_dir=checkpoints["merged"], api_base=f"{server['url']}/v1", api_key=KEY,
-                          out_dir=tmp_path / "served", **common)  # fmt: skip
+    served = evaluate.vqa(
+        checkpoint_dir=checkpoints["merged"],
+        api_base=f"{server['url']}/v1",
+        api_key=KEY,
+        out_dir=tmp_path / "served",
+        **common,
+    )
     read = lambda d: [json.loads(x) for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]  # noqa: E731
     keys = ("answer_image", "answer_blind", "answer_shuffled")
     assert [[r[k] for k in keys] for r in read("served")] == [[r[k] for k in keys] for r in read("local")]
@@ -306,10 +315,13 @@ def test_lm_eval_harness_through_the_server(server, tmp_path, monkeypatch):
     )
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     out = simple_evaluate(
-        model="local-chat-completions", tasks=["tiny_gen"], apply_chat_template=True,
+        model="local-chat-completions",
+        tasks=["tiny_gen"],
+        apply_chat_template=True,
         model_args=f"base_url={server['url']}/v1/chat/completions,model=tiny,max_retries=1,tokenized_requests=False",
-        task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
-    )  # fmt: skip
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True,
+    )
     samples = out["samples"]["tiny_gen"]
     assert len(samples) == 2 and 0 <= out["results"]["tiny_gen"]["exact_match,none"] <= 1
     want = ask(server, [{"role": "user", "content": "Name a colour."}], max_tokens=8, stop=["\n\n"])

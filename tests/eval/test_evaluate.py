@@ -41,9 +41,16 @@ def test_derangement_never_keeps_an_image():
 
 
 def test_conditions_batched_equal_one_by_one(assistant):
-    items = [runner.Item(str(i), [p], q) for i, (p, q) in enumerate(
-        zip(IMAGES[:5], ["What is it?", "Describe the scene in detail please.", "Colour?", "Is there a dog?", "Hi"],
-            strict=True))]  # fmt: skip
+    items = [
+        runner.Item(str(i), [p], q)
+        for i, (p, q) in enumerate(
+            zip(
+                IMAGES[:5],
+                ["What is it?", "Describe the scene in detail please.", "Colour?", "Is there a dog?", "Hi"],
+                strict=True,
+            )
+        )
+    ]
     settings = GenerationSettings(max_new_tokens=6)
     answerer = runner.Answerer(assistant, settings, batch_size=3, seed=0)
     answers = answerer.answer_all(items)
@@ -66,9 +73,15 @@ def test_grounded_needs_the_interval_above_both_baselines():
 def test_vqa_task_writes_results_and_predictions(assistant, checkpoints, shapes_world, tmp_path):
     out = tmp_path / "vqa"
     results = evaluate.vqa(
-        checkpoint_dir=checkpoints["merged"], questions=shapes_world / "eval" / "vqa_test.jsonl",
-        images_root=shapes_world, prompt_suffix="", limit=30, batch_size=8, device="cpu", out_dir=out,
-    )  # fmt: skip
+        checkpoint_dir=checkpoints["merged"],
+        questions=shapes_world / "eval" / "vqa_test.jsonl",
+        images_root=shapes_world,
+        prompt_suffix="",
+        limit=30,
+        batch_size=8,
+        device="cpu",
+        out_dir=out,
+    )
     saved = json.loads((out / "results.json").read_text())
     assert saved["scores"] == results["scores"] and saved["template"] == "phi2" and saved["seed"] == 0
     assert len(saved["checkpoint_hash"]) == 16
@@ -88,9 +101,14 @@ def test_vqa_task_writes_results_and_predictions(assistant, checkpoints, shapes_
 def test_pope_built_from_coco_instances_and_read_from_files(checkpoints, tmp_path, capsys):
     out = tmp_path / "pope"
     results = evaluate.pope(
-        checkpoint_dir=checkpoints["merged"], instances=DATA / "coco" / "annotations" / "instances_val2017_sample.json",
-        images_root=DATA / "coco" / "val2017", n_per_image=2, batch_size=8, device="cpu", out_dir=out,
-    )  # fmt: skip
+        checkpoint_dir=checkpoints["merged"],
+        instances=DATA / "coco" / "annotations" / "instances_val2017_sample.json",
+        images_root=DATA / "coco" / "val2017",
+        n_per_image=2,
+        batch_size=8,
+        device="cpu",
+        out_dir=out,
+    )
     metrics = {s["metric"]: s for s in results["scores"]}
     for split in ("random", "popular", "adversarial"):
         f1 = metrics[f"pope_f1/{split}"]
@@ -106,9 +124,12 @@ def test_pope_built_from_coco_instances_and_read_from_files(checkpoints, tmp_pat
 
 def test_caption_task_on_the_coco_sample(checkpoints, tmp_path):
     results = evaluate.caption(
-        checkpoint_dir=checkpoints["align"], images_root=DATA / "coco" / "val2017", max_new_tokens=8,
-        device="cpu", out_dir=tmp_path / "caption",
-    )  # fmt: skip
+        checkpoint_dir=checkpoints["align"],
+        images_root=DATA / "coco" / "val2017",
+        max_new_tokens=8,
+        device="cpu",
+        out_dir=tmp_path / "caption",
+    )
     assert results["template"] == "plain" and results["prompt"] == ""  # an aligned projector captions right away
     metrics = {s["metric"]: s for s in results["scores"]}
     cider = metrics["CIDEr"]["conditions"]
@@ -157,8 +178,10 @@ def test_lm_command_on_shards_and_a_local_harness_task(checkpoints, prepared_gut
     from litgpt_mm.model import load_model
     from litgpt_mm.training.checkpoint import load_tokenizer
 
-    docs = [{"q": "The sea is", "choices": [" wet", " made of cheese"], "label": 0},
-            {"q": "One plus one is", "choices": [" two", " purple", " a whale"], "label": 0}]  # fmt: skip
+    docs = [
+        {"q": "The sea is", "choices": [" wet", " made of cheese"], "label": 0},
+        {"q": "One plus one is", "choices": [" two", " purple", " a whale"], "label": 0},
+    ]
     data = tmp_path / "tiny.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     tasks_dir = tmp_path / "tasks"
@@ -169,9 +192,15 @@ def test_lm_command_on_shards_and_a_local_harness_task(checkpoints, prepared_gut
         "metric_list:\n  - metric: acc\n"
     )
     results = evaluate.lm(
-        checkpoint_dir=checkpoints["lm"], data_dir=prepared_gutenberg, seq_len=32, max_blocks=8, tasks=["tiny_mc"],
-        include_path=tasks_dir, device="cpu", out_dir=tmp_path / "lm",
-    )  # fmt: skip
+        checkpoint_dir=checkpoints["lm"],
+        data_dir=prepared_gutenberg,
+        seq_len=32,
+        max_blocks=8,
+        tasks=["tiny_mc"],
+        include_path=tasks_dir,
+        device="cpu",
+        out_dir=tmp_path / "lm",
+    )
     assert results["held_out"]["bits_per_byte"]["n"] == 8
     assert "tiny_mc" in results["lm_eval"] and 0 <= results["lm_eval"]["tiny_mc"]["acc,none"] <= 1
     assert json.loads((tmp_path / "lm" / "results.json").read_text())["lm_eval"] == results["lm_eval"]

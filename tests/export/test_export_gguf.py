@@ -85,9 +85,16 @@ def build_checkpoint(
         for f in tokenizer_dir.iterdir():
             shutil.copy(f, root / f.name)
     config = MultimodalConfig(
-        clip_model=clip_model, clip_pretrained=None, clip_layer=clip_layer, vision_width=64, num_patches=16,
-        projector=projector, feature_norm=feature_norm, separator=separator, lm_checkpoint_dir=str(root),
-    )  # fmt: skip
+        clip_model=clip_model,
+        clip_pretrained=None,
+        clip_layer=clip_layer,
+        vision_width=64,
+        num_patches=16,
+        projector=projector,
+        feature_norm=feature_norm,
+        separator=separator,
+        lm_checkpoint_dir=str(root),
+    )
     if separator == "learned":
         mm = MultimodalGPT(lm, config)
         torch.nn.init.normal_(mm.separator, std=1.0)
@@ -296,10 +303,17 @@ def test_mmproj_names_metadata_and_clip_graph_match_ours(exported, towers):
 
     got = tensors(reader)
     per_block = ["ln1", "ln2", "attn_q", "attn_k", "attn_v", "attn_out", "ffn_up", "ffn_down"]
-    assert set(got) == {"v.patch_embd.weight", "v.class_embd", "v.position_embd.weight", "v.pre_ln.weight",
-                        "v.pre_ln.bias", "mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias"} | {
-        f"v.blk.{i}.{n}.{kind}" for i in range(2) for n in per_block for kind in ("weight", "bias")
-    }  # fmt: skip
+    assert set(got) == {
+        "v.patch_embd.weight",
+        "v.class_embd",
+        "v.position_embd.weight",
+        "v.pre_ln.weight",
+        "v.pre_ln.bias",
+        "mm.0.weight",
+        "mm.0.bias",
+        "mm.2.weight",
+        "mm.2.bias",
+    } | {f"v.blk.{i}.{n}.{kind}" for i in range(2) for n in per_block for kind in ("weight", "bias")}
     visual = loaded.encoder.visual
     assert torch.equal(got["v.patch_embd.weight"], visual.conv1.weight) and got["v.position_embd.weight"].shape == (
         17,
@@ -334,19 +348,28 @@ def test_tower_activation_and_square_mlp_naming(towers, tower, use_gelu):
     meta = mmproj_metadata(spec, 128)
     assert (meta["clip.use_gelu"], meta["clip.use_silu"]) == (use_gelu, False)
     assert meta["clip.vision.block_count"] == 3 and meta["clip.vision.feature_layer"] == [3]
-    proj = {"0.weight": torch.zeros(128, 64), "0.bias": torch.zeros(128), "2.weight": torch.zeros(128, 128),
-            "2.bias": torch.zeros(128)}  # fmt: skip
+    proj = {
+        "0.weight": torch.zeros(128, 64),
+        "0.bias": torch.zeros(128),
+        "2.weight": torch.zeros(128, 128),
+        "2.bias": torch.zeros(128),
+    }
     t = mmproj_tensors(encoder.visual, 3, False, proj)
     block = encoder.visual.transformer.resblocks[2]
     square = tower == TOWER_SQUARE
-    assert torch.equal(torch.from_numpy(t["v.blk.2.ffn_down.weight" if square else "v.blk.2.ffn_up.weight"]),
-                       block.mlp.c_fc.weight)  # fmt: skip
+    assert torch.equal(
+        torch.from_numpy(t["v.blk.2.ffn_down.weight" if square else "v.blk.2.ffn_up.weight"]), block.mlp.c_fc.weight
+    )
     with torch.no_grad():
         pixels = torch.randn(2, 3, 32, 32)
         ours = encoder(pixels)
         # the tower alone: identity projector weights, so the graph gives GELU(features)
-        eye = {"mm.0.weight": torch.eye(64), "mm.0.bias": torch.zeros(64), "mm.2.weight": torch.eye(64),
-               "mm.2.bias": torch.zeros(64)}  # fmt: skip
+        eye = {
+            "mm.0.weight": torch.eye(64),
+            "mm.0.bias": torch.zeros(64),
+            "mm.2.weight": torch.eye(64),
+            "mm.2.bias": torch.zeros(64),
+        }
         theirs = clip_graph({k: torch.from_numpy(v) for k, v in t.items()} | eye, meta, pixels)
     assert F.cosine_similarity(theirs, F.gelu(ours, approximate="tanh"), dim=-1).min() > 0.9999
 
@@ -454,8 +477,10 @@ def test_llama_cpp_text_logits_and_greedy_answer_match_ours(exported, llama):
     llama.llm.chat_handler = chat_handler(exported["out"] / "mmproj.gguf")
     reply = llama.llm.create_chat_completion(
         messages=[{"role": "user", "content": "Where is the white rabbit going?"}],
-        temperature=0.0, repeat_penalty=1.0, max_tokens=16,
-    )  # fmt: skip
+        temperature=0.0,
+        repeat_penalty=1.0,
+        max_tokens=16,
+    )
     # random weights answer in stray bytes: llama-cpp-python drops incomplete UTF-8 where ours shows U+FFFD, and it
     # decodes one token more when max_tokens ends inside a character
     expected = llama.llm.detokenize(want).decode("utf-8", errors="ignore")

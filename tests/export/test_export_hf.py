@@ -75,9 +75,13 @@ def exports(tmp_path_factory) -> dict:
     # dense + mlp2x_gelu, QuickGELU tower, standardised features, QLoRA adapters on the nf4 base
     base = dict(lm_checkpoint_dir=str(root / "lm"))
     mm = multimodal(
-        lm, root / "dense_mlp", clip_model="litgpt-mm-test-vit-quickgelu", projector="mlp2x_gelu",
-        feature_norm="standardize", **base,
-    )  # fmt: skip
+        lm,
+        root / "dense_mlp",
+        clip_model="litgpt-mm-test-vit-quickgelu",
+        projector="mlp2x_gelu",
+        feature_norm="standardize",
+        **base,
+    )
     settings = LoRASettings(dropout=0.0, mlp=True)
     lora_lm = add_lora(mm.lm, settings)
     for n, p in lora_lm.named_parameters():
@@ -93,9 +97,15 @@ def exports(tmp_path_factory) -> dict:
     newline = Tokenizer(root / "lm").encode("\n", bos=False, eos=False).tolist()
     assert len(newline) == 1
     multimodal(
-        lm, root / "dense_resblock", newline[0], clip_model="litgpt-mm-test-vit-gelu", projector="resblock",
-        clip_layer=-2, separator="\n", **base,
-    )  # fmt: skip
+        lm,
+        root / "dense_resblock",
+        newline[0],
+        clip_model="litgpt-mm-test-vit-gelu",
+        projector="resblock",
+        clip_layer=-2,
+        separator="\n",
+        **base,
+    )
     ckpts["dense_resblock"] = "remote"
     # dense + linear, features of the block before the last, merged (its own tokenizer files)
     merged = root / "dense_linear"
@@ -118,9 +128,13 @@ def exports(tmp_path_factory) -> dict:
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(root / "lm" / f, root / "moe" / f)
     multimodal(
-        moe, root / "moe", clip_model="litgpt-mm-test-vit-quickgelu", projector="mlp2x_gelu",
-        feature_norm="standardize", lm_checkpoint_dir=str(root / "moe"),
-    )  # fmt: skip
+        moe,
+        root / "moe",
+        clip_model="litgpt-mm-test-vit-quickgelu",
+        projector="mlp2x_gelu",
+        feature_norm="standardize",
+        lm_checkpoint_dir=str(root / "moe"),
+    )
     ckpts["moe"] = "remote"
 
     out = {}
@@ -152,8 +166,11 @@ def test_hf_export_gives_our_logits_and_greedy_tokens(exports, name):
     if layout == "llava":
         assert config["architectures"] == ["LlavaForConditionalGeneration"] and config["model_type"] == "llava"
         assert type(model).__name__ == "LlavaPhiForConditionalGeneration"
-        want_act = "quick_gelu" if "quickgelu" in yaml.safe_load((checkpoint / "multimodal_config.yaml").read_text())[
-            "clip_model"] else "gelu"  # fmt: skip
+        want_act = (
+            "quick_gelu"
+            if "quickgelu" in yaml.safe_load((checkpoint / "multimodal_config.yaml").read_text())["clip_model"]
+            else "gelu"
+        )
         assert model.config.vision_config.hidden_act == want_act
     else:
         assert type(model).__name__ == "LitgptMMForConditionalGeneration"

@@ -12,9 +12,15 @@ from litgpt_mm.training import flops
 
 @pytest.mark.parametrize(
     "precision, dtype",
-    [("32-true", torch.float32), (None, torch.float32), ("bf16-mixed", torch.bfloat16), ("bf16-true", torch.bfloat16),
-     ("16-mixed", torch.float16), ("64-true", torch.float64)],
-)  # fmt: skip
+    [
+        ("32-true", torch.float32),
+        (None, torch.float32),
+        ("bf16-mixed", torch.bfloat16),
+        ("bf16-true", torch.bfloat16),
+        ("16-mixed", torch.float16),
+        ("64-true", torch.float64),
+    ],
+)
 def test_compute_dtype_follows_the_precision(precision, dtype):
     assert flops.compute_dtype(precision) == dtype
 

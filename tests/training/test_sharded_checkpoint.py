@@ -51,8 +51,9 @@ def test_sharded_checkpoint_resumes_on_two_and_on_one_rank_and_consolidates(prep
     }
     # DTensor shards beside plain expert weights: the recipe turns off the batched kernels CUDA's AdamW would pick
     batched = {"lr": 3.0e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "foreach": True}
-    (tmp_path / "foreach.yaml").write_text(json.dumps({"optimizer": {"class_path": "torch.optim.AdamW",
-                                                                     "init_args": batched}}))  # fmt: skip
+    (tmp_path / "foreach.yaml").write_text(
+        json.dumps({"optimizer": {"class_path": "torch.optim.AdamW", "init_args": batched}})
+    )
     runs["ep_resumed"]["config"] = tmp_path / "foreach.yaml"
     for name, extra in runs.items():
         run = partial(run_recipe_here, capfd) if extra["devices"] == 1 else run_python

@@ -124,9 +124,13 @@ def test_training_step_on_the_xla_cpu_device():
         """
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**__import__("os").environ, "PJRT_DEVICE": "CPU", "XLA_FLAGS": XLA_FLAGS},
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
