@@ -1,5 +1,6 @@
 """The layout page (`docs/layout.md`) against the package, and the rules of the layout: stage code inside
-`litgpt_mm`, no edits of the import path and no imports by file path, one `litgpt-mm` command whose subcommands are the scripts."""
+`litgpt_mm`, no edits of the import path and no imports by file path, one `litgpt-mm` command whose subcommands are
+the scripts."""
 
 import re
 import subprocess
