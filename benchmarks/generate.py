@@ -38,7 +38,7 @@ def timed(fn, iters: int) -> tuple[float, float]:
     return sorted(firsts)[len(firsts) // 2], sorted(totals)[len(totals) // 2]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lm", default="phi-2", help="a dense config name, shrunk by --n_layer/--n_embd")
     ap.add_argument("--n_layer", type=int, default=8)
@@ -47,10 +47,11 @@ def main() -> None:
     ap.add_argument("--prompt_tokens", type=int, default=24)
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
-    args = ap.parse_args()
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
+    return ap.parse_args()
+
+
+def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> MultimodalGPT:
+    """The dense LM shrunk by the flags (vocabulary 4096), in eval mode inside the multimodal model."""
     cfg = Config.from_name(
         args.lm,
         n_layer=args.n_layer,
@@ -63,10 +64,13 @@ def main() -> None:
         block_size=512,
     )
     lm = GPT(cfg).to(device, dtype).eval()
-    mm = MultimodalGPT(lm, MultimodalConfig()).to(device).eval()
-    feats = torch.randn(1, 49, 768, device=device)
-    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_tokens,), device=device)
-    n = args.new_tokens
+    return MultimodalGPT(lm, MultimodalConfig()).to(device).eval()
+
+
+def decoders(mm: MultimodalGPT, hf, feats: torch.Tensor, prompt: torch.Tensor, n: int) -> dict:
+    """Generators of `n` greedy tokens after the image and the prompt: ours, the capstone loop, HF `generate`; and
+    `hf_first`, HF's 1-token generate (HF generate has no streaming hook here: its time to first token)."""
+    lm = mm.lm
 
     def ours():
         yield from generate(mm, feats, prompt, n)
@@ -79,7 +83,6 @@ def main() -> None:
             yield int(token)
             seq = torch.cat([seq, embed_tokens(lm, token.view(1, 1))], dim=1)
 
-    hf = hf_phi(cfg, lm.state_dict()).to(device, dtype).eval()
     with torch.no_grad():
         embeds, _, _ = mm.build_inputs([feats], [prompt])
 
@@ -89,26 +92,37 @@ def main() -> None:
         yield from out[0].tolist()
 
     @torch.no_grad()
-    def hf_first():  # HF generate has no streaming hook here: its time to first token is a 1-token generate
+    def hf_first():
         yield from hf.generate(inputs_embeds=embeds, max_new_tokens=1, do_sample=False, pad_token_id=0)[0].tolist()
 
-    ours_tokens = list(ours())
-    same_capstone = ours_tokens == list(capstone())
-    agree_hf = sum(a == b for a, b in zip(ours_tokens, list(hf_generate())[-n:], strict=True))
-    results = {"ours_kv_cache": timed(ours, args.iters), "capstone_app_loop": timed(capstone, args.iters)}
-    hf_total = timed(hf_generate, args.iters)[1]
-    results["hf_generate"] = (timed(hf_first, args.iters)[1], hf_total)
+    return {"ours": ours, "capstone": capstone, "hf_generate": hf_generate, "hf_first": hf_first}
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    mm = build_model(args, device, dtype)
+    feats = torch.randn(1, 49, 768, device=device)
+    prompt = torch.randint(0, mm.lm.config.vocab_size, (args.prompt_tokens,), device=device)
+    n = args.new_tokens
+    hf = hf_phi(mm.lm.config, mm.lm.state_dict()).to(device, dtype).eval()
+    fn = decoders(mm, hf, feats, prompt, n)
+
+    # the tokens compared, then each variant timed
+    ours_tokens = list(fn["ours"]())
+    same_capstone = ours_tokens == list(fn["capstone"]())
+    agree_hf = sum(a == b for a, b in zip(ours_tokens, list(fn["hf_generate"]())[-n:], strict=True))
+    results = {"ours_kv_cache": timed(fn["ours"], args.iters), "capstone_app_loop": timed(fn["capstone"], args.iters)}
+    hf_total = timed(fn["hf_generate"], args.iters)[1]
+    results["hf_generate"] = (timed(fn["hf_first"], args.iters)[1], hf_total)
+
+    ours_t = results["ours_kv_cache"][1]
     rows = [
-        {
-            "variant": k,
-            "ttft_ms": f * 1e3,
-            "total_ms": t * 1e3,
-            "tokens_per_s": n / t,
-            "x_ours_speedup": t / results["ours_kv_cache"][1],
-        }
+        {"variant": k, "ttft_ms": f * 1e3, "total_ms": t * 1e3, "tokens_per_s": n / t, "x_ours_speedup": t / ours_t}
         for k, (f, t) in results.items()
     ]
-    ours_t = results["ours_kv_cache"][1]
     notes = [
         f"ours is {results['capstone_app_loop'][1] / ours_t:.1f}x the capstone loop (target >= 5x) and "
         f"{hf_total / ours_t:.2f}x HF generate (target >= 1x) at {n} new tokens",

@@ -50,7 +50,18 @@ def capstone_loss(model, feats, ids, labels, p, generator):
     return torch.stack(losses).mean()
 
 
-def main() -> None:
+# the `ours` variants: (teacher-forcing probability p, lookahead, "" for the random answers or "_own_answers")
+OURS = [
+    (1.0, 0, ""),
+    (0.9, 0, ""),
+    (0.9, 4, ""),
+    (0.5, 0, ""),
+    (0.9, 0, "_own_answers"),
+    (0.9, 4, "_own_answers"),
+]
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt_tokens", type=int, default=32)
     ap.add_argument("--answer_tokens", type=int, default=96)
@@ -63,10 +74,13 @@ def main() -> None:
     ap.add_argument("--capstone", type=int, default=1, help="0 skips the O(n^2) loop (it keeps n graphs in memory)")
     ap.add_argument("--checkpointing", type=int, default=0, help="1: activation checkpointing in the LM blocks")
     ap.add_argument("--device", default="cpu", help="`cuda`: bf16 autocast, and peak memory per variant")
-    args = ap.parse_args()
-    device = torch.device(args.device)
+    return ap.parse_args()
+
+
+def build_model(args: argparse.Namespace, device: torch.device) -> tuple[MultimodalGPT, Config]:
+    """The LM (a preset, or `phi-2` shrunk by the flags) with LoRA on nf4 linear layers, in training mode inside the
+    multimodal model, and its config."""
     cuda = device.type == "cuda"
-    torch.manual_seed(0)
     if args.lm == "phi-2":
         cfg = Config.from_name(
             "phi-2",
@@ -85,24 +99,38 @@ def main() -> None:
     add_lora(lm, LoRASettings(dropout=0.0, mlp=True, projection=True))
     quantize_nf4(lm, torch.bfloat16 if cuda else torch.float32)
     lm.activation_checkpointing = bool(args.checkpointing)
-    model = MultimodalGPT(lm, MultimodalConfig()).to(device).train()
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
-    n, B = args.prompt_tokens + args.answer_tokens, args.batch
-    ids = [torch.randint(0, lm.config.vocab_size, (n,)) for _ in range(B)]
+    return MultimodalGPT(lm, MultimodalConfig()).to(device).train(), cfg
+
+
+def answer_labels(ids: list[torch.Tensor], prompt_tokens: int) -> list[torch.Tensor]:
+    """Copies of `ids` whose prompt positions the loss ignores."""
     labels = [x.clone() for x in ids]
     for lab in labels:
-        lab[: args.prompt_tokens] = IGNORE_INDEX
+        lab[:prompt_tokens] = IGNORE_INDEX
+    return labels
+
+
+def make_batch(model: MultimodalGPT, args: argparse.Namespace, device: torch.device, autocast) -> tuple[list, dict]:
+    """Image features and two sets of token sequences for them: `""`, random prompts and answers, and
+    `"_own_answers"`, the same prompts with the answers the model itself predicts (the best case for `lookahead`),
+    each as (ids, labels)."""
+    P, A, B = args.prompt_tokens, args.answer_tokens, args.batch
+    ids = [torch.randint(0, model.lm.config.vocab_size, (P + A,)) for _ in range(B)]
+    labels = answer_labels(ids, P)
     feats = [torch.randn(1, 49, 768, device=device) for _ in range(B)]
-    P, A = args.prompt_tokens, args.answer_tokens
-    with autocast:  # answers the model itself predicts: the best case for `lookahead`
+    with autocast:
         own = [
             torch.cat([i[:P], torch.tensor(list(generate(model, f, i[:P], A)))])
             for f, i in zip(feats, ids, strict=True)
         ]
-    own_labels = [x.clone() for x in own]
-    for lab in own_labels:
-        lab[:P] = IGNORE_INDEX
-    data = {"": (ids, labels), "_own_answers": (own, own_labels)}
+    return feats, {"": (ids, labels), "_own_answers": (own, answer_labels(own, P))}
+
+
+def training_steps(model: MultimodalGPT, feats: list, data: dict, args: argparse.Namespace, autocast) -> dict:
+    """One forward (under `autocast`) + backward over the batch per variant: `standard`, `ours` at each of `OURS`,
+    and with `--capstone` the capstone loop at p = 0.9 and 0.5."""
+    ids, labels = data[""]
+    B = args.batch
 
     def run(fn):
         def step():
@@ -126,31 +154,25 @@ def main() -> None:
         )
 
     fns = {"standard": run(standard)}
-    variants = [
-        (1.0, 0, ""),
-        (0.9, 0, ""),
-        (0.9, 4, ""),
-        (0.5, 0, ""),
-        (0.9, 0, "_own_answers"),
-        (0.9, 4, "_own_answers"),
-    ]
-    for p, k, d in variants:
+    for p, k, d in OURS:
         fns[f"ours_p{p}" + (f"_lookahead{k}" if k else "") + d] = run(ours(p, k, *data[d]))
     for p in (0.9, 0.5) if args.capstone else ():
         fns[f"capstone_O(n^2)_p{p}"] = run(capstone(p))
-    times = timeit_interleaved(fns, device, warmup=1, iters=args.iters)
+    return fns
+
+
+def add_peak_memory(rows: list[dict], fns: dict, device: torch.device) -> None:
+    """Adds to each row the peak CUDA memory of one more step of its variant."""
+    for row in rows:
+        torch.cuda.reset_peak_memory_stats(device)
+        fns[row["variant"]]()
+        row["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def describe(args: argparse.Namespace, cfg: Config, times: dict, chunks: dict, cuda: bool) -> list[str]:
+    """The notes under the table: the ratios against the target, the decoding passes' work, the set-up."""
     base = times["standard"]
-    chunks = {
-        f"p{p}_lookahead{k}{d}": scheduled_inputs(model, feats, *data[d], p, torch.Generator().manual_seed(0), k)
-        for p, k, d in variants
-    }
-    rows = [{"variant": k, "ms_per_sample": t * 1e3 / B, "x_of_standard": t / base} for k, t in times.items()]
-    if cuda:
-        for row in rows:
-            torch.cuda.reset_peak_memory_stats(device)
-            fns[row["variant"]]()
-            row["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-    notes = [
+    return [
         f"ours at p=0.9 costs {times['ours_p0.9'] / base:.2f}x standard (target <= 2x) and "
         f"{times['ours_p0.9'] / times['ours_p1.0']:.2f}x ours at p=1, which does the same work as standard (their gap "
         f"is timing noise); at p=0.5 {times['ours_p0.5'] / base:.2f}x standard",
@@ -162,14 +184,36 @@ def main() -> None:
             f"{k}: {c.model_fed} of {c.candidates} inputs model-fed, {c.changed} changed, {c.chunks} chunks"
             for k, c in chunks.items()
         ),
-        f"batch of {B}, each 50 image positions + {args.prompt_tokens} prompt + {args.answer_tokens} answer tokens; "
-        f"LM {args.lm}"
+        f"batch of {args.batch}, each 50 image positions + {args.prompt_tokens} prompt + {args.answer_tokens} answer "
+        f"tokens; LM {args.lm}"
         + (f" {args.n_layer} x {args.n_embd}" if args.lm == "phi-2" else "")
         + f" (vocab {cfg.padded_vocab_size}) with LoRA on nf4 linears, forward + backward"
         + (", activation checkpointing" if args.checkpointing else "")
         + (", bf16 autocast on CUDA" if cuda else ", CPU"),
     ]
-    save("instruct", device, rows, notes, vars(args))
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    model, cfg = build_model(args, device)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
+    feats, data = make_batch(model, args, device, autocast)
+    fns = training_steps(model, feats, data, args, autocast)
+    times = timeit_interleaved(fns, device, warmup=1, iters=args.iters)
+    chunks = {
+        f"p{p}_lookahead{k}{d}": scheduled_inputs(model, feats, *data[d], p, torch.Generator().manual_seed(0), k)
+        for p, k, d in OURS
+    }
+    rows = [
+        {"variant": k, "ms_per_sample": t * 1e3 / args.batch, "x_of_standard": t / times["standard"]}
+        for k, t in times.items()
+    ]
+    if cuda:
+        add_peak_memory(rows, fns, device)
+    save("instruct", device, rows, describe(args, cfg, times, chunks, cuda), vars(args))
 
 
 if __name__ == "__main__":

@@ -191,7 +191,7 @@ def run(
     return result
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cuda (NCCL, bf16; the default when a GPU is visible) or cpu (gloo)")
     p.add_argument("--model_name", default="phi-2-moe")
@@ -203,21 +203,31 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     p.add_argument("--max_norm", type=float, default=1.0)
     p.add_argument("--results_dir", default=None, help="where scale_out_<device>.json/.md go (default results/)")
-    args = p.parse_args()
-    device = init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cuda, world, rank = device.type == "cuda", dist.get_world_size(), dist.get_rank()
-    if cuda:
-        torch.set_float32_matmul_precision("high")
+    return p.parse_args()
+
+
+def model_config(args: argparse.Namespace, cuda: bool) -> tuple[Config, int]:
+    """The preset (at `--n_layer` depth if given) and the sequence length, checked against its block size."""
     seq_len = args.seq_len or (2048 if cuda else 64)
     overrides = {"n_layer": args.n_layer} if args.n_layer else {}
     config = Config.from_name(args.model_name, **overrides)
     if seq_len > config.block_size:
         raise ValueError(f"--seq_len {seq_len} exceeds {config.name}'s block_size {config.block_size}")
-    ep = args.expert_parallel or math.gcd(world, config.n_expert)
-    micro_batches = [int(b) for b in args.micro_batches.split(",")]
-    mesh = init_device_mesh(device.type, (world, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
-    variants = {"fsdp": 1, **({f"fsdp_ep{ep}": ep} if ep > 1 else {})}
+    return config, seq_len
 
+
+def time_variants(
+    config: Config,
+    mesh,
+    variants: dict[str, int],
+    micro_batches: list[int],
+    seq_len: int,
+    device: torch.device,
+    args: argparse.Namespace,
+) -> tuple[list[dict], float]:
+    """One row per micro-batch and variant (`fsdp` first, the one the others are compared with), each timed by `run`
+    in that order; and the model's parameter count."""
+    cuda, rank = device.type == "cuda", dist.get_rank()
     rows = []
     with AllToAllTimer(device) as timer:
         for micro_batch in micro_batches:
@@ -239,31 +249,61 @@ def main() -> None:
                 rows.append(row)
                 if rank == 0:
                     print(f"{name} micro-batch {micro_batch}: {row['ms_per_step']:.1f} ms/step", flush=True)
-    if rank == 0:
-        preset_layers, total = Config.from_name(args.model_name).n_layer, results["fsdp"]["params"]
-        size = f"{total / 1e9:.2f}B" if total >= 1e9 else f"{total / 1e6:.1f}M"
-        gpu = torch.cuda.get_device_name(device) if cuda else "CPU processes, gloo"
-        clock = (
-            "CUDA events on the compute stream (no added syncs; waits for other ranks included)"
-            if cuda
-            else "host clock around gloo's blocking calls"
-        )
-        notes = [
-            f"world size {world} ({gpu}); {config.name} with {config.n_layer} layers (the preset has {preset_layers}), "
-            f"{size} parameters, {config.n_expert} experts, top-{config.n_expert_per_token}; sequence {seq_len}, "
-            f"micro-batches {micro_batches} per rank; {args.warmup} warm-up + {args.steps} timed steps each",
-            f"fsdp: FSDP2 over all {world} ranks, one unit per block, experts sharded like the rest"
-            + (f"; fsdp_ep{ep}: experts split over {ep} ranks (expert parallelism), the rest FSDP2" if ep > 1 else ""),
-            f"step: forward, LM + balance + z losses, backward, clipping at max_norm {args.max_norm}, AdamW; "
-            + ("bf16 autocast, FSDP param_dtype bf16, fp32 gradient reduction" if cuda else "fp32"),
-            "ms_per_step: median over the timed steps of the slowest rank; a2a_ms: median per step of the time in "
-            f"all_to_all_single (token counts, dispatch, combine, forward and backward), mean over ranks, {clock}; "
-            "a2a_share = a2a_ms / ms_per_step; x_vs_fsdp: fsdp's ms_per_step / this one's at the same micro-batch",
-        ]
-        if cuda:
-            notes.append("peak_GiB / reserved_GiB: torch.cuda.max_memory_allocated / _reserved, the highest rank")
-        else:
-            notes.append("peak memory: CUDA only")
+    return rows, results["fsdp"]["params"]
+
+
+def describe(
+    config: Config,
+    total: float,
+    seq_len: int,
+    micro_batches: list[int],
+    ep: int,
+    device: torch.device,
+    args: argparse.Namespace,
+) -> list[str]:
+    """The notes under the table: the set-up, the two variants, the step, how each column is measured."""
+    cuda, world = device.type == "cuda", dist.get_world_size()
+    preset_layers = Config.from_name(args.model_name).n_layer
+    size = f"{total / 1e9:.2f}B" if total >= 1e9 else f"{total / 1e6:.1f}M"
+    gpu = torch.cuda.get_device_name(device) if cuda else "CPU processes, gloo"
+    clock = (
+        "CUDA events on the compute stream (no added syncs; waits for other ranks included)"
+        if cuda
+        else "host clock around gloo's blocking calls"
+    )
+    notes = [
+        f"world size {world} ({gpu}); {config.name} with {config.n_layer} layers (the preset has {preset_layers}), "
+        f"{size} parameters, {config.n_expert} experts, top-{config.n_expert_per_token}; sequence {seq_len}, "
+        f"micro-batches {micro_batches} per rank; {args.warmup} warm-up + {args.steps} timed steps each",
+        f"fsdp: FSDP2 over all {world} ranks, one unit per block, experts sharded like the rest"
+        + (f"; fsdp_ep{ep}: experts split over {ep} ranks (expert parallelism), the rest FSDP2" if ep > 1 else ""),
+        f"step: forward, LM + balance + z losses, backward, clipping at max_norm {args.max_norm}, AdamW; "
+        + ("bf16 autocast, FSDP param_dtype bf16, fp32 gradient reduction" if cuda else "fp32"),
+        "ms_per_step: median over the timed steps of the slowest rank; a2a_ms: median per step of the time in "
+        f"all_to_all_single (token counts, dispatch, combine, forward and backward), mean over ranks, {clock}; "
+        "a2a_share = a2a_ms / ms_per_step; x_vs_fsdp: fsdp's ms_per_step / this one's at the same micro-batch",
+    ]
+    if cuda:
+        notes.append("peak_GiB / reserved_GiB: torch.cuda.max_memory_allocated / _reserved, the highest rank")
+    else:
+        notes.append("peak memory: CUDA only")
+    return notes
+
+
+def main() -> None:
+    args = parse_args()
+    device = init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda, world = device.type == "cuda", dist.get_world_size()
+    if cuda:
+        torch.set_float32_matmul_precision("high")
+    config, seq_len = model_config(args, cuda)
+    ep = args.expert_parallel or math.gcd(world, config.n_expert)
+    micro_batches = [int(b) for b in args.micro_batches.split(",")]
+    mesh = init_device_mesh(device.type, (world, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    variants = {"fsdp": 1, **({f"fsdp_ep{ep}": ep} if ep > 1 else {})}
+    rows, total = time_variants(config, mesh, variants, micro_batches, seq_len, device, args)
+    if dist.get_rank() == 0:
+        notes = describe(config, total, seq_len, micro_batches, ep, device, args)
         params = dict(
             world_size=world,
             model=config.name,

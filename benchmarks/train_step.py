@@ -47,7 +47,7 @@ def hf_phi(cfg: Config, lit_state: dict):
     return model
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--n_layer", type=int, default=None, help="default 4 on CPU, 32 on CUDA")
@@ -57,86 +57,81 @@ def main() -> None:
     p.add_argument("--moe_n_layer", type=int, default=None, help="MoE model depth; default n_layer (CPU), 16 (CUDA)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of our models")
     p.add_argument("--iters", type=int, default=5)
-    args = p.parse_args()
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    L = args.n_layer or (32 if cuda else 4)
-    D = args.n_embd or (2560 if cuda else 320)
-    T = args.seq_len or (2048 if cuda else 256)
-    B = args.batch or 4
-    dtype = torch.bfloat16 if cuda else torch.float32
-    vocab = 51200 if cuda else 4096
+    return p.parse_args()
+
+
+def sizes(args: argparse.Namespace, cuda: bool) -> dict[str, int]:
+    """The flags with the device's defaults filled in."""
+    n_layer = args.n_layer or (32 if cuda else 4)
+    return dict(
+        n_layer=n_layer,
+        moe_n_layer=args.moe_n_layer or (min(n_layer, 16) if cuda else n_layer),
+        n_embd=args.n_embd or (2560 if cuda else 320),
+        seq_len=args.seq_len or (2048 if cuda else 256),
+        batch=args.batch or 4,
+        vocab=51200 if cuda else 4096,
+    )
+
+
+def configs(size: dict[str, int]) -> tuple[Config, Config]:
+    """The dense phi-2 of these sizes, and the phi-2-moe with the same trunk (and its own depth)."""
+    D, vocab = size["n_embd"], size["vocab"]
     base = dict(
-        n_layer=L,
+        n_layer=size["n_layer"],
         n_embd=D,
         n_head=D // 80,
-        block_size=T,
+        block_size=size["seq_len"],
         vocab_size=vocab,
         padded_vocab_size=vocab,
     )
     dense_cfg = Config.from_name("phi-2", **base)
-    moe_L = args.moe_n_layer or (min(L, 16) if cuda else L)
-    moe_cfg = Config.from_name("phi-2-moe", **dict(base, n_layer=moe_L), moe_intermediate_size=D)
-    torch.manual_seed(0)
-    with device:  # build and initialise in place: the phi-2 shape is slow to initialise on a CPU
-        ours = GPT(dense_cfg)
-        ours.apply(ours._init_weights)
-        hf = hf_phi(dense_cfg, ours.state_dict())
-    x = torch.randint(0, vocab, (B, T + 1), device=device)
-    inp, tgt = x[:, :-1], x[:, 1:]
-    ours.to(device=device, dtype=dtype)
-    hf.to(device=device, dtype=dtype)
-    with torch.no_grad():
-        diff = (ours(inp[:1]).float() - hf(inp[:1]).logits.float()).abs().max().item()
+    moe_cfg = Config.from_name("phi-2-moe", **dict(base, n_layer=size["moe_n_layer"]), moe_intermediate_size=D)
+    return dense_cfg, moe_cfg
 
-    def make_step(model, is_hf: bool):
-        """One full optimizer step (forward, loss, backward, AdamW) of `model`."""
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
 
-        def step():
-            out = model(inp)
-            logits = out.logits if is_hf else out
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten())
-            if not is_hf and model.config.n_expert:
-                loss = loss + model.moe_aux_objective()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return step
-
-    def measure(steps: dict, warmup: int = 2) -> dict[str, float]:
-        """Interleaved median step times; NaN for every variant if they run out of memory."""
-        try:
-            return timeit_interleaved(steps, device, warmup=warmup, iters=args.iters)
-        except torch.OutOfMemoryError:
-            return {name: float("nan") for name in steps}
-        finally:
-            steps.clear()
-            if cuda:
-                torch.cuda.empty_cache()
-
-    peak = peak_flops(device, dtype)
-    dense_flops = training_flops_per_token(ours, T)
-    times = measure({"ours_dense": make_step(ours, False), "hf_PhiForCausalLM": make_step(hf, True)})
-    flops = {"ours_dense": dense_flops, "hf_PhiForCausalLM": dense_flops}
-    del hf
-    if args.compile:
-        times.update(measure({"ours_dense_compiled": make_step(torch.compile(ours), False)}, warmup=3))
-        flops["ours_dense_compiled"] = dense_flops
-    del ours
-    torch.manual_seed(0)
+def build(cfg: Config, device: torch.device) -> GPT:
+    """Our model of `cfg`, built and initialised in place: the phi-2 shape is slow to initialise on a CPU."""
     with device:
-        moe = GPT(moe_cfg)
-        moe.apply(moe._init_weights)
-    moe.to(dtype=dtype)
-    times.update(measure({"ours_moe": make_step(moe, False)}))
-    flops["ours_moe"] = training_flops_per_token(moe, T)
+        model = GPT(cfg)
+        model.apply(model._init_weights)
+    return model
 
+
+def make_step(model, inp: torch.Tensor, tgt: torch.Tensor, is_hf: bool, fused: bool):
+    """One full optimizer step (forward, loss, backward, AdamW) of `model`."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
+
+    def step():
+        out = model(inp)
+        logits = out.logits if is_hf else out
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten())
+        if not is_hf and model.config.n_expert:
+            loss = loss + model.moe_aux_objective()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure(steps: dict, device: torch.device, iters: int, warmup: int = 2) -> dict[str, float]:
+    """Interleaved median step times; NaN for every variant if they run out of memory."""
+    try:
+        return timeit_interleaved(steps, device, warmup=warmup, iters=iters)
+    except torch.OutOfMemoryError:
+        return {name: float("nan") for name in steps}
+    finally:
+        steps.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def result_rows(times: dict[str, float], flops: dict[str, float], tokens: int, peak: float) -> list[dict]:
+    """Per variant: step time, tokens/s, speed against HF's step, and the utilisation of `peak` FLOP/s."""
     rows = []
     for name, t in times.items():
-        tps = B * T / t
+        tps = tokens / t
         rows.append(
             {
                 "variant": name,
@@ -146,23 +141,62 @@ def main() -> None:
                 "MFU_active": tps * flops[name] / peak,
             }
         )
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    size = sizes(args, cuda)
+    B, T = size["batch"], size["seq_len"]
+    dtype = torch.bfloat16 if cuda else torch.float32
+    dense_cfg, moe_cfg = configs(size)
+
+    # ours and HF's dense model with the same weights, and how far apart their logits are
+    torch.manual_seed(0)
+    ours = build(dense_cfg, device)
+    with device:
+        hf = hf_phi(dense_cfg, ours.state_dict())
+    x = torch.randint(0, size["vocab"], (B, T + 1), device=device)
+    inp, tgt = x[:, :-1], x[:, 1:]
+    ours.to(device=device, dtype=dtype)
+    hf.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        diff = (ours(inp[:1]).float() - hf(inp[:1]).logits.float()).abs().max().item()
+
+    # each model is timed, then let go of, before the next one is built
+    peak = peak_flops(device, dtype)
+    dense_flops = training_flops_per_token(ours, T)
+    times = measure(
+        {
+            "ours_dense": make_step(ours, inp, tgt, False, cuda),
+            "hf_PhiForCausalLM": make_step(hf, inp, tgt, True, cuda),
+        },
+        device,
+        args.iters,
+    )
+    flops = {"ours_dense": dense_flops, "hf_PhiForCausalLM": dense_flops}
+    del hf
+    if args.compile:
+        compiled = make_step(torch.compile(ours), inp, tgt, False, cuda)
+        times.update(measure({"ours_dense_compiled": compiled}, device, args.iters, warmup=3))
+        flops["ours_dense_compiled"] = dense_flops
+    del ours
+    torch.manual_seed(0)
+    moe = build(moe_cfg, device)
+    moe.to(dtype=dtype)
+    times.update(measure({"ours_moe": make_step(moe, inp, tgt, False, cuda)}, device, args.iters))
+    flops["ours_moe"] = training_flops_per_token(moe, T)
+
     notes = [
         f"ours vs HF PhiForCausalLM, same weights: max |logit diff| = {diff:.2e}",
         f"ours dense is {times['hf_PhiForCausalLM'] / times['ours_dense']:.2f}x HF's step time (target >= 1.2x)",
         f"MoE active params {active_params(moe) / 1e6:.1f}M; MFU counts 6*N_active + 12*L*d*T FLOPs per token "
         f"against a peak of {peak / 1e12:.1f} TFLOP/s ({'datasheet' if cuda else 'measured matmul on this CPU'})",
     ]
-    params = dict(
-        n_layer=L,
-        moe_n_layer=moe_L,
-        n_embd=D,
-        seq_len=T,
-        batch=B,
-        vocab=vocab,
-        dtype=str(dtype),
-        n_expert=moe_cfg.n_expert,
-    )
-    save("train_step", device, rows, notes, params)
+    params = dict(size, dtype=str(dtype), n_expert=moe_cfg.n_expert)
+    save("train_step", device, result_rows(times, flops, B * T, peak), notes, params)
 
 
 if __name__ == "__main__":

@@ -319,13 +319,11 @@ def slice_bound(hours: float, cfg: Config, utilisation: float) -> float:
     return hours * 3600 * SLICE_PEAK * utilisation / (4 * active)
 
 
-def capstone_table(configs: dict[str, Config]) -> str:
-    phi2 = configs["phi-2"]
-    need = CHINCHILLA * C.count_params(phi2).total
+def from_scratch_rows(phi2: Config, need: float) -> list[list[str]]:
+    """004: Phi-2 from scratch, 1 x A100-40GB, batch 1, gradient accumulation 4, 4000 iterations, autocast (fp16 by
+    default), 8-bit Adam. The sequence length is not stated: Phi-2's 2048 is assumed. One row per reading of the
+    iterations."""
     rows = []
-
-    # 004: Phi-2 from scratch, 1 x A100-40GB, batch 1, gradient accumulation 4, 4000 iterations, autocast (fp16 by
-    # default), 8-bit Adam. The sequence length is not stated: Phi-2's 2048 is assumed.
     run = dict(gpus=1, gpu="a100-40gb", precision="16-mixed", optimizer="adamw8bit", micro_batch=1, seq_len=SEQ)
     for iters_are, tokens in (("optimizer steps", 4000 * 4 * 1 * SEQ), ("micro-batches", 4000 * 1 * SEQ)):
         p = C.plan(phi2, tokens, **run)
@@ -341,31 +339,27 @@ def capstone_table(configs: dict[str, Config]) -> str:
                 f"{q.days:,.0f} d ({need / 1e9:.1f} B); {r.days / 365:.1f} years (1.4 T)",
             ]
         )
-    # Microsoft's Phi-2 (model card): 1.4 T training tokens, 96 x A100-80G, 14 days, DeepSpeed + FlashAttention.
+    return rows
+
+
+def microsoft_row(phi2: Config, need: float) -> list[str]:
+    """Microsoft's Phi-2 (model card): 1.4 T training tokens, 96 x A100-80G, 14 days, DeepSpeed + FlashAttention."""
     p = C.plan(phi2, 1.4e12, gpus=96, gpu="a100", micro_batch=MB, seq_len=SEQ, fsdp_size=GPN)
     implied = p.mfu * p.days / 14
-    rows.append(
-        [
-            "Microsoft's Phi-2 (reference, not a capstone)",
-            "96 x A100-80GB; plan: bf16-mixed, HSDP 8, micro-batch 4",
-            "1.4 T",
-            f"{1.4e12 / need:.0f}x the 20-tokens/parameter mark",
-            f"{p.memory.peak / GB:.1f} GB of 80",
-            f"14 d / {p.days:.1f} d at MFU {p.mfu:.2f} (14 d implies MFU {implied:.2f})",
-            "-",
-        ]
-    )
-    rows.append(
-        [
-            "000/001: Phi-2 with MoE after the MLP from scratch on Gutenberg; litgpt Phi-2 on RedPajama",
-            "not stated",
-            "not stated",
-            "-",
-            "-",
-            "not stated / -",
-            "-",
-        ]
-    )
+    return [
+        "Microsoft's Phi-2 (reference, not a capstone)",
+        "96 x A100-80GB; plan: bf16-mixed, HSDP 8, micro-batch 4",
+        "1.4 T",
+        f"{1.4e12 / need:.0f}x the 20-tokens/parameter mark",
+        f"{p.memory.peak / GB:.1f} GB of 80",
+        f"14 d / {p.days:.1f} d at MFU {p.mfu:.2f} (14 d implies MFU {implied:.2f})",
+        "-",
+    ]
+
+
+def slice_rows(phi2: Config) -> list[list[str]]:
+    """003's runs on a 10 GB slice of an A100, whose token counts are not stated: `slice_bound` at 100 % and 40 %."""
+    rows = []
     for what, hours, steps, n_steps in (
         (
             "003: alignment (projector only; Phi-2, CLIP ViT-B/32 frozen), COCO",
@@ -387,17 +381,31 @@ def capstone_table(configs: dict[str, Config]) -> str:
                 "-",
             ]
         )
-    rows.append(
-        [
-            "004: alignment (linear projector; TinyCLIP, Phi-2 frozen), COCO 2017",
-            "1 x A100-40GB; batch 2, 11K steps",
-            "not stated (22,000 image-caption pairs)",
-            f"{22_000 / 558_000:.1%} of LLaVA-1.5's 558K alignment pairs",
-            "-",
-            "not stated / -",
-            "-",
-        ]
-    )
+    return rows
+
+
+def capstone_table(configs: dict[str, Config]) -> str:
+    phi2 = configs["phi-2"]
+    need = CHINCHILLA * C.count_params(phi2).total
+    unstated = [
+        "000/001: Phi-2 with MoE after the MLP from scratch on Gutenberg; litgpt Phi-2 on RedPajama",
+        "not stated",
+        "not stated",
+        "-",
+        "-",
+        "not stated / -",
+        "-",
+    ]
+    alignment_004 = [
+        "004: alignment (linear projector; TinyCLIP, Phi-2 frozen), COCO 2017",
+        "1 x A100-40GB; batch 2, 11K steps",
+        "not stated (22,000 image-caption pairs)",
+        f"{22_000 / 558_000:.1%} of LLaVA-1.5's 558K alignment pairs",
+        "-",
+        "not stated / -",
+        "-",
+    ]
+    rows = [*from_scratch_rows(phi2, need), microsoft_row(phi2, need), unstated, *slice_rows(phi2), alignment_004]
     header = [
         "run (capstone document)",
         "hardware and settings",
