@@ -205,20 +205,7 @@ def main(
     lm = load_frozen_lm(fabric, lm_dir)
     encoder = CLIPPatchEncoder(clip_model, clip_pretrained, layer=clip_layer).to(fabric.device)
     data = load_caption_data(fabric, data_dir, encoder, feature_dir if feature_cache else None)
-    if clip_pretrained and Path(clip_pretrained).is_file():  # a local file: found again from any directory
-        clip_pretrained = str(Path(clip_pretrained).resolve())
-    mm_config = MultimodalConfig(
-        clip_model=clip_model,
-        clip_pretrained=clip_pretrained,
-        clip_layer=encoder.layer,
-        clip_quick_gelu=encoder.quick_gelu,
-        vision_width=encoder.width,
-        num_patches=encoder.num_patches,
-        projector=projector,
-        separator=separator,
-        lm_checkpoint_dir=str(lm_dir.resolve()),
-        feature_norm=feature_norm,
-    )
+    mm_config = multimodal_config(encoder, clip_model, clip_pretrained, projector, separator, lm_dir, feature_norm)
     standardize = feature_norm == "standardize" and resume_dir is None
     mm = build_multimodal(fabric, lm, encoder, tokenizer, mm_config, data, standardize)
     set_caption_length(lm, encoder.num_patches + 1, max_caption_tokens, eval.max_new_tokens)
@@ -232,23 +219,10 @@ def main(
         f"{len(loaders['train'].dataset):,} training pairs"
     )
 
-    def loss_fn(batch: dict):
-        if "features" in batch:
-            feats = batch["features"].to(fabric.device).float()
-        else:
-            feats = encoder(batch["pixels"].to(fabric.device)).float()
-        logits, targets = model([f[None] for f in feats], batch["ids"], batch.get("labels"), targets_only=True)
-        loss = target_cross_entropy(logits, targets)
-        return loss, {"loss": loss}
-
-    scores_on_eval = None
-    if eval_captions is not None:
-        from litgpt_mm.eval.hook import caption_on_eval
-
-        root = Path(eval_images_root) if eval_images_root else None
-        scores_on_eval = caption_on_eval(
-            mm, encoder, tokenizer, Path(eval_captions), root, eval_limit, max_new_tokens=eval.max_new_tokens
-        )
+    loss_fn = caption_loss(fabric, model, encoder)
+    scores_on_eval = caption_scores_hook(
+        mm, encoder, tokenizer, eval_captions, eval_images_root, eval_limit, eval.max_new_tokens
+    )
     on_eval = sample_captions_hook(
         fabric, mm, encoder, tokenizer, data, Path(out_dir), num_sample_images, eval.max_new_tokens, scores_on_eval
     )
@@ -260,10 +234,7 @@ def main(
 
     (Path(out_dir) / "logs").mkdir(parents=True, exist_ok=True)
     accum_batch = train.micro_batch_size * fabric.world_size * train.gradient_accumulation_iters(fabric.world_size, 1)
-    if train.max_steps:
-        max_steps = train.max_steps
-    else:
-        max_steps = max(1, (train.epochs or 1) * len(loaders["train"].dataset) // accum_batch)
+    max_steps = train.max_steps or max(1, (train.epochs or 1) * len(loaders["train"].dataset) // accum_batch)
     stage = Stage(loss_fn, save_fn, tokens_fn=caption_tokens, on_eval=on_eval)
     return fit(
         fabric,
@@ -322,6 +293,33 @@ def load_caption_data(
         for split in records:
             records[split] = [r for r in records[split] if r.image_id in cache]
     return CaptionData(data_dir, records, images_root, cache)
+
+
+def multimodal_config(
+    encoder: CLIPPatchEncoder,
+    clip_model: str,
+    clip_pretrained: str | None,
+    projector: str,
+    separator: str,
+    lm_dir: Path,
+    feature_norm: str,
+) -> MultimodalConfig:
+    """The configuration the checkpoints carry: the CLIP tower as loaded (a local weights file by its absolute path,
+    found again from any directory), the projector, the separator and the LM checkpoint."""
+    if clip_pretrained and Path(clip_pretrained).is_file():
+        clip_pretrained = str(Path(clip_pretrained).resolve())
+    return MultimodalConfig(
+        clip_model=clip_model,
+        clip_pretrained=clip_pretrained,
+        clip_layer=encoder.layer,
+        clip_quick_gelu=encoder.quick_gelu,
+        vision_width=encoder.width,
+        num_patches=encoder.num_patches,
+        projector=projector,
+        separator=separator,
+        lm_checkpoint_dir=str(lm_dir.resolve()),
+        feature_norm=feature_norm,
+    )
 
 
 def build_multimodal(
@@ -408,6 +406,39 @@ def setup_training(
         load_training_state(fabric, state, resume_dir)
         fabric.print(f"Resumed from {resume_dir} at step {state['step']}")
     return state, peak_lr
+
+
+def caption_loss(fabric: L.Fabric, model: torch.nn.Module, encoder: CLIPPatchEncoder) -> Callable:
+    """`Stage`'s loss: cross-entropy on the caption tokens, from cached features or CLIP run on the pixels."""
+
+    def loss_fn(batch: dict):
+        if "features" in batch:
+            feats = batch["features"].to(fabric.device).float()
+        else:
+            feats = encoder(batch["pixels"].to(fabric.device)).float()
+        logits, targets = model([f[None] for f in feats], batch["ids"], batch.get("labels"), targets_only=True)
+        loss = target_cross_entropy(logits, targets)
+        return loss, {"loss": loss}
+
+    return loss_fn
+
+
+def caption_scores_hook(
+    mm: MultimodalGPT,
+    encoder: CLIPPatchEncoder,
+    tokenizer,
+    eval_captions: Path | None,
+    eval_images_root: Path | None,
+    eval_limit: int,
+    max_new_tokens: int,
+) -> Callable[[int], dict] | None:
+    """The captions of `eval_captions`' first `eval_limit` images scored at every validation (None without it)."""
+    if eval_captions is None:
+        return None
+    from litgpt_mm.eval.hook import caption_on_eval
+
+    root = Path(eval_images_root) if eval_images_root else None
+    return caption_on_eval(mm, encoder, tokenizer, Path(eval_captions), root, eval_limit, max_new_tokens=max_new_tokens)
 
 
 def sample_captions_hook(

@@ -25,6 +25,7 @@ each validation logs the tower's zero-shot accuracy per question type on validat
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -240,6 +241,7 @@ def main(
     zero_shot_images: int,
     hard_negatives: bool,
 ) -> dict[str, float]:
+    """Build the CLIP model, its data and the optimizer, then train with the shared `fit`."""
     resume_dir = resolve_resume(resume, out_dir)
     fabric.seed_everything(seed)
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, output_dict=True)
@@ -247,27 +249,9 @@ def main(
         model.load_state_dict(load_file(resume_dir / WEIGHTS))
     tokenizer = open_clip.get_tokenizer(model_name)
     data = {split: load_split(data_dir, split, preprocess, tokenizer) for split in ("train", "val")}
-    accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
-    loaders = split_loaders(
-        data,
-        train.micro_batch_size,
-        accumulation,
-        seed,
-        fabric.global_rank,
-        fabric.world_size,
-        collate,
-        str(data_dir),
-        num_workers,
-    )
-
+    loaders = clip_loaders(fabric, data, train, seed, str(data_dir), num_workers)
     clip_loss = open_clip.ClipLoss(rank=fabric.global_rank, world_size=fabric.world_size)
-    wrapped = fabric.setup_module(model)
-    opt = fabric.setup_optimizers(instantiate_torch_optimizer(optimizer_spec, _param_groups(model)))
-    peak_lr = opt.param_groups[0]["lr"]
-    state = {"model": wrapped, "optimizer": opt, "train_dataloader": loaders["train"], "step": 0, "tokens": 0}
-    if resume_dir is not None:
-        load_training_state(fabric, state, resume_dir)
-        fabric.print(f"Resumed from {resume_dir} at step {state['step']}")
+    state, peak_lr = setup_training(fabric, model, optimizer_spec, loaders["train"], resume_dir)
     n_visual = sum(p.numel() for p in model.visual.parameters())
     fabric.print(
         f"CLIP {model_name}: {n_visual / 1e6:.2f}M vision parameters, {model.visual.grid_size} patches, "
@@ -275,38 +259,9 @@ def main(
     )
 
     negatives = HardNegatives(data_dir, data["train"].records, tokenizer) if hard_negatives else None
-
-    def loss_fn(batch):
-        # the draws of a training micro-batch depend on the seed and its position only, so a resumed run repeats them
-        draws = torch.Generator().manual_seed(seed * 1_000_003 + loaders["train"].batches_served)
-        pixels, texts = pick_captions(batch, draws if wrapped.training else None)
-        out = wrapped(pixels.to(fabric.device), texts.to(fabric.device))
-        contrastive = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
-        metrics = {"logit_scale": out["logit_scale"].detach()}
-        loss = contrastive
-        if negatives is not None and wrapped.training:
-            pos, neg = negatives(batch[2], draws)
-            text = wrapped(text=torch.cat([pos, neg]).to(fabric.device))["text_features"]
-            pos_f, neg_f = text.chunk(2)
-            image = out["image_features"]
-            logits = out["logit_scale"] * torch.stack([(image * pos_f).sum(-1), (image * neg_f).sum(-1)], dim=1)
-            hard = torch.nn.functional.cross_entropy(
-                logits, torch.zeros(len(image), dtype=torch.long, device=logits.device)
-            )
-            metrics["hard_negative_loss"] = hard.detach()
-            loss = contrastive + hard
-        return loss, {"loss": contrastive.detach(), **metrics}
-
+    loss_fn = contrastive_loss(fabric, state["model"], clip_loss, negatives, seed, loaders["train"])
     world = data_dir if (data_dir / "summary.json").is_file() else None
-
-    def on_eval(step: int) -> dict:
-        if world is None or zero_shot_images == 0 or fabric.global_rank != 0:
-            return {}
-        from litgpt_mm.eval.zero_shot import zero_shot
-
-        results = zero_shot(model, tokenizer, preprocess, world, "val", limit=zero_shot_images)
-        return {f"zero_shot_{k}": r["accuracy"] for k, r in results.items()}
-
+    on_eval = zero_shot_hook(fabric, model, tokenizer, preprocess, world, zero_shot_images)
     preprocess_cfg = dict(model.visual.preprocess_cfg)
 
     def save_fn(ckpt_dir: Path) -> None:
@@ -340,6 +295,92 @@ def main(
         else:
             print(f"{world} has no test images: no zero-shot report")
     return result
+
+
+def clip_loaders(
+    fabric: L.Fabric, data: dict[str, CaptionedImages], train: TrainArgs, seed: int, where: str, num_workers: int
+) -> dict:
+    """Resumable loaders of the train and val images: the training one shuffled and dealt to the ranks by
+    accumulation step, the validation one in order (`where` names the data in errors)."""
+    accumulation = train.gradient_accumulation_iters(fabric.world_size, 1)
+    return split_loaders(
+        data,
+        train.micro_batch_size,
+        accumulation,
+        seed,
+        fabric.global_rank,
+        fabric.world_size,
+        collate,
+        where,
+        num_workers,
+    )
+
+
+def setup_training(
+    fabric: L.Fabric, model: torch.nn.Module, optimizer_spec, train_loader, resume_dir: Path | None
+) -> tuple[dict, float]:
+    """The wrapped model and its optimizer (no decay on gains, biases, scale, embeddings) in `fit`'s state, restored
+    from `resume_dir` when given; with the optimizer's peak learning rate."""
+    wrapped = fabric.setup_module(model)
+    opt = fabric.setup_optimizers(instantiate_torch_optimizer(optimizer_spec, _param_groups(model)))
+    peak_lr = opt.param_groups[0]["lr"]
+    state = {"model": wrapped, "optimizer": opt, "train_dataloader": train_loader, "step": 0, "tokens": 0}
+    if resume_dir is not None:
+        load_training_state(fabric, state, resume_dir)
+        fabric.print(f"Resumed from {resume_dir} at step {state['step']}")
+    return state, peak_lr
+
+
+def contrastive_loss(
+    fabric: L.Fabric,
+    wrapped: torch.nn.Module,
+    clip_loss: open_clip.ClipLoss,
+    negatives: HardNegatives | None,
+    seed: int,
+    train_loader,
+) -> Callable:
+    """`Stage`'s loss: `ClipLoss` over each image and one of its captions (drawn in training, the first one in
+    validation), plus in training the hard-negative loss when `negatives` is given."""
+
+    def loss_fn(batch):
+        # the draws of a training micro-batch depend on the seed and its position only, so a resumed run repeats them
+        draws = torch.Generator().manual_seed(seed * 1_000_003 + train_loader.batches_served)
+        pixels, texts = pick_captions(batch, draws if wrapped.training else None)
+        out = wrapped(pixels.to(fabric.device), texts.to(fabric.device))
+        contrastive = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+        metrics = {"logit_scale": out["logit_scale"].detach()}
+        loss = contrastive
+        if negatives is not None and wrapped.training:
+            pos, neg = negatives(batch[2], draws)
+            text = wrapped(text=torch.cat([pos, neg]).to(fabric.device))["text_features"]
+            pos_f, neg_f = text.chunk(2)
+            image = out["image_features"]
+            logits = out["logit_scale"] * torch.stack([(image * pos_f).sum(-1), (image * neg_f).sum(-1)], dim=1)
+            hard = torch.nn.functional.cross_entropy(
+                logits, torch.zeros(len(image), dtype=torch.long, device=logits.device)
+            )
+            metrics["hard_negative_loss"] = hard.detach()
+            loss = contrastive + hard
+        return loss, {"loss": contrastive.detach(), **metrics}
+
+    return loss_fn
+
+
+def zero_shot_hook(
+    fabric: L.Fabric, model: torch.nn.Module, tokenizer, preprocess, world: Path | None, zero_shot_images: int
+) -> Callable[[int], dict]:
+    """The `on_eval` (rank 0, a shapes world only) logging the tower's zero-shot accuracy per question type on the
+    first `zero_shot_images` validation images."""
+
+    def on_eval(step: int) -> dict:
+        if world is None or zero_shot_images == 0 or fabric.global_rank != 0:
+            return {}
+        from litgpt_mm.eval.zero_shot import zero_shot
+
+        results = zero_shot(model, tokenizer, preprocess, world, "val", limit=zero_shot_images)
+        return {f"zero_shot_{k}": r["accuracy"] for k, r in results.items()}
+
+    return on_eval
 
 
 def _param_groups(model: torch.nn.Module) -> list[dict]:

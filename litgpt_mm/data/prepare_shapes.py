@@ -148,34 +148,12 @@ def _write_split(root: Path, split: str, examples, summary: dict, bar: tqdm) -> 
         captions += [
             {"id": 10 * image_id + k, "image_id": image_id, "caption": t} for k, t in enumerate(example.captions)
         ]
-        for k, s in enumerate(scene.shapes):
-            instances.append(
-                {
-                    "id": 10 * image_id + k,
-                    "image_id": image_id,
-                    "category_id": category_id[s.kind],
-                    "bbox": s.bbox(size),
-                    "area": round(s.area(size), 2),
-                    "iscrowd": 0,
-                    "colour": s.colour,
-                    "segmentation": [[round(v, 2) for xy in s.polygon(size) for v in xy]],
-                }
-            )
+        instances += _instances(image_id, scene, size, category_id)
         for k, turns in enumerate(example.conversations if split != "test" else []):
             llava.append({"id": f"{image_id}-{k}", "image": file_name, "conversations": shapes.llava_turns(turns)})
         if split != "train":
             image = f"{directory}/{file_name}"
-            vqa += [
-                {
-                    "id": f"{image_id}-{k}",
-                    "image": image,
-                    "question": q.text,
-                    "answers": [q.answer],
-                    "type": q.type,
-                    "choices": choices[q.type],
-                }
-                for k, q in enumerate(qs)
-            ]
+            vqa += _vqa_rows(image_id, image, qs, choices)
             pope += [
                 {"question_id": len(pope) + k + 1, "image": image, "text": text, "label": label}
                 for k, (text, label) in enumerate(example.pope)
@@ -213,6 +191,38 @@ def _write_split(root: Path, split: str, examples, summary: dict, bar: tqdm) -> 
         "pope": {"yes": pope_labels["yes"], "no": pope_labels["no"]},
         "files": [f"{directory}/", *files],
     }
+
+
+def _instances(image_id: int, scene: shapes.Scene, size: int, category_id: dict[str, int]) -> list[dict]:
+    """The COCO instance annotations of a scene's shapes (ids 10 * image id + k, as the captions')."""
+    return [
+        {
+            "id": 10 * image_id + k,
+            "image_id": image_id,
+            "category_id": category_id[s.kind],
+            "bbox": s.bbox(size),
+            "area": round(s.area(size), 2),
+            "iscrowd": 0,
+            "colour": s.colour,
+            "segmentation": [[round(v, 2) for xy in s.polygon(size) for v in xy]],
+        }
+        for k, s in enumerate(scene.shapes)
+    ]
+
+
+def _vqa_rows(image_id: int, image: str, questions: list[shapes.Question], choices: dict) -> list[dict]:
+    """An image's rows of `eval/vqa_<split>.jsonl`: each question with its answer, type and answer choices."""
+    return [
+        {
+            "id": f"{image_id}-{k}",
+            "image": image,
+            "question": q.text,
+            "answers": [q.answer],
+            "type": q.type,
+            "choices": choices[q.type],
+        }
+        for k, q in enumerate(questions)
+    ]
 
 
 def _check_replaceable(out_dir: Path) -> None:

@@ -15,6 +15,7 @@ This is what the vision tower itself can tell apart, the ceiling of what an LM r
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -99,6 +100,26 @@ def zero_shot(
     """
     world_dir = Path(world_dir)
     summary = json.loads((world_dir / "summary.json").read_text())
+    examples, files = _split_examples(world_dir, summary, split, limit)
+    max_shapes = summary["max_shapes"]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pixels = torch.stack([preprocess(Image.open(f).convert("RGB")) for f in files])
+    image = _batched(lambda chunk: model.encode_image(chunk.to(device), normalize=True), pixels, batch_size)
+    per_image = [choices(e, max_shapes) for e in examples]
+    prompts = sorted({p for qs in per_image for q in qs if isinstance(q, Choice) for p in q.prompts})
+    prompts += [f"{shapes.article(c)} {c} {k}" for c, k in PAIRS]
+    text = _batched(lambda chunk: model.encode_text(tokenizer(chunk).to(device), normalize=True), prompts, batch_size)
+    correct = _answer(image, text, per_image, prompts)
+    model.train(was_training)
+    return _accuracies(correct, max_shapes)
+
+
+def _split_examples(
+    world_dir: Path, summary: dict, split: str, limit: int | None
+) -> tuple[list[shapes.Example], list[Path]]:
+    """The regenerated examples of a split's first `limit` images, and their image files."""
     info = summary["splits"].get(split)
     if not info or not info["images"]:
         raise ValueError(f"{world_dir}/summary.json: no images in split {split!r}")
@@ -110,26 +131,20 @@ def zero_shot(
         shapes.make_example(summary["seed"], i, max_shapes, summary["noise"], summary["captions_per_image"])
         for i in ids
     ]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    files = [world_dir / directory / f"{i:012d}.{ext}" for i in ids]
-    pixels = torch.stack([preprocess(Image.open(f).convert("RGB")) for f in files])
-    image = torch.cat(
-        [
-            model.encode_image(pixels[i : i + batch_size].to(device), normalize=True)
-            for i in range(0, len(pixels), batch_size)
-        ]
-    )
-    per_image = [choices(e, max_shapes) for e in examples]
-    prompts = sorted({p for qs in per_image for q in qs if isinstance(q, Choice) for p in q.prompts})
-    prompts += [f"{shapes.article(c)} {c} {k}" for c, k in PAIRS]
-    text = torch.cat(
-        [
-            model.encode_text(tokenizer(prompts[i : i + batch_size]).to(device), normalize=True)
-            for i in range(0, len(prompts), batch_size)
-        ]
-    )
+    return examples, [world_dir / directory / f"{i:012d}.{ext}" for i in ids]
+
+
+def _batched(encode: Callable, items, batch_size: int) -> torch.Tensor:
+    """`encode` applied to `items` `batch_size` at a time, concatenated."""
+    return torch.cat([encode(items[i : i + batch_size]) for i in range(0, len(items), batch_size)])
+
+
+def _answer(
+    image: torch.Tensor, text: torch.Tensor, per_image: list[list[Choice | shapes.Question]], prompts: list[str]
+) -> dict[str, list[float]]:
+    """Whether each question is answered right (1.0) or not, per question type: the prompt of a `Choice` most
+    similar to the image, and for yes/no whether the asked pair is among the image's top n colour-kind prompts, n
+    being its own count answer."""
     row = {p: i for i, p in enumerate(prompts)}
     pair_rows = torch.tensor([row[f"{shapes.article(c)} {c} {k}"] for c, k in PAIRS])
     correct: dict[str, list[float]] = {t: [] for t in shapes.QUESTION_TYPES}
@@ -147,7 +162,11 @@ def zero_shot(
             if isinstance(q, shapes.Question):
                 said = "yes" if _asked_pair(q.text) in top else "no"
                 correct["yesno"].append(float(said == q.answer))
-    model.train(was_training)
+    return correct
+
+
+def _accuracies(correct: dict[str, list[float]], max_shapes: int) -> dict[str, dict[str, float]]:
+    """Accuracy per question type and over all questions, with its 95 % bootstrap interval, count and chance."""
     chance = {**CHANCE, "count": 1 / max_shapes}
     out = {}
     for name, values in [*correct.items(), ("all", [v for vs in correct.values() for v in vs])]:

@@ -227,27 +227,7 @@ def main(fabric: L.Fabric, a: SimpleNamespace) -> dict[str, float]:
     global_batch = accum * train.micro_batch_size * fabric.world_size
     max_steps = train.max_steps or max(1, (train.epochs or 1) * len(datasets["train"]) // global_batch)
 
-    def loss_fn(batch: dict):
-        feats = [f[None].to(fabric.device).float() for f in batch["features"]]
-        if a.method == "standard" or not model.training:
-            loss = target_cross_entropy(*model(feats, batch["ids"], batch["labels"], targets_only=True))
-            return loss, {"loss": loss}
-        p = teacher_forcing_p(a.schedule, state["step"], max_steps, a.p_start, a.p_end, a.cycles)
-        # the draws follow the global micro-batch index: the same for any split of the global batch, and on resume
-        local = loaders["train"].batches_served - 1
-        served = (local // accum * fabric.world_size + fabric.global_rank) * accum + local % accum + 1
-        gen = torch.Generator().manual_seed(a.seed * 1_000_003 + served)
-        with fabric.autocast():
-            loss, info = autoregressive_loss(
-                mm, feats, batch["ids"], batch["labels"], p, gen, a.lookahead, model, a.decode_dequantized
-            )
-        metrics = {
-            "loss": loss.detach(),
-            "teacher_forcing_p": torch.tensor(p),
-            "model_fed": torch.tensor(info.model_fed / max(info.candidates, 1)),
-            "model_changed": torch.tensor(info.changed / max(info.candidates, 1)),
-        }
-        return loss, metrics
+    loss_fn = instruct_loss(fabric, a, mm, model, state, loaders["train"], accum, max_steps)
 
     def save_fn(ckpt_dir: Path) -> None:
         if fabric.global_rank == 0:  # every rank holds the same adapters
@@ -275,6 +255,44 @@ def main(fabric: L.Fabric, a: SimpleNamespace) -> dict[str, float]:
         export_merged(mm, lm_dir, out_dir / "merged")
     fabric.barrier()
     return result
+
+
+def instruct_loss(
+    fabric: L.Fabric,
+    a: SimpleNamespace,
+    mm: MultimodalGPT,
+    model: torch.nn.Module,
+    state: dict,
+    train_loader,
+    accum: int,
+    max_steps: int,
+) -> Callable:
+    """`Stage`'s loss: one teacher-forced pass (`standard`, and every validation), or in `autoregressive` training
+    the scheduled teacher-forcing loss at `state`'s step, its draws seeded by the global micro-batch index."""
+
+    def loss_fn(batch: dict):
+        feats = [f[None].to(fabric.device).float() for f in batch["features"]]
+        if a.method == "standard" or not model.training:
+            loss = target_cross_entropy(*model(feats, batch["ids"], batch["labels"], targets_only=True))
+            return loss, {"loss": loss}
+        p = teacher_forcing_p(a.schedule, state["step"], max_steps, a.p_start, a.p_end, a.cycles)
+        # the draws follow the global micro-batch index: the same for any split of the global batch, and on resume
+        local = train_loader.batches_served - 1
+        served = (local // accum * fabric.world_size + fabric.global_rank) * accum + local % accum + 1
+        gen = torch.Generator().manual_seed(a.seed * 1_000_003 + served)
+        with fabric.autocast():
+            loss, info = autoregressive_loss(
+                mm, feats, batch["ids"], batch["labels"], p, gen, a.lookahead, model, a.decode_dequantized
+            )
+        metrics = {
+            "loss": loss.detach(),
+            "teacher_forcing_p": torch.tensor(p),
+            "model_fed": torch.tensor(info.model_fed / max(info.candidates, 1)),
+            "model_changed": torch.tensor(info.changed / max(info.candidates, 1)),
+        }
+        return loss, metrics
+
+    return loss_fn
 
 
 def setup_optimizer(
