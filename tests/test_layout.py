@@ -29,7 +29,7 @@ def test_every_module_has_a_row_and_every_row_exists():
     assert not stale, f"docs/layout.md names paths that do not exist: {stale}"
 
 
-def test_no_sys_path_edits_or_file_path_imports():
+def test_no_import_path_edits_or_imports_by_file_path():
     sources = [
         p
         for d in ("litgpt_mm", "recipes", "scripts", "generate", "benchmarks", "xla", "reports")
