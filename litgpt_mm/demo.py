@@ -12,8 +12,8 @@
    pretrained LM by training the projector (pass `--clip_model ViT-B-32 --clip_pretrained openai` to those commands
    where the weights can be downloaded).
 3. Prepare the shapes world's LLaVA-format conversations and instruction-tune the aligned model with QLoRA (LoRA on
-   nf4 linear layers + the projector, the tower frozen), answering held-out questions at every validation; write
-   the merged model.
+   nf4 linear layers and on the LM head, + the projector, the tower frozen), answering held-out questions at every
+   validation; write the merged model.
 4. Answer a question about a held-out shapes image and the JFK speech clip with the merged model: WhisperX
    transcribes the first 10 s of speech into the prompt. Offline, Whisper is a random tiny model built locally (its
    transcript is gibberish; pass `--whisper_model large-v3` to generate/mm.py for the real one). Then every question
@@ -159,8 +159,8 @@ def instruction_tune(out: Path, size: dict, pretrain: Path, world: Path, feature
         "--train.max_steps", str(size["instruct_steps"]), "--eval.interval", str(size["instruct_steps"] // 2),
         "--train.global_batch_size", "16", "--train.micro_batch_size", "16", "--optimizer.init_args.lr", "3e-3",
         "--projector_lr_scale", "1.0", "--lora.r", "16", "--lora.alpha", "32", "--lora.key", "true",
-        "--eval_questions", str(world / "eval" / "vqa_val.jsonl"), "--eval_images_root", str(world),
-        "--eval_limit", str(size["eval_limit"]), "--eval.initial_validation", "false",
+        "--lora.head", "true", "--eval_questions", str(world / "eval" / "vqa_val.jsonl"),
+        "--eval_images_root", str(world), "--eval_limit", str(size["eval_limit"]), "--eval.initial_validation", "false",
     )  # fmt: skip
     return instruct
 

@@ -122,10 +122,10 @@ def test_teacher_forcing_schedules():
         teacher_forcing_p("cosine", 0, 1)
 
 
-def tiny_mm(quantized: bool = True) -> MultimodalGPT:
+def tiny_mm(quantized: bool = True, head: bool = False) -> MultimodalGPT:
     torch.manual_seed(0)
     lm = GPT(Config.from_name("phi-2-moe-tiny", vocab_size=300, padded_vocab_size=320))
-    add_lora(lm, LoRASettings(dropout=0.0, mlp=True, projection=True))
+    add_lora(lm, LoRASettings(dropout=0.0, mlp=True, projection=True, head=head))
     for n, p in lm.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)
@@ -265,8 +265,10 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch)
     assert torch.equal(results[0][0], results[1][0]) and torch.allclose(results[0][1], results[1][1], atol=1e-6)
 
 
-def test_merged_equals_unmerged_and_lora_checkpoint_is_small():
-    model = tiny_mm()
+@pytest.mark.parametrize("head", [False, True], ids=["blocks", "blocks+head"])
+def test_merged_equals_unmerged_and_lora_checkpoint_is_small(head):
+    model = tiny_mm(head=head)
+    assert any("lm_head.lora_B" in n for n, _ in model.lm.named_parameters()) == head
     feats, ids, labels = sample()
     with torch.no_grad():
         unmerged = model([feats], [ids])[0]
