@@ -150,7 +150,7 @@ def instruction_tune(out: Path, size: dict, pretrain: Path, world: Path, feature
         "prepare instructions",
         "prepare llava_instruct", "--tokenizer_dir", str(pretrain / "final"), "--data_path",
         str(world / "llava_train.json"), "--images_dir", str(world / "train2017"), "--subset_images", "null",
-        "--max_tokens", "64", "--val_fraction", "0.05", "--out_dir", str(llava_data),
+        "--max_tokens", "128", "--val_fraction", "0.05", "--out_dir", str(llava_data),
     )  # fmt: skip
     run(
         "QLoRA instruction tuning",

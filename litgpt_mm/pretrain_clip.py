@@ -9,7 +9,8 @@ Real runs use OpenAI's pretrained CLIP (`--clip_pretrained openai`); offline the
 it: an open_clip model (default `shapes-ViT-T-16`: a 3-block ViT of width 128 with 16-pixel patches at 112 px, the
 7 x 7 patch grid of ViT-B/32; config in `litgpt_mm/models/clip_configs/`, or any `--model_config` JSON) built with
 `open_clip.create_model(..., pretrained=None)` and trained with open_clip's `ClipLoss` on the images of the training
-split only, each step pairing every image with one of its captions at random (drawn from the seed and the
+split only (plus hard negatives on a shapes world, and a patch-position loss: `PatchPositions`), each step pairing
+every image with one of its captions at random (drawn from the seed and the
 micro-batch's position, so a resumed run draws the same). Images go through the model's own
 evaluation transform (resize, centre crop, normalise) without augmentation: a crop or a flip would make a caption's
 colours and places untrue. The vision tower pools its patch tokens by their average, so the last block's patch
@@ -82,6 +83,7 @@ def setup(
     num_workers: int = 0,
     zero_shot_images: int = 40,
     hard_negatives: bool | None = None,
+    position_loss: float = 2.0,
     preflight: bool = True,
 ) -> dict[str, float]:
     """Train a CLIP model contrastively on the image-caption pairs of a COCO-format caption set.
@@ -106,6 +108,9 @@ def setup(
             world only; 0: none).
         hard_negatives: add a loss that tells each image's full caption from a counterfactual one (one colour,
             kind or place changed, a shape fewer or more; a shapes world only). Default: on for a shapes world.
+        position_loss: weight of a loss that predicts each patch token's place in the grid from the token, as the LM
+            reads it, through a fixed random readout (`PatchPositions`): contrastive training alone washes the patch
+            position out of the tokens, and the LM then cannot tell where a shape is. 0: off.
         preflight: check, before allocating, that the run fits the devices' memory (the capacity plan's estimate);
             `false` skips the check.
     """
@@ -146,6 +151,7 @@ def setup(
         num_workers,
         zero_shot_images,
         hard_negatives,
+        position_loss,
     )
 
 
@@ -217,6 +223,49 @@ def load_split(data_dir: Path, split: str, preprocess, tokenizer) -> CaptionedIm
     return CaptionedImages(records, data_dir, preprocess, tokenizer, f"preprocess {split} images")
 
 
+class PatchPositions:
+    """The patch-position loss: each patch token, as the LM reads it (the last block's output, as `CLIPPatchEncoder`
+    reads it by default, taken by a hook on the tower's forward), is scored against every grid index through a fixed
+    random unit-norm readout; the loss is the cross-entropy of its own index (position prediction, Zhai et al. 2022).
+
+    The readout is fixed so that the tower itself must keep each token's place prominent: a trained readout adapts
+    to whatever the tower keeps, and then the LM reads the position no better than without the loss (measured in
+    `reports/eval-cpu-shapes`).
+    """
+
+    def __init__(self, visual: torch.nn.Module, seed: int) -> None:
+        self.n_patches = visual.grid_size[0] * visual.grid_size[1]
+        generator = torch.Generator().manual_seed(seed)
+        readout = torch.randn(self.n_patches, visual.transformer.width, generator=generator)
+        self.readout = torch.nn.functional.normalize(readout, dim=1)
+        self._tokens: torch.Tensor | None = None
+        visual.transformer.resblocks[-1].register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output: torch.Tensor) -> None:
+        self._tokens = output[:, -self.n_patches :]
+
+    def loss(self) -> torch.Tensor:
+        """Cross-entropy of the grid indices of the patch tokens of the tower's last forward."""
+        tokens = self._tokens
+        logits = tokens @ self.readout.to(tokens.device, tokens.dtype).T
+        target = torch.arange(self.n_patches, device=logits.device).expand(len(logits), -1)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+
+
+def with_position_loss(loss_fn: Callable, positions: PatchPositions, weight: float) -> Callable:
+    """`loss_fn` plus, in training, `weight` times the patch-position loss of the same forward."""
+
+    def combined(batch):
+        loss, metrics = loss_fn(batch)
+        if torch.is_grad_enabled():
+            position = positions.loss()
+            loss = loss + weight * position
+            metrics = {**metrics, "position_loss": position.detach()}
+        return loss, metrics
+
+    return combined
+
+
 def save_clip(model: torch.nn.Module, model_name: str, preprocess_cfg: dict, directory: Path) -> None:
     """The CLIP weights and configs in open_clip's layouts (atomically, file by file)."""
     model_cfg = open_clip.get_model_config(model_name)
@@ -240,6 +289,7 @@ def main(
     num_workers: int,
     zero_shot_images: int,
     hard_negatives: bool,
+    position_loss: float,
 ) -> dict[str, float]:
     """Build the CLIP model, its data and the optimizer, then train with the shared `fit`."""
     resume_dir = resolve_resume(resume, out_dir)
@@ -247,6 +297,7 @@ def main(
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, output_dict=True)
     if resume_dir is not None:
         model.load_state_dict(load_file(resume_dir / WEIGHTS))
+    positions = PatchPositions(model.visual, seed) if position_loss else None
     tokenizer = open_clip.get_tokenizer(model_name)
     data = {split: load_split(data_dir, split, preprocess, tokenizer) for split in ("train", "val")}
     loaders = clip_loaders(fabric, data, train, seed, str(data_dir), num_workers)
@@ -260,6 +311,8 @@ def main(
 
     negatives = HardNegatives(data_dir, data["train"].records, tokenizer) if hard_negatives else None
     loss_fn = contrastive_loss(fabric, state["model"], clip_loss, negatives, seed, loaders["train"])
+    if positions is not None:
+        loss_fn = with_position_loss(loss_fn, positions, position_loss)
     world = data_dir if (data_dir / "summary.json").is_file() else None
     on_eval = zero_shot_hook(fabric, model, tokenizer, preprocess, world, zero_shot_images)
     preprocess_cfg = dict(model.visual.preprocess_cfg)
@@ -360,7 +413,7 @@ def contrastive_loss(
                 logits, torch.zeros(len(image), dtype=torch.long, device=logits.device)
             )
             metrics["hard_negative_loss"] = hard.detach()
-            loss = contrastive + hard
+            loss = loss + hard
         return loss, {"loss": contrastive.detach(), **metrics}
 
     return loss_fn

@@ -10,6 +10,7 @@ import torch
 import yaml
 from conftest import check_kill_and_resume
 from open_clip.transformer import QuickGELU
+from PIL import Image
 
 import litgpt_mm.data.prepare_shapes
 import litgpt_mm.pretrain_clip
@@ -138,6 +139,33 @@ def test_a_tower_loads_from_its_local_file_with_its_config_beside_it(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), model.state_dict().values(), strict=True))
 
 
+def test_the_position_loss_trains_the_patch_tokens_the_lm_reads(tmp_path):
+    """`PatchPositions` scores exactly the tokens `CLIPPatchEncoder` hands the LM, and training on it alone teaches
+    a tower to tell its patches apart."""
+    script = litgpt_mm.pretrain_clip
+    torch.manual_seed(0)
+    model = open_clip.create_model("shapes-ViT-T-16")
+    positions = script.PatchPositions(model.visual, seed=1)
+    pixels = torch.randn(4, 3, 112, 112)
+    script.save_clip(model, "shapes-ViT-T-16", dict(model.visual.preprocess_cfg), tmp_path)
+    tower = CLIPPatchEncoder("shapes-ViT-T-16", pretrained=str(tmp_path / script.WEIGHTS))
+    model.encode_image(pixels)
+    torch.testing.assert_close(positions._tokens, tower(pixels))
+    assert positions.readout.shape == (49, 128)
+    torch.testing.assert_close(script.PatchPositions(model.visual, seed=1).readout, positions.readout)
+
+    optimizer = torch.optim.AdamW(model.visual.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        model.encode_image(pixels)
+        loss = positions.loss()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
 @pytest.mark.slow
 def test_pretrained_tower_sees_colour_beyond_a_random_one(shapes_clip):
     """The demo's pretraining (short) against the same architecture at random: held-out zero-shot colour accuracy
@@ -151,6 +179,26 @@ def test_pretrained_tower_sees_colour_beyond_a_random_one(shapes_clip):
     assert trained["colour"]["low"] > random["colour"]["high"], summary
     assert trained["colour"]["accuracy"] > 0.6, summary
     assert random["colour"]["high"] < 0.45, summary
+
+
+@pytest.mark.slow
+def test_pretrained_tower_keeps_where_each_patch_is(shapes_clip):
+    """With the patch-position loss (on by default), a ridge probe reads each patch's row and column from its token
+    on held-out images (60 steps: 0.89 and 0.92 measured; 0.53 and 0.54 without the loss, 0.94 at random init)."""
+    world, clip_dir = shapes_clip
+    tower = CLIPPatchEncoder("shapes-ViT-T-16", str(clip_dir / "final" / litgpt_mm.pretrain_clip.WEIGHTS))
+    images = [Image.open(p).convert("RGB") for p in sorted((world / "test").iterdir())]
+    tokens = tower.encode_images(images).float()
+    n, side = len(images), 7
+    x = tokens.reshape(n * side * side, -1)
+    index = torch.arange(side * side).repeat(n)
+    train = 40 * side * side  # 40 images to fit, the other 20 to score
+    x = (x - x[:train].mean(0)) / (x[:train].std(0) + 1e-6)
+    gram = x[:train].T @ x[:train] + 10 * torch.eye(x.size(1))
+    for name, y in (("row", index // side), ("column", index % side)):
+        weights = torch.linalg.solve(gram, x[:train].T @ torch.nn.functional.one_hot(y).float()[:train])
+        accuracy = ((x[train:] @ weights).argmax(1) == y[train:]).float().mean().item()
+        assert accuracy > 0.8, (name, accuracy)
 
 
 def test_zero_shot_prompts_and_hard_negatives_differ_from_the_truth_in_one_thing():

@@ -48,11 +48,16 @@ def validate(row: dict, needs_image: bool = True) -> list[dict]:
 def encode(
     conversations: list[dict], template: Template, tokenizer, max_tokens: int, eos: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and labels (answers kept, the rest `IGNORE_INDEX`) of a conversation.
+    """Token ids and labels (answers kept, the rest `IGNORE_INDEX`) of a conversation, cut at `max_tokens`.
 
     Raises `BadRow` if the text is cut inside the first answer at `max_tokens` (nothing left to learn from) or if
     the piecewise tokens do not decode back to the rendered text (a tokenisation that does not line up).
     """
+    return truncate(*encode_full(conversations, template, tokenizer, eos), max_tokens)
+
+
+def encode_full(conversations: list[dict], template: Template, tokenizer, eos: bool = True) -> tuple[list, list]:
+    """Token ids and labels of a whole conversation, uncut (see `encode`)."""
     ids, labels, text = [], [], ""
     pieces = render(conversations, template)
     for n, (piece, is_answer) in enumerate(pieces):
@@ -65,6 +70,11 @@ def encode(
     decoded = tokenizer.decode(torch.tensor([i for i in ids if i != tokenizer.eos_id]))
     if decoded != text:
         raise BadRow("tokenization does not line up with the rendered text")
+    return ids, labels
+
+
+def truncate(ids: list, labels: list, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `max_tokens` ids and labels; raises `BadRow` if no answer token is left."""
     if len(ids) > max_tokens:
         ids, labels = ids[:max_tokens], labels[:max_tokens]
         if all(label == IGNORE_INDEX for label in labels):

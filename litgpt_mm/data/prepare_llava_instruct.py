@@ -8,7 +8,8 @@ Reads `llava_instruct_150k.json` (or any file in its schema, or a LLaVA-Bench `.
 a seeded subset of images (40,000 by default, as in the original capstone), renders them through a template
 (`phi2` or `llava_v1`), and writes `<out_dir>/{train,val}.jsonl` with `ids` and `labels` per sample, `meta.json`
 and `summary.json`. Rows with a missing image, an empty answer, no `<image>`, a tokenisation that does not line up,
-or cut before their first answer are counted and reported by id.
+or cut before their first answer are counted and reported by id; samples cut after it (their later answers lost) are
+counted, with the answer tokens cut, per split.
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ def prepare(
     for split, samples in out.items():
         n_images = len({sample["image"] for sample in samples})
         print(f"{split:<6}{n_images:>8,}{len(samples):>9,}{counts[f'{split}_answer_tokens']:>15,}")
+    for split in out:
+        if counts[f"{split}_truncated_samples"]:
+            print(
+                f"warning: {counts[f'{split}_truncated_samples']:,} {split} samples are longer than --max_tokens "
+                f"{max_tokens}: {counts[f'{split}_answer_tokens_cut']:,} answer tokens cut (raise --max_tokens to "
+                "keep them)"
+            )
     if mapped:
         print(f"{mapped} missing image(s) mapped onto {map_missing_to}")
     print(f"skipped: {len(skipped)}" + "".join(f"\n  - {i}: {r}" for i, r in skipped))
@@ -119,12 +127,14 @@ def _encode_rows(
     """Per split (`val` for the rows of `val_images`), the samples with `ids` and answer-only `labels`; rows that
     cannot be encoded go to `skipped`, samples and answer tokens are counted in `counts`."""
     out = {"train": [], "val": []}
+    counts.update({f"{split}_{what}": 0 for split in out for what in ("truncated_samples", "answer_tokens_cut")})
     for row in tqdm(rows, desc="encode", unit="row"):
         rid = str(row.get("id"))
         try:
             if str(row.get("image")) not in image_path:
                 raise llava.BadRow(f"image {row.get('image')} missing or unreadable")
-            ids, labels = llava.encode(llava.validate(row), template, tokenizer, max_tokens)
+            full_ids, full_labels = llava.encode_full(llava.validate(row), template, tokenizer)
+            ids, labels = llava.truncate(full_ids, full_labels, max_tokens)
         except llava.BadRow as err:
             skipped.append((rid, str(err)))
             tqdm.write(f"skipped {rid}: {err}")
@@ -134,6 +144,10 @@ def _encode_rows(
         out[split].append(sample)
         counts[f"{split}_samples"] += 1
         counts[f"{split}_answer_tokens"] += int((labels != llava.IGNORE_INDEX).sum())
+        if len(full_ids) > max_tokens:
+            counts[f"{split}_truncated_samples"] += 1
+            cut = full_labels[max_tokens:]
+            counts[f"{split}_answer_tokens_cut"] += sum(label != llava.IGNORE_INDEX for label in cut)
     return out
 
 

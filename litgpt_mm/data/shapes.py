@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -390,18 +391,27 @@ def questions(scene: Scene, rng: random.Random) -> list[Question]:
     return out
 
 
-def conversations(qs: list[Question], rng: random.Random) -> list[list[Question]]:
+def conversations(qs: list[Question], rng: random.Random, n_conversations: int = 5) -> list[list[Question]]:
     """Group questions into conversations in which no two turns are about the same shape, so no answer can be read
-    off an earlier turn (e.g. "What colour is the circle?" after "Is there a red circle?"). Turns are shuffled."""
-    groups: list[list[Question]] = []
-    for q in rng.sample(qs, len(qs)):
-        for group in groups:
-            if q.shape is None or all(t.shape != q.shape for t in group):
-                group.append(q)
-                break
-        else:
-            groups.append([q])
-    return groups
+    off an earlier turn (e.g. "What colour is the circle?" after "Is there a red circle?").
+
+    A question goes to a uniformly random conversation (of `n_conversations`, or more if one shape has more questions;
+    empty ones dropped) among those holding no other question about its shape, and to a uniformly random turn in it.
+    A "no" question is placed as if it were about a random shape, as its "yes" twin is, so where a yes/no question is
+    asked tells nothing about its answer. (Filling the first conversation greedily put the questions about no shape
+    in its late turns and left "yes" questions first, and a model learnt "a first question: yes".)
+    """
+    shape_ids = sorted({q.shape for q in qs if q.shape is not None})
+    owners = [q.shape if q.shape is not None or q.type != "yesno" else rng.choice(shape_ids) for q in qs]
+    per_shape = Counter(owner for owner in owners if owner is not None)
+    k = max([n_conversations, *per_shape.values()])
+    slots = {shape: rng.sample(range(k), n) for shape, n in sorted(per_shape.items())}
+    groups: list[list[Question]] = [[] for _ in range(k)]
+    for q, owner in zip(qs, owners, strict=True):
+        groups[rng.randrange(k) if owner is None else slots[owner].pop()].append(q)
+    for group in groups:
+        rng.shuffle(group)
+    return [group for group in groups if group]
 
 
 @dataclass(frozen=True)
@@ -430,9 +440,10 @@ def make_example(seed: int, image_id: int, max_shapes: int = 3, noise: float = 0
     scene = sample_scene(rng, max_shapes=max_shapes, noise=noise)
     noise_seed = rng.getrandbits(64)
     qs = questions(scene, rng)
-    return Example(
-        scene, captions(scene, rng, n_captions), qs, conversations(qs, rng), pope_questions(scene, rng), noise_seed
-    )
+    texts = captions(scene, rng, n_captions)
+    rng.sample(qs, len(qs))  # the draw conversations were once grouped by: the POPE questions after it stay the same
+    turns = conversations(qs, random.Random(f"shapes_world/{seed}/{image_id}/conversations"))
+    return Example(scene, texts, qs, turns, pope_questions(scene, rng), noise_seed)
 
 
 def llava_turns(turns: list[Question]) -> list[dict]:

@@ -1,6 +1,7 @@
-"""What the frozen tower's patch features hold: a linear probe reads each shape's kind and colour from the patch at the
-shape's centre, or from the 3 x 3 patches around it, trained on the world's training shapes and scored on its test
-shapes; the same probe on the random tower of the same architecture is the baseline.
+"""What the frozen tower's patch features hold: a linear probe reads each shape's kind, colour and cell (its place in
+the world's 3 x 3 grid) from the patch at the shape's centre, or from the 3 x 3 patches around it, trained on the
+world's training shapes and scored on its test shapes; the same probe on the random tower of the same architecture is
+the baseline.
 
     python reports/eval-cpu-shapes/linear_probe.py --world out/demo/data/shapes \
         --tower out/demo/clip/final/open_clip_model.safetensors      # after `make demo`; about a minute
@@ -20,7 +21,8 @@ from litgpt_mm.models.vision import CLIPPatchEncoder
 
 
 def shape_features(encoder: CLIPPatchEncoder, world: Path, split: str, folder: str, window: int) -> tuple:
-    """(features, kind, colour) per annotated shape: the `window` x `window` patches around its centre, flattened."""
+    """(features, kind, colour, cell) per annotated shape: the `window` x `window` patches around its centre,
+    flattened."""
     data = json.loads((world / "annotations" / f"instances_{split}.json").read_text())
     images = {im["id"]: im for im in data["images"]}
     kinds = {c["id"]: c["name"] for c in data["categories"]}
@@ -32,7 +34,7 @@ def shape_features(encoder: CLIPPatchEncoder, world: Path, split: str, folder: s
     half = window // 2
     grids = torch.nn.functional.pad(feats.view(len(ids), side, side, -1).permute(0, 3, 1, 2), (half,) * 4)
     row = {i: n for n, i in enumerate(ids)}
-    x, kind, colour = [], [], []
+    x, kind, colour, cell = [], [], [], []
     for a in data["annotations"]:
         left, top, w, h = a["bbox"]
         im = images[a["image_id"]]
@@ -40,7 +42,8 @@ def shape_features(encoder: CLIPPatchEncoder, world: Path, split: str, folder: s
         x.append(grids[row[a["image_id"]], :, cy : cy + window, cx : cx + window].reshape(-1))
         kind.append(shapes.KINDS.index(kinds[a["category_id"]]))
         colour.append(list(shapes.COLOURS).index(a["colour"]))
-    return torch.stack(x), torch.tensor(kind), torch.tensor(colour)
+        cell.append(int((top + h / 2) * 3 / im["height"]) * 3 + int((left + w / 2) * 3 / im["width"]))
+    return torch.stack(x), torch.tensor(kind), torch.tensor(colour), torch.tensor(cell)
 
 
 def probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor) -> float:
@@ -64,14 +67,14 @@ def main() -> None:
     parser.add_argument("--model_name", default="shapes-ViT-T-16")
     parser.add_argument("--layer", type=int, default=-1)
     args = parser.parse_args()
-    print("| tower | patches | kind (chance 0.25) | colour (chance 0.17) |\n|---|---|---|---|")
+    print("| tower | patches | kind (chance 0.25) | colour (chance 0.17) | cell (chance 0.11) |\n|---|---|---|---|---|")
     for name, weights in (("pretrained", args.tower), ("random", None)):
         encoder = CLIPPatchEncoder(args.model_name, pretrained=str(weights) if weights else None, layer=args.layer)
         for window in (1, 3):
             train = shape_features(encoder.eval(), args.world, "train2017", "train2017", window)
             test = shape_features(encoder, args.world, "test", "test", window)
-            kind, colour = probe(train[0], train[1], test[0], test[1]), probe(train[0], train[2], test[0], test[2])
-            print(f"| {name} | {window} x {window} | {kind:.2f} | {colour:.2f} |")
+            kind, colour, cell = (probe(train[0], train[k], test[0], test[k]) for k in (1, 2, 3))
+            print(f"| {name} | {window} x {window} | {kind:.2f} | {colour:.2f} | {cell:.2f} |")
     print(f"({len(train[1])} training shapes, {len(test[1])} test shapes)")
 
 

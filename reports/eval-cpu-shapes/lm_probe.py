@@ -43,6 +43,7 @@ from litgpt_mm.training.checkpoint import load_tokenizer
 HERE = Path(__file__).parent
 FIRST_ID = 1_000_000  # training images of the probe: ids no world split uses
 GRID = 7
+MAX_TOKENS = 128  # text tokens of a sample, as the demo prepares them (every conversation whole)
 
 
 def oracle_features(scene: shapes.Scene, width: int, rotation: torch.Tensor) -> torch.Tensor:
@@ -103,11 +104,11 @@ def make_data(a, world: Path, encoder, tokenizer, width: int, rotation: torch.Te
     ]
     for i, ex in examples:
         for turns in ex.conversations:
-            ids, labels = llava.encode(shapes.llava_turns(turns), template, tokenizer, 64)
+            ids, labels = llava.encode(shapes.llava_turns(turns), template, tokenizer, MAX_TOKENS)
             convs.append((i, ids, labels))
         for caption in ex.captions:
             turns = [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": caption}]
-            ids, labels = llava.encode(turns, template, tokenizer, 64)
+            ids, labels = llava.encode(turns, template, tokenizer, MAX_TOKENS)
             caps.append((i, ids, labels))
     for start in range(0, len(examples), 64):
         chunk = examples[start : start + 64]
@@ -145,7 +146,7 @@ def train(a, mm: MultimodalGPT, feats, convs, caps) -> list[float]:
 
 
 def answer(a, mm, encoder, tokenizer, world: Path, rotation: torch.Tensor, width: int) -> dict[str, float]:
-    """Validation accuracy per question type, with the image."""
+    """Accuracy per question type on `a.eval_split` of `world`, with the image."""
     summary = json.loads((world / "summary.json").read_text())
     answerer = runner.Answerer(Assistant(mm, encoder, tokenizer, "phi2"), GenerationSettings(6), 32, 0)
     if a.features == "oracle":
@@ -157,7 +158,8 @@ def answer(a, mm, encoder, tokenizer, world: Path, rotation: torch.Tensor, width
 
         answerer.features = features
     mm.eval()
-    scores, _ = tasks.vqa(answerer, world / "eval" / "vqa_val.jsonl", world, None, "", a.limit, 0, ("image",))
+    questions = world / "eval" / f"vqa_{a.eval_split}.jsonl"
+    scores, _ = tasks.vqa(answerer, questions, world, None, "", a.limit, 0, ("image",))
     return {s.metric.removeprefix("accuracy/"): s.conditions["image"].value for s in scores}
 
 
@@ -176,7 +178,9 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--captions", type=float, default=0.5, help="fraction of each batch that are caption turns")
-    p.add_argument("--limit", type=int, default=300, help="validation questions")
+    p.add_argument("--limit", type=int, default=300, help="questions answered")
+    p.add_argument("--eval_world", type=Path, help="answer another shapes world's questions (default: the demo's)")
+    p.add_argument("--eval_split", default="val", help="the split whose questions are answered")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     start = time.perf_counter()
@@ -190,9 +194,10 @@ def main() -> None:
     mm.set_feature_statistics(torch.stack(list(feats.values())))
     mm.lm.max_seq_length = min(mm.lm.config.block_size, config.num_patches + 1 + max(len(c[1]) for c in convs + caps))
     losses = train(a, mm, feats, convs, caps)
-    accuracy = answer(a, mm, encoder, tokenizer, world, rotation, width)
+    accuracy = answer(a, mm, encoder, tokenizer, a.eval_world or world, rotation, width)
     row = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}, "accuracy": accuracy}
     row |= {"final_loss": sum(losses[-50:]) / 50, "seconds": round(time.perf_counter() - start)}
+    row |= {"max_tokens": MAX_TOKENS}  # rows without it: conversations cut at 64 tokens, grouped as before the fix
     print(json.dumps(row))
     with open(HERE / "lm_probe.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")

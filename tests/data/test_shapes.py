@@ -5,6 +5,7 @@ Truth is checked against the images themselves: `read_image` finds the shapes fr
 palette, kind by fill ratio and centroid, cell by location) and `answer` re-answers each question from that.
 """
 
+import hashlib
 import json
 import re
 from collections import Counter
@@ -19,6 +20,7 @@ import litgpt_mm.data.prepare_llava_instruct
 import litgpt_mm.data.prepare_shapes
 from litgpt_mm.data import shapes
 
+POPE_SHA256 = "74970a63b08e927beaff260e9bef26c6d39c6bd1d341e06ded496234f7369898"  # ids 1-100 of seed 42, as ever
 N = {"train": 40, "val": 10, "test": 20}
 DIRS = {"train": "train2017", "val": "val2017", "test": "test"}
 PALETTE = np.array(list(shapes.COLOURS.values()), dtype=float)
@@ -327,6 +329,44 @@ def test_prepare_llava_reads_the_world_unchanged(world, prepared_gutenberg, tmp_
         sum(1 for s in samples for a, b in zip(s["labels"], s["labels"][1:], strict=False) if a == -100 and b != -100)
         == turns
     )
+    assert summary["train_truncated_samples"] == summary["train_answer_tokens_cut"] == 0
+    # cut where every sample keeps its first answer: the longer ones lose later answers, counted
+    cut = max(_first_answer_end(s["labels"]) for s in samples)
+    assert any(len(s["ids"]) > cut for s in samples[: summary["train_samples"]])
+    short = litgpt_mm.data.prepare_llava_instruct.prepare(
+        tokenizer_dir=prepared_gutenberg / "tokenizer",
+        data_path=world / "llava_train.json",
+        images_dir=world / "train2017",
+        subset_images=None,
+        max_tokens=cut,
+        out_dir=tmp_path / "llava_short",
+    )
+    assert short["skipped"] == [] and short["train_truncated_samples"] > 0
+    assert short["train_answer_tokens"] + short["train_answer_tokens_cut"] == summary["train_answer_tokens"]
+
+
+def _first_answer_end(labels: list[int]) -> int:
+    """The length of a sample up to the end of its first answer."""
+    start = next(i for i, label in enumerate(labels) if label != -100)
+    return next((i for i in range(start, len(labels)) if labels[i] == -100), len(labels))
+
+
+def test_where_a_question_is_asked_tells_nothing_of_its_answer():
+    first, index = Counter(), Counter()
+    for image_id in range(1, 3001):
+        for turns in shapes.make_example(42, image_id).conversations:
+            for i, q in enumerate(turns):
+                if q.type == "yesno":
+                    first[q.answer] += i == 0
+                    index[q.answer] += i
+    n = 3000  # one "yes" and one "no" question per image
+    assert abs(first["yes"] - first["no"]) / n < 0.04, first
+    assert abs(index["yes"] - index["no"]) / n < 0.06, index
+
+
+def test_the_conversations_leave_the_evaluation_questions_as_they_were():
+    pope = [shapes.make_example(42, image_id).pope for image_id in range(1, 101)]
+    assert hashlib.sha256(json.dumps(pope).encode()).hexdigest() == POPE_SHA256
 
 
 def test_rerun_replaces_the_world_and_failures_keep_it(script, tmp_path, monkeypatch):
