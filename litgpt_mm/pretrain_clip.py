@@ -252,20 +252,6 @@ class PatchPositions:
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
 
 
-def with_position_loss(loss_fn: Callable, positions: PatchPositions, weight: float) -> Callable:
-    """`loss_fn` plus, in training, `weight` times the patch-position loss of the same forward."""
-
-    def combined(batch):
-        loss, metrics = loss_fn(batch)
-        if torch.is_grad_enabled():
-            position = positions.loss()
-            loss = loss + weight * position
-            metrics = {**metrics, "position_loss": position.detach()}
-        return loss, metrics
-
-    return combined
-
-
 def save_clip(model: torch.nn.Module, model_name: str, preprocess_cfg: dict, directory: Path) -> None:
     """The CLIP weights and configs in open_clip's layouts (atomically, file by file)."""
     model_cfg = open_clip.get_model_config(model_name)
@@ -310,9 +296,9 @@ def main(
     )
 
     negatives = HardNegatives(data_dir, data["train"].records, tokenizer) if hard_negatives else None
-    loss_fn = contrastive_loss(fabric, state["model"], clip_loss, negatives, seed, loaders["train"])
-    if positions is not None:
-        loss_fn = with_position_loss(loss_fn, positions, position_loss)
+    loss_fn = contrastive_loss(
+        fabric, state["model"], clip_loss, negatives, seed, loaders["train"], positions, position_loss
+    )
     world = data_dir if (data_dir / "summary.json").is_file() else None
     on_eval = zero_shot_hook(fabric, model, tokenizer, preprocess, world, zero_shot_images)
     preprocess_cfg = dict(model.visual.preprocess_cfg)
@@ -391,9 +377,12 @@ def contrastive_loss(
     negatives: HardNegatives | None,
     seed: int,
     train_loader,
+    positions: PatchPositions | None = None,
+    position_weight: float = 0.0,
 ) -> Callable:
     """`Stage`'s loss: `ClipLoss` over each image and one of its captions (drawn in training, the first one in
-    validation), plus in training the hard-negative loss when `negatives` is given."""
+    validation), plus in training the hard-negative loss when `negatives` is given and `position_weight` times the
+    patch-position loss when `positions` is."""
 
     def loss_fn(batch):
         # the draws of a training micro-batch depend on the seed and its position only, so a resumed run repeats them
@@ -414,6 +403,10 @@ def contrastive_loss(
             )
             metrics["hard_negative_loss"] = hard.detach()
             loss = loss + hard
+        if positions is not None and wrapped.training:
+            position = positions.loss()
+            metrics["position_loss"] = position.detach()
+            loss = loss + position_weight * position
         return loss, {"loss": contrastive.detach(), **metrics}
 
     return loss_fn
