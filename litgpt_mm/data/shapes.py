@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -150,12 +151,19 @@ class Scene:
 @dataclass(frozen=True)
 class Question:
     """A question of one of `QUESTION_TYPES`, its answer, and the index of the shape it is about (None: the count
-    question and negative yes/no questions, which are about no particular shape)."""
+    question and negative yes/no questions, which are about no particular shape), or `about`: the indices of every
+    shape it is about when there are several (whether a kind is present, of a kind drawn twice)."""
 
     type: str
     text: str
     answer: str
     shape: int | None = None
+    about: tuple[int, ...] = ()
+
+    @property
+    def referents(self) -> set[int]:
+        """Every shape the question is about."""
+        return set(self.about) | ({self.shape} if self.shape is not None else set())
 
 
 def sample_scene(
@@ -396,27 +404,40 @@ def conversations(qs: list[Question], rng: random.Random, n_conversations: int =
     off an earlier turn (e.g. "What colour is the circle?" after "Is there a red circle?").
 
     A question goes to a uniformly random conversation (of `n_conversations`, or more if one shape has more questions;
-    empty ones dropped) among those holding no other question about its shape, and to a uniformly random turn in it.
+    empty ones dropped) among those holding no other question about its shapes, and to a uniformly random turn in it.
     A "no" question is placed as if it were about a random shape, as its "yes" twin is, so where a yes/no question is
     asked tells nothing about its answer. (Filling the first conversation greedily put the questions about no shape
     in its late turns and left "yes" questions first, and a model learnt "a first question: yes".)
     """
-    shape_ids = sorted({q.shape for q in qs if q.shape is not None})
-    owners = [q.shape if q.shape is not None or q.type != "yesno" else rng.choice(shape_ids) for q in qs]
-    per_shape = Counter(owner for owner in owners if owner is not None)
+    shape_ids = sorted({i for q in qs for i in q.referents})
+    about = [q.referents or ({rng.choice(shape_ids)} if q.type == "yesno" else set()) for q in qs]
+    per_shape = Counter(i for refs in about for i in refs)
     k = max([n_conversations, *per_shape.values()])
-    slots = {shape: rng.sample(range(k), n) for shape, n in sorted(per_shape.items())}
     groups: list[list[Question]] = [[] for _ in range(k)]
-    for q, owner in zip(qs, owners, strict=True):
-        groups[rng.randrange(k) if owner is None else slots[owner].pop()].append(q)
+    taken: list[set[int]] = [set() for _ in range(k)]
+    # questions about several shapes first: each shape has at most k questions, so every later one finds a place
+    for j in sorted(range(len(qs)), key=lambda j: -len(about[j])):
+        free = [g for g in range(k) if not about[j] & taken[g]] if about[j] else range(k)
+        g = rng.choice(free)
+        groups[g].append(qs[j])
+        taken[g] |= about[j]
     for group in groups:
         rng.shuffle(group)
     return [group for group in groups if group]
 
 
+def ask_presence(scene: Scene, pope: list[tuple[str, str]], rng: random.Random) -> Question:
+    """One of the image's POPE-style questions ("Is there a triangle in the image?", half of them "no"), as a
+    training question about every shape of that kind."""
+    text, label = rng.choice(pope)
+    kind = next(k for k in KINDS if re.search(rf"\b{k}\b", text))
+    return Question("yesno", text, label, about=tuple(i for i, s in enumerate(scene.shapes) if s.kind == kind))
+
+
 @dataclass(frozen=True)
 class Example:
-    """A scene, everything said about it, and the seed of its background noise (for `draw`)."""
+    """A scene, everything said about it, and the seed of its background noise (for `draw`). The conversations
+    (training data) hold the questions, and one of the POPE-style questions in a conversation of its own."""
 
     scene: Scene
     captions: list[str]
@@ -442,8 +463,12 @@ def make_example(seed: int, image_id: int, max_shapes: int = 3, noise: float = 0
     qs = questions(scene, rng)
     texts = captions(scene, rng, n_captions)
     rng.sample(qs, len(qs))  # the draw conversations were once grouped by: the POPE questions after it stay the same
-    turns = conversations(qs, random.Random(f"shapes_world/{seed}/{image_id}/conversations"))
-    return Example(scene, texts, qs, turns, pope_questions(scene, rng), noise_seed)
+    pope = pope_questions(scene, rng)
+    turn_rng = random.Random(f"shapes_world/{seed}/{image_id}/conversations")
+    # a turn of its own, first as at evaluation (placed among other turns, "yes" would come first more often: a
+    # kind drawn twice leaves fewer turns free of its shapes)
+    turns = [*conversations(qs, turn_rng), [ask_presence(scene, pope, turn_rng)]]
+    return Example(scene, texts, qs, turns, pope, noise_seed)
 
 
 def llava_turns(turns: list[Question]) -> list[dict]:

@@ -7,7 +7,10 @@ exact match, with the image) by type. The features are, one at a time:
 * `tower`: a CLIP tower's patch tokens at a block (default: the demo's tower and block);
 * `random`: the same architecture with random weights;
 * `oracle`: each patch's exact content as codes (the colour, kind and cell of the shapes overlapping it, weighted by
-  the overlap, and the patch's row and column), randomly rotated to fill every channel.
+  the overlap, and the patch's row and column), randomly rotated to fill every channel;
+* `text`: no image at all: the scene written out before the first question, as the world's own full caption
+  (`shapes.describe`: "there are two shapes: a red circle at the top left and a blue square in the centre"), so
+  the answer is in the prompt's words and only the LM's reading of its context is tested.
 
 The LM is the demo's pretrained one or a fresh initialisation of the same config, trained in full, with LoRA, or with
 QLoRA (nf4); the projector is always re-initialised (new features), with feature statistics of the training images.
@@ -104,13 +107,16 @@ def make_data(a, world: Path, encoder, tokenizer, width: int, rotation: torch.Te
     ]
     for i, ex in examples:
         for turns in ex.conversations:
-            ids, labels = llava.encode(shapes.llava_turns(turns), template, tokenizer, MAX_TOKENS)
+            rows = shapes.llava_turns(turns)
+            if a.features == "text":
+                rows[0]["value"] = rows[0]["value"].replace("<image>\n", shapes.describe(ex.scene.shapes) + "\n")
+            ids, labels = llava.encode(rows, template, tokenizer, MAX_TOKENS + 32 * (a.features == "text"))
             convs.append((i, ids, labels))
         for caption in ex.captions:
             turns = [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": caption}]
             ids, labels = llava.encode(turns, template, tokenizer, MAX_TOKENS)
             caps.append((i, ids, labels))
-    for start in range(0, len(examples), 64):
+    for start in range(0, len(examples) if a.features != "text" else 0, 64):
         chunk = examples[start : start + 64]
         if a.features == "oracle":
             out = [oracle_features(ex.scene, width, rotation) for _, ex in chunk]
@@ -133,7 +139,8 @@ def train(a, mm: MultimodalGPT, feats, convs, caps) -> list[float]:
         for group in opt.param_groups:
             group["lr"] = a.lr * scale
         mm.train()
-        logits, targets = mm([feats[i][None] for i, _, _ in batch], [b[1] for b in batch], [b[2] for b in batch], True)
+        images = [feats[i][None] if i in feats else None for i, _, _ in batch]
+        logits, targets = mm(images, [b[1] for b in batch], [b[2] for b in batch], True)
         loss = target_cross_entropy(logits, targets)
         opt.zero_grad()
         loss.backward()
@@ -146,8 +153,10 @@ def train(a, mm: MultimodalGPT, feats, convs, caps) -> list[float]:
 
 
 def answer(a, mm, encoder, tokenizer, world: Path, rotation: torch.Tensor, width: int) -> dict[str, float]:
-    """Accuracy per question type on `a.eval_split` of `world`, with the image."""
+    """Accuracy per question type on `a.eval_split` of `world`, with the image (or its description)."""
     summary = json.loads((world / "summary.json").read_text())
+    if a.features == "text":
+        return answer_described(a, mm, encoder, tokenizer, world, summary)
     answerer = runner.Answerer(Assistant(mm, encoder, tokenizer, "phi2"), GenerationSettings(6), 32, 0)
     if a.features == "oracle":
 
@@ -163,10 +172,30 @@ def answer(a, mm, encoder, tokenizer, world: Path, rotation: torch.Tensor, width
     return {s.metric.removeprefix("accuracy/"): s.conditions["image"].value for s in scores}
 
 
+def answer_described(a, mm, encoder, tokenizer, world: Path, summary: dict) -> dict[str, float]:
+    """Accuracy per question type with the scene described before each question and no image."""
+    assistant = Assistant(mm, encoder, tokenizer, "phi2")
+    rows = [json.loads(line) for line in (world / "eval" / f"vqa_{a.eval_split}.jsonl").open()][: a.limit]
+    scenes = {}
+    for r in rows:
+        image_id = int(Path(r["image"]).stem)
+        if image_id not in scenes:
+            scenes[image_id] = shapes.make_example(summary["seed"], image_id, summary["max_shapes"], summary["noise"])
+    prompts = [f"{shapes.describe(scenes[int(Path(r['image']).stem)].scene.shapes)}\n{r['question']}" for r in rows]
+    right: dict[str, list[bool]] = {}
+    mm.eval()
+    for start in range(0, len(rows), 64):
+        chunk = prompts[start : start + 64]
+        answers = assistant.answer_batch(chunk, [[]] * len(chunk), GenerationSettings(6))
+        for r, answer in zip(rows[start : start + 64], answers, strict=True):
+            right.setdefault(r["type"], []).append(answer.strip().lower().rstrip(".") == r["answers"][0])
+    return {kind: sum(v) / len(v) for kind, v in sorted(right.items())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo_dir", type=Path, default=Path("out/demo"))
-    p.add_argument("--features", choices=("tower", "random", "oracle"), default="tower")
+    p.add_argument("--features", choices=("tower", "random", "oracle", "text"), default="tower")
     p.add_argument("--tower", help="another tower's weights (the demo's CLIP model name)")
     p.add_argument("--layer", type=int, help="tower block to read (default: the demo's)")
     p.add_argument("--lm", choices=("pretrained", "fresh"), default="fresh")
@@ -183,6 +212,8 @@ def main() -> None:
     p.add_argument("--eval_split", default="val", help="the split whose questions are answered")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    if a.features == "text" and a.captions:
+        p.error("--features text has no image to describe: pass --captions 0")
     start = time.perf_counter()
     demo, world = a.demo_dir, a.demo_dir / "data" / "shapes"
     mm, config = build_model(a, demo)
@@ -191,13 +222,16 @@ def main() -> None:
     width = config.vision_width
     rotation = torch.linalg.qr(torch.randn(width, width, generator=torch.Generator().manual_seed(0)))[0] * 4
     feats, convs, caps = make_data(a, world, encoder, tokenizer, width, rotation)
-    mm.set_feature_statistics(torch.stack(list(feats.values())))
-    mm.lm.max_seq_length = min(mm.lm.config.block_size, config.num_patches + 1 + max(len(c[1]) for c in convs + caps))
+    if feats:
+        mm.set_feature_statistics(torch.stack(list(feats.values())))
+    longest = max(len(c[1]) for c in convs + caps) + (config.num_patches + 1 if feats else 0)
+    mm.lm.max_seq_length = min(mm.lm.config.block_size, longest)
     losses = train(a, mm, feats, convs, caps)
     accuracy = answer(a, mm, encoder, tokenizer, a.eval_world or world, rotation, width)
     row = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}, "accuracy": accuracy}
     row |= {"final_loss": sum(losses[-50:]) / 50, "seconds": round(time.perf_counter() - start)}
     row |= {"max_tokens": MAX_TOKENS}  # rows without it: conversations cut at 64 tokens, grouped as before the fix
+    row |= {"pope_style_turns": True}  # rows without it: no POPE-style question in the training conversations
     print(json.dumps(row))
     with open(HERE / "lm_probe.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")

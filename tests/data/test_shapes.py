@@ -255,9 +255,9 @@ def test_every_answer_is_true_and_every_question_unambiguous(world, seen):
                 assert not refs & about, f"{row['id']}: two turns about the same shape (the answer leaks)"
                 about |= refs
                 types[question_type(q["value"].removeprefix("<image>\n"))] += 1
-        # the headline question: at least one per image (one per shape), a quarter of all turns or more
-        assert types["colour"] >= N[split] and types["colour"] >= 0.25 * sum(types.values())
-        assert types["yesno"] >= 2 * N[split] - 1
+        # the headline question: at least one per image (one per shape), a fifth of all turns or more
+        assert types["colour"] >= N[split] and types["colour"] >= 0.2 * sum(types.values())
+        assert types["yesno"] == 3 * N[split]  # one "yes", one "no" and one POPE-style question per image
 
 
 def test_captions_are_true(world, seen):
@@ -352,16 +352,30 @@ def _first_answer_end(labels: list[int]) -> int:
 
 
 def test_where_a_question_is_asked_tells_nothing_of_its_answer():
-    first, index = Counter(), Counter()
+    first, index, n = Counter(), Counter(), Counter()
     for image_id in range(1, 3001):
         for turns in shapes.make_example(42, image_id).conversations:
             for i, q in enumerate(turns):
                 if q.type == "yesno":
+                    n[q.answer] += 1
                     first[q.answer] += i == 0
                     index[q.answer] += i
-    n = 3000  # one "yes" and one "no" question per image
-    assert abs(first["yes"] - first["no"]) / n < 0.04, first
-    assert abs(index["yes"] - index["no"]) / n < 0.06, index
+    # per image one "yes" and one "no" question, and one POPE-style question, "yes" or "no" at random
+    assert n.total() == 3 * 3000 and abs(n["yes"] - n["no"]) / n.total() < 0.05, n
+    assert abs(first["yes"] / n["yes"] - first["no"] / n["no"]) < 0.04, (first, n)
+    assert abs(index["yes"] / n["yes"] - index["no"] / n["no"]) < 0.06, (index, n)
+
+
+def test_each_training_image_asks_one_pope_style_question():
+    labels = Counter()
+    for image_id in range(1, 501):
+        example = shapes.make_example(42, image_id)
+        asked = [q for turns in example.conversations for q in turns if q not in example.questions]
+        assert len(asked) == 1 and (asked[0].text, asked[0].answer) in example.pope, asked
+        kind = next(k for k in shapes.KINDS if k in asked[0].text)
+        assert asked[0].referents == {i for i, s in enumerate(example.scene.shapes) if s.kind == kind}
+        labels[asked[0].answer] += 1
+    assert abs(labels["yes"] - labels["no"]) < 60, labels
 
 
 def test_the_conversations_leave_the_evaluation_questions_as_they_were():

@@ -1,0 +1,130 @@
+"""Can the demo's LM configuration learn to read its own context? Two text-only checks, no image, no projector.
+
+* `--task world`: a fresh `phi-2-moe-tiny` (litgpt's pretraining initialisation) trained with the LM loss on every
+  token of shapes-world documents: an image's full caption, then each of its questions with the answer
+  ("there are two shapes: a red circle at the top left and a blue square in the centre / What colour is the
+  square? blue / ..."); then it answers the questions of 300 held-out images of another world (seed 7) from the
+  caption, greedy, exact match, by type. Every answer is in the prompt's words.
+* `--task copy`: the same LM on random token strings repeated once (the second half predicted from the first:
+  what an induction head does), reporting the copy accuracy as it trains: that it can learn to read its context
+  at all.
+
+    python reports/eval-cpu-shapes/text_lm.py --task copy --steps 500       # after `make demo` (its tokenizer)
+    python reports/eval-cpu-shapes/text_lm.py --task world --steps 1000
+
+Appends one JSON line per run to `text_lm.jsonl` beside this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from litgpt_mm.config import Config
+from litgpt_mm.data import shapes
+from litgpt_mm.pretrain import init_model
+from litgpt_mm.training.checkpoint import load_tokenizer
+
+HERE = Path(__file__).parent
+BATCH = 16
+
+
+def document(example: shapes.Example, rng: random.Random) -> str:
+    questions = rng.sample(example.questions, len(example.questions))
+    return shapes.describe(example.scene.shapes) + "\n" + "\n".join(f"{q.text} {q.answer}" for q in questions)
+
+
+def batch_world(docs: list[torch.Tensor], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    chosen = rng.sample(docs, BATCH)
+    T = max(len(d) for d in chosen)
+    x, y = torch.zeros(BATCH, T, dtype=torch.long), torch.full((BATCH, T), -100, dtype=torch.long)
+    for k, d in enumerate(chosen):
+        x[k, : len(d)], y[k, : len(d) - 1] = d, d[1:]
+    return x, y
+
+
+def batch_copy(generator: torch.Generator, vocab: int, half: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    first = torch.randint(100, vocab, (BATCH, half), generator=generator)
+    x = torch.cat([first, first], 1)
+    y = torch.full_like(x, -100)
+    y[:, half - 1 : -1] = x[:, half:]
+    return x, y
+
+
+def answer_world(lm, tokenizer, limit_images: int = 300) -> dict[str, float]:
+    right: dict[str, list[bool]] = {}
+    lm.eval()
+    with torch.no_grad():
+        for image_id in range(1, limit_images + 1):
+            example = shapes.make_example(7, image_id)
+            for q in example.questions:
+                ids = tokenizer.encode(shapes.describe(example.scene.shapes) + "\n" + q.text, bos=False, eos=False)
+                out: list[int] = []
+                for _ in range(6):
+                    token = int(lm(torch.cat([ids, torch.tensor(out, dtype=torch.long)])[None])[0, -1].argmax())
+                    if token == tokenizer.eos_id or "\n" in tokenizer.decode(torch.tensor(out + [token])):
+                        break
+                    out.append(token)
+                right.setdefault(q.type, []).append(tokenizer.decode(torch.tensor(out)).strip() == q.answer)
+    return {kind: sum(v) / len(v) for kind, v in sorted(right.items())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--demo_dir", type=Path, default=Path("out/demo"))
+    p.add_argument("--task", choices=("world", "copy"), default="world")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--images", type=int, default=20000, help="training images of `world` (ids no split uses)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(a.demo_dir / "pretrain-moe" / "final")
+    torch.manual_seed(a.seed)
+    config = Config.from_file(a.demo_dir / "pretrain-moe" / "final" / "model_config.yaml")
+    lm = init_model(L.Fabric(accelerator="cpu", devices=1), config, config.block_size, False)
+    opt = torch.optim.AdamW(lm.parameters(), lr=a.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    rng, generator = random.Random(a.seed), torch.Generator().manual_seed(a.seed)
+    if a.task == "world":
+        docs = [
+            tokenizer.encode(document(shapes.make_example(42, i), random.Random(i)), bos=False, eos=True)
+            for i in range(1_000_000, 1_000_000 + a.images)
+        ]
+    log = []
+    for step in range(1, a.steps + 1):
+        x, y = batch_world(docs, rng) if a.task == "world" else batch_copy(generator, config.vocab_size)
+        scale = min(1.0, step / 30) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / a.steps)))
+        for group in opt.param_groups:
+            group["lr"] = a.lr * scale
+        lm.train()
+        logits = lm(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            row = {"step": step, "loss": round(loss.item(), 4)}
+            if a.task == "copy":
+                keep = y != -100
+                row["copy_accuracy"] = round((logits.argmax(-1)[keep] == y[keep]).float().mean().item(), 3)
+            log.append(row)
+            print(row, flush=True)
+    result = {**vars(a), "demo_dir": str(a.demo_dir), "log": log, "seconds": round(time.perf_counter() - start)}
+    if a.task == "world":
+        result["accuracy"] = answer_world(lm, tokenizer)
+    print(json.dumps({k: v for k, v in result.items() if k != "log"}))
+    with open(HERE / "text_lm.jsonl", "a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
