@@ -11,6 +11,7 @@
 
     python reports/eval-cpu-shapes/text_lm.py --task copy --steps 500       # after `make demo` (its tokenizer)
     python reports/eval-cpu-shapes/text_lm.py --task world --steps 1000
+    python reports/eval-cpu-shapes/text_lm.py --task world --copy_steps 500 --steps 1000 --save out/lm_copy_world
 
 Appends one JSON line per run to `text_lm.jsonl` beside this file.
 """
@@ -77,6 +78,16 @@ def answer_world(lm, tokenizer, limit_images: int = 300) -> dict[str, float]:
     return {kind: sum(v) / len(v) for kind, v in sorted(right.items())}
 
 
+def save_lm(lm, out: Path, tokenizer_dir: Path) -> None:
+    import shutil
+
+    from litgpt_mm.model import save_checkpoint
+
+    save_checkpoint(lm, out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, out / name)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo_dir", type=Path, default=Path("out/demo"))
@@ -84,6 +95,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--images", type=int, default=20000, help="training images of `world` (ids no split uses)")
+    p.add_argument("--copy_steps", type=int, default=0, help="`world`: first train this many steps of `copy`")
+    p.add_argument("--save", type=Path, help="write the trained LM here (litgpt layout, with the demo's tokenizer)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     start = time.perf_counter()
@@ -99,9 +112,11 @@ def main() -> None:
             for i in range(1_000_000, 1_000_000 + a.images)
         ]
     log = []
-    for step in range(1, a.steps + 1):
-        x, y = batch_world(docs, rng) if a.task == "world" else batch_copy(generator, config.vocab_size)
-        scale = min(1.0, step / 30) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / a.steps)))
+    total = a.steps + a.copy_steps * (a.task == "world")
+    for step in range(1, total + 1):
+        copy = a.task == "copy" or step <= a.copy_steps
+        x, y = batch_copy(generator, config.vocab_size) if copy else batch_world(docs, rng)
+        scale = min(1.0, step / 30) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total)))
         for group in opt.param_groups:
             group["lr"] = a.lr * scale
         lm.train()
@@ -113,12 +128,15 @@ def main() -> None:
         opt.step()
         if step % 50 == 0:
             row = {"step": step, "loss": round(loss.item(), 4)}
-            if a.task == "copy":
+            if copy:
                 keep = y != -100
                 row["copy_accuracy"] = round((logits.argmax(-1)[keep] == y[keep]).float().mean().item(), 3)
             log.append(row)
             print(row, flush=True)
-    result = {**vars(a), "demo_dir": str(a.demo_dir), "log": log, "seconds": round(time.perf_counter() - start)}
+    if a.save:
+        save_lm(lm, a.save, a.demo_dir / "pretrain-moe" / "final")
+    result = {**vars(a), "demo_dir": str(a.demo_dir), "save": str(a.save), "log": log}
+    result["seconds"] = round(time.perf_counter() - start)
     if a.task == "world":
         result["accuracy"] = answer_world(lm, tokenizer)
     print(json.dumps({k: v for k, v in result.items() if k != "log"}))
