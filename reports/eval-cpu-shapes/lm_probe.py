@@ -12,7 +12,8 @@ exact match, with the image) by type. The features are, one at a time:
   (`shapes.describe`: "there are two shapes: a red circle at the top left and a blue square in the centre"), so
   the answer is in the prompt's words and only the LM's reading of its context is tested.
 
-The LM is the demo's pretrained one or a fresh initialisation of the same config, trained in full, with LoRA, or with
+The LM is the demo's pretrained one or a fresh initialisation of the same config (`fresh`: PyTorch's default of every
+layer; `fresh_litgpt`: litgpt's pretraining initialisation, as stage 1 starts from), trained in full, with LoRA, or with
 QLoRA (nf4); the projector is always re-initialised (new features), with feature statistics of the training images.
 A batch mixes the world's conversations with "Describe the image." turns answered by a caption (`--captions`).
 
@@ -30,6 +31,7 @@ import random
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 
@@ -40,6 +42,7 @@ from litgpt_mm.model import load_model
 from litgpt_mm.models.qlora import LoRASettings, add_lora, quantize_nf4
 from litgpt_mm.models.vision import CLIPPatchEncoder
 from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, target_cross_entropy
+from litgpt_mm.pretrain import init_model
 from litgpt_mm.prompts import TEMPLATES
 from litgpt_mm.training.checkpoint import load_tokenizer
 
@@ -73,6 +76,9 @@ def build_model(a, demo: Path) -> tuple[MultimodalGPT, MultimodalConfig]:
     if a.lm == "fresh":
         torch.manual_seed(a.seed)
         lm = type(lm)(lm.config)  # PyTorch's default initialisation of every layer
+    elif a.lm == "fresh_litgpt":
+        torch.manual_seed(a.seed)
+        lm = init_model(L.Fabric(accelerator="cpu", devices=1), lm.config, lm.config.block_size, False)
     if a.tune != "full":
         lm.requires_grad_(False)
         add_lora(lm, LoRASettings(r=16, alpha=32, dropout=0.0, key=True, projection=True, mlp=True, head=a.lora_head))
@@ -198,7 +204,7 @@ def main() -> None:
     p.add_argument("--features", choices=("tower", "random", "oracle", "text"), default="tower")
     p.add_argument("--tower", help="another tower's weights (the demo's CLIP model name)")
     p.add_argument("--layer", type=int, help="tower block to read (default: the demo's)")
-    p.add_argument("--lm", choices=("pretrained", "fresh"), default="fresh")
+    p.add_argument("--lm", choices=("pretrained", "fresh", "fresh_litgpt"), default="fresh")
     p.add_argument("--tune", choices=("full", "lora", "qlora"), default="full")
     p.add_argument("--also_train", nargs="*", default=[], help="with LoRA: also train parameters whose name has one")
     p.add_argument("--lora_head", action="store_true", help="LoRA on the LM head too")
