@@ -226,14 +226,16 @@ def load_split(data_dir: Path, split: str, preprocess, tokenizer) -> CaptionedIm
 class PatchPositions:
     """The patch-position loss: each patch token, as the LM reads it (the last block's output, as `CLIPPatchEncoder`
     reads it by default, taken by a hook on the tower's forward), is scored against every grid index through a fixed
-    random unit-norm readout; the loss is the cross-entropy of its own index (position prediction, Zhai et al. 2022).
+    random unit-norm readout; the loss is the cross-entropy of its own index (position prediction, Zhai et al. 2022),
+    added to the training loss times `weight`.
 
     The readout is fixed so that the tower itself must keep each token's place prominent: a trained readout adapts
     to whatever the tower keeps, and then the LM reads the position no better than without the loss (measured in
     `reports/eval-cpu-shapes`).
     """
 
-    def __init__(self, visual: torch.nn.Module, seed: int) -> None:
+    def __init__(self, visual: torch.nn.Module, seed: int, weight: float = 1.0) -> None:
+        self.weight = weight
         self.n_patches = visual.grid_size[0] * visual.grid_size[1]
         generator = torch.Generator().manual_seed(seed)
         readout = torch.randn(self.n_patches, visual.transformer.width, generator=generator)
@@ -283,7 +285,7 @@ def main(
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, output_dict=True)
     if resume_dir is not None:
         model.load_state_dict(load_file(resume_dir / WEIGHTS))
-    positions = PatchPositions(model.visual, seed) if position_loss else None
+    positions = PatchPositions(model.visual, seed, position_loss) if position_loss else None
     tokenizer = open_clip.get_tokenizer(model_name)
     data = {split: load_split(data_dir, split, preprocess, tokenizer) for split in ("train", "val")}
     loaders = clip_loaders(fabric, data, train, seed, str(data_dir), num_workers)
@@ -296,9 +298,7 @@ def main(
     )
 
     negatives = HardNegatives(data_dir, data["train"].records, tokenizer) if hard_negatives else None
-    loss_fn = contrastive_loss(
-        fabric, state["model"], clip_loss, negatives, seed, loaders["train"], positions, position_loss
-    )
+    loss_fn = contrastive_loss(fabric, state["model"], clip_loss, negatives, seed, loaders["train"], positions)
     world = data_dir if (data_dir / "summary.json").is_file() else None
     on_eval = zero_shot_hook(fabric, model, tokenizer, preprocess, world, zero_shot_images)
     preprocess_cfg = dict(model.visual.preprocess_cfg)
@@ -378,11 +378,10 @@ def contrastive_loss(
     seed: int,
     train_loader,
     positions: PatchPositions | None = None,
-    position_weight: float = 0.0,
 ) -> Callable:
     """`Stage`'s loss: `ClipLoss` over each image and one of its captions (drawn in training, the first one in
-    validation), plus in training the hard-negative loss when `negatives` is given and `position_weight` times the
-    patch-position loss when `positions` is."""
+    validation), plus in training the hard-negative loss when `negatives` is given and the weighted patch-position
+    loss when `positions` is."""
 
     def loss_fn(batch):
         # the draws of a training micro-batch depend on the seed and its position only, so a resumed run repeats them
@@ -406,7 +405,7 @@ def contrastive_loss(
         if positions is not None and wrapped.training:
             position = positions.loss()
             metrics["position_loss"] = position.detach()
-            loss = loss + position_weight * position
+            loss = loss + positions.weight * position
         return loss, {"loss": contrastive.detach(), **metrics}
 
     return loss_fn

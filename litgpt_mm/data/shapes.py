@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -427,11 +426,12 @@ def conversations(qs: list[Question], rng: random.Random, n_conversations: int =
 
 
 def ask_presence(scene: Scene, pope: list[tuple[str, str]], rng: random.Random) -> Question:
-    """One of the image's POPE-style questions ("Is there a triangle in the image?", half of them "no"), as a
-    training question about every shape of that kind."""
-    text, label = rng.choice(pope)
-    kind = next(k for k in KINDS if re.search(rf"\b{k}\b", text))
-    return Question("yesno", text, label, about=tuple(i for i, s in enumerate(scene.shapes) if s.kind == kind))
+    """One of the image's POPE-style `(kind, label)` pairs (`pope_pairs`: half of them "no") as a training question
+    ("Is there a triangle in the image?") about every shape of that kind."""
+    kind, label = rng.choice(pope)
+    return Question(
+        "yesno", presence_text(kind), label, about=tuple(i for i, s in enumerate(scene.shapes) if s.kind == kind)
+    )
 
 
 @dataclass(frozen=True)
@@ -463,12 +463,12 @@ def make_example(seed: int, image_id: int, max_shapes: int = 3, noise: float = 0
     qs = questions(scene, rng)
     texts = captions(scene, rng, n_captions)
     rng.sample(qs, len(qs))  # the draw conversations were once grouped by: the POPE questions after it stay the same
-    pope = pope_questions(scene, rng)
+    pope = pope_pairs(scene, rng)
     turn_rng = random.Random(f"shapes_world/{seed}/{image_id}/conversations")
     # a turn of its own, first as at evaluation (placed among other turns, "yes" would come first more often: a
     # kind drawn twice leaves fewer turns free of its shapes)
     turns = [*conversations(qs, turn_rng), [ask_presence(scene, pope, turn_rng)]]
-    return Example(scene, texts, qs, turns, pope, noise_seed)
+    return Example(scene, texts, qs, turns, [(presence_text(kind), label) for kind, label in pope], noise_seed)
 
 
 def llava_turns(turns: list[Question]) -> list[dict]:
@@ -480,12 +480,17 @@ def llava_turns(turns: list[Question]) -> list[dict]:
     return out
 
 
-def pope_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
-    """POPE-style `("Is there a <kind> in the image?", "yes"|"no")` pairs: as many absent kinds as present ones (the
-    smaller number of both), so every image is balanced."""
+def presence_text(kind: str) -> str:
+    """POPE's question: "Is there a <kind> in the image?"."""
+    return f"Is there {article(kind)} {kind} in the image?"
+
+
+def pope_pairs(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """POPE-style `(kind, "yes"|"no")` pairs: as many absent kinds as present ones (the smaller number of both), so
+    every image is balanced."""
     present = sorted({s.kind for s in scene.shapes}, key=KINDS.index)
     absent = [k for k in KINDS if k not in present]
     k = min(len(present), len(absent))
     pairs = [(kind, "yes") for kind in rng.sample(present, k)] + [(kind, "no") for kind in rng.sample(absent, k)]
     rng.shuffle(pairs)
-    return [(f"Is there {article(kind)} {kind} in the image?", label) for kind, label in pairs]
+    return pairs

@@ -22,15 +22,18 @@ import argparse
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from litgpt.generate.base import generate
 
 from litgpt_mm.config import Config
 from litgpt_mm.data import shapes
+from litgpt_mm.model import save_checkpoint
 from litgpt_mm.pretrain import init_model
 from litgpt_mm.training.checkpoint import load_tokenizer
 
@@ -63,26 +66,19 @@ def batch_copy(generator: torch.Generator, vocab: int, half: int = 32) -> tuple[
 def answer_world(lm, tokenizer, limit_images: int = 300) -> dict[str, float]:
     right: dict[str, list[bool]] = {}
     lm.eval()
-    with torch.no_grad():
-        for image_id in range(1, limit_images + 1):
-            example = shapes.make_example(7, image_id)
-            for q in example.questions:
-                ids = tokenizer.encode(shapes.describe(example.scene.shapes) + "\n" + q.text, bos=False, eos=False)
-                out: list[int] = []
-                for _ in range(6):
-                    token = int(lm(torch.cat([ids, torch.tensor(out, dtype=torch.long)])[None])[0, -1].argmax())
-                    if token == tokenizer.eos_id or "\n" in tokenizer.decode(torch.tensor(out + [token])):
-                        break
-                    out.append(token)
-                right.setdefault(q.type, []).append(tokenizer.decode(torch.tensor(out)).strip() == q.answer)
+    lm.set_kv_cache(batch_size=1)
+    for image_id in range(1, limit_images + 1):
+        example = shapes.make_example(7, image_id)
+        for q in example.questions:
+            ids = tokenizer.encode(shapes.describe(example.scene.shapes) + "\n" + q.text, bos=False, eos=False)
+            out = generate(lm, ids, len(ids) + 6, temperature=0.0, eos_id=tokenizer.eos_id, include_prompt=False)
+            answer = tokenizer.decode(out[out != tokenizer.eos_id]).split("\n")[0].strip()
+            right.setdefault(q.type, []).append(answer == q.answer)
+    lm.clear_kv_cache()
     return {kind: sum(v) / len(v) for kind, v in sorted(right.items())}
 
 
 def save_lm(lm, out: Path, tokenizer_dir: Path) -> None:
-    import shutil
-
-    from litgpt_mm.model import save_checkpoint
-
     save_checkpoint(lm, out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / name, out / name)
