@@ -333,7 +333,7 @@ def build_multimodal(
 ) -> MultimodalGPT:
     """The frozen LM under a new fp32 projector (and learned separator); `standardize` measures the feature
     statistics on up to 1,024 training images (256 without the cache)."""
-    sep_id = None if config.separator == "learned" else separator_token_id(tokenizer, config.separator)
+    sep_id = separator_token_id(tokenizer, config.separator)
     with fabric.init_module():
         mm = MultimodalGPT(lm, config, separator_id=sep_id)
     mm.projector.float()

@@ -229,8 +229,11 @@ def target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     return F.cross_entropy(logits.float(), targets)
 
 
-def separator_token_id(tokenizer, token: str) -> int:
-    """Id of a single-token separator in `tokenizer` (a clear error if the text is not exactly one token)."""
+def separator_token_id(tokenizer, token: str) -> int | None:
+    """Id of a single-token separator in `tokenizer` (a clear error if the text is not exactly one token); `None` for
+    the `learned` separator."""
+    if token == "learned":
+        return None
     ids = tokenizer.encode(token, bos=False, eos=False).tolist()
     if len(ids) != 1:
         raise ValueError(f"separator {token!r} is {len(ids)} tokens in this tokenizer; use 'learned' or one token")

@@ -3,6 +3,8 @@ instruction-tuning recipe (both methods learn, merged == unmerged, exact resume)
 
 import csv
 import json
+import shutil
+from dataclasses import asdict
 from functools import partial
 
 import pytest
@@ -370,6 +372,26 @@ def test_both_methods_lower_the_loss(aligned, tmp_path, method, capfd):
         assert fed[0] == 0 and max(fed) > 0  # nothing model-fed at p = 1, some once p < 1
         assert p[0] == 1.0 and p[-1] == pytest.approx(1 - 0.2 * 11 / 12)  # linear 1.0 -> 0.8 over the run
         assert p == sorted(p, reverse=True)
+
+
+def test_instruct_after_alignment_with_a_token_separator(aligned, tmp_path, capfd):
+    """An alignment whose separator is a tokenizer token (`--separator "\\n"`), not a learned vector: the instruction
+    stage places that token's embedding after the image, as inference does, and its merged model answers."""
+    align = tmp_path / "align"
+    shutil.copytree(aligned / "align" / "final", align)
+    config = MultimodalConfig.load(align)
+    MultimodalConfig(**{**asdict(config), "separator": "\n"}).save(align)
+    state = torch.load(align / "projector.pth", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "separator"}, align / "projector.pth")
+    args = instruct_args(aligned, tmp_path / "out", "standard", steps=2)
+    args[args.index("--align_dir") + 1] = str(align)
+    proc = run_recipe_here(capfd, args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assistant = Assistant.load(tmp_path / "out" / "merged", device="cpu")
+    newline = assistant.tokenizer.encode("\n", bos=False, eos=False)
+    assert assistant.model.separator is None and assistant.model.separator_id.item() == newline.item()
+    image = sorted((DATA / "coco" / "val2017").glob("*.jpg"))[0]
+    assert list(assistant.stream("What is this?", [image], GenerationSettings(max_new_tokens=3)))
 
 
 def test_bad_scheduling_arguments_fail_before_any_work(tmp_path, capfd):

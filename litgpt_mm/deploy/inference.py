@@ -173,7 +173,7 @@ def load_multimodal(
     elif device.startswith("cuda"):
         lm = lm.to(torch.bfloat16)
     tokenizer = load_tokenizer(tokenizer_dir(checkpoint_dir, config))
-    sep_id = None if config.separator == "learned" else separator_token_id(tokenizer, config.separator)
+    sep_id = separator_token_id(tokenizer, config.separator)
     model = MultimodalGPT(lm, config, separator_id=sep_id).to(device).eval()
     model.load_adapter(checkpoint_dir)
     model.projector.to(lm.transformer.wte.weight.dtype)

@@ -36,7 +36,7 @@ from litgpt_mm.data.tokens import split_loaders
 from litgpt_mm.model import load_model
 from litgpt_mm.models.qlora import LoRASettings, add_lora, lora_state_dict, merged_state_dict, quantize_nf4
 from litgpt_mm.models.vision import CLIPPatchEncoder
-from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, target_cross_entropy
+from litgpt_mm.multimodal import MultimodalConfig, MultimodalGPT, separator_token_id, target_cross_entropy
 from litgpt_mm.training.checkpoint import atomic_torch_save, copy_tokenizer_files, load_tokenizer, save_config
 from litgpt_mm.training.loop import (
     Stage,
@@ -350,7 +350,8 @@ def build_model(
     compute_dtype = torch.bfloat16 if "bf16" in a.precision else torch.float32
     n_quantized = quantize_nf4(lm, compute_dtype) if a.quantize == "nf4" else 0
     lm.activation_checkpointing = a.activation_checkpointing
-    mm = MultimodalGPT(lm, mm_config).to(fabric.device)
+    sep_id = separator_token_id(load_tokenizer(lm_dir), mm_config.separator)
+    mm = MultimodalGPT(lm, mm_config, separator_id=sep_id).to(fabric.device)
     mm.load_adapter(Path(a.align_dir))
     for p in mm.projector.parameters():
         p.requires_grad_(True)
