@@ -72,7 +72,7 @@ def oracle_features(scene: shapes.Scene, width: int, rotation: torch.Tensor) -> 
 
 def build_model(a, demo: Path) -> tuple[MultimodalGPT, MultimodalConfig]:
     config = MultimodalConfig.load(demo / "align" / "final")
-    lm = load_model(demo / "pretrain-moe" / "final", device="cpu")
+    lm = load_model(a.lm_dir or demo / "pretrain-moe" / "final", device="cpu")
     if a.lm == "fresh":
         torch.manual_seed(a.seed)
         lm = type(lm)(lm.config)  # PyTorch's default initialisation of every layer
@@ -205,6 +205,7 @@ def main() -> None:
     p.add_argument("--tower", help="another tower's weights (the demo's CLIP model name)")
     p.add_argument("--layer", type=int, help="tower block to read (default: the demo's)")
     p.add_argument("--lm", choices=("pretrained", "fresh", "fresh_litgpt"), default="fresh")
+    p.add_argument("--lm_dir", type=Path, help="`pretrained`: another LM than the demo's (e.g. text_lm.py --save)")
     p.add_argument("--tune", choices=("full", "lora", "qlora"), default="full")
     p.add_argument("--also_train", nargs="*", default=[], help="with LoRA: also train parameters whose name has one")
     p.add_argument("--lora_head", action="store_true", help="LoRA on the LM head too")
@@ -224,7 +225,7 @@ def main() -> None:
     demo, world = a.demo_dir, a.demo_dir / "data" / "shapes"
     mm, config = build_model(a, demo)
     encoder = encoder_for(a, config)
-    tokenizer = load_tokenizer(demo / "pretrain-moe" / "final")
+    tokenizer = load_tokenizer(a.lm_dir or demo / "pretrain-moe" / "final")
     width = config.vision_width
     rotation = torch.linalg.qr(torch.randn(width, width, generator=torch.Generator().manual_seed(0)))[0] * 4
     feats, convs, caps = make_data(a, world, encoder, tokenizer, width, rotation)

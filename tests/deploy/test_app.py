@@ -1,6 +1,7 @@
 """The Gradio chat in a real headless browser (Debian chromium driven by playwright): an image and a question, a
 follow-up that needs the first turn, streamed answers equal to the model's, clear, and an empty request's error."""
 
+import json
 import os
 import shutil
 import socket
@@ -10,10 +11,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import DATA, REPO, require_tool
-
-from litgpt_mm.deploy.chat import Turn
-from litgpt_mm.deploy.inference import Assistant, GenerationSettings
+from conftest import DATA, REPO, require_tool, run_python
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = [
@@ -75,16 +73,33 @@ def _wait_for_answer(page, expected: str, timeout: float = 120) -> list[str]:
     return seen
 
 
+def _local_answers(checkpoint_dir, image, q1: str, q2: str) -> list[str]:
+    """The model's greedy answers to `q1`, then `q2` after it, and `q2` alone, computed as the app computes them: in
+    a fresh process (the random test model's near-tied logits make its answers sensitive to state that earlier tests
+    leave in this worker process)."""
+    code = (
+        "import json, sys\n"
+        "from litgpt_mm.deploy.chat import Turn\n"
+        "from litgpt_mm.deploy.inference import Assistant, GenerationSettings\n"
+        "ckpt, image, q1, q2 = sys.argv[1:]\n"
+        "local, settings = Assistant.load(ckpt, device='cpu'), GenerationSettings(24)\n"
+        "a1 = local.answer(q1, [image], settings)\n"
+        "a2 = local.answer([Turn('user', q1), Turn('assistant', a1), Turn('user', q2)], [image], settings)\n"
+        "print(json.dumps([a1, a2, local.answer(q2, [image], settings)]))\n"
+    )
+    proc = run_python(["-c", code, str(checkpoint_dir), str(image), q1, q2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_two_turn_chat_with_an_image_in_the_first(app_url, checkpoints, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     image = DATA / "images" / "coffee.png"
     q1, q2 = "What is in the cup?", "And what colour is it?"
-    local, settings = Assistant.load(checkpoints["merged"], device="cpu"), GenerationSettings(24)
-    a1 = local.answer(q1, [image], settings)
-    a2 = local.answer([Turn("user", q1), Turn("assistant", a1), Turn("user", q2)], [image], settings)
+    a1, a2, a2_alone = _local_answers(checkpoints["merged"], image, q1, q2)
     assert a1 and a2  # non-empty answers to look for in the page
-    assert a2 != local.answer(q2, [image], settings)  # so the page's second answer shows the history was used
+    assert a2 != a2_alone  # so the page's second answer shows the history was used
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
