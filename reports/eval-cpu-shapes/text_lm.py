@@ -43,6 +43,7 @@ from litgpt_mm.training.checkpoint import load_tokenizer
 
 HERE = Path(__file__).parent
 BATCH = 16
+LOG_EVERY = 50  # steps
 
 
 def document(example: shapes.Example, rng: random.Random, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,6 +143,8 @@ def main() -> None:
     p.add_argument("--save", type=Path, help="write the trained LM here (litgpt layout, with the demo's tokenizer)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    if a.eval_interval % LOG_EVERY:
+        p.error(f"--eval_interval {a.eval_interval}: use a multiple of {LOG_EVERY} (the steps that are logged)")
     start = time.perf_counter()
     tokenizer = load_tokenizer(a.demo_dir / "pretrain-moe" / "final")
     torch.manual_seed(a.seed)
@@ -168,7 +171,7 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
-        if step % 50 == 0:
+        if step % LOG_EVERY == 0:
             row = {"step": step, "loss": round(loss.item(), 4)}
             if copy:
                 keep = y != -100
